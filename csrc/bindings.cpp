@@ -1,0 +1,41 @@
+// Every schema of the fastvideo_offload op library, and which C++ function runs it where.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "ops.h"
+
+// `import fastvideo_offload._C` loads this library, which registers the ops below.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
+
+namespace fastvideo_offload {
+
+TORCH_LIBRARY(fastvideo_offload, m) {
+  // Host store: where each tensor goes in a block buffer, and the packing into it.
+  m.def("layout(Tensor[] tensors, int alignment=256) -> int[]");
+  m.def("pack(Tensor[] tensors, int[] offsets, int nbytes, bool pinned) -> Tensor");
+  // The engine of one model, named by a handle. Eager only: hooks call these between kernels.
+  m.def("engine_create(Device device, int prefetch) -> int", &engine_create);
+  m.def("engine_add_block(int engine, Tensor host, Tensor(a!)[] params, int[] offsets) -> int", &engine_add_block);
+  m.def("engine_enter(int engine, int block) -> ()", &engine_enter);
+  m.def("engine_exit(int engine, int block) -> ()", &engine_exit);
+  m.def("engine_invalidate(int engine) -> ()", &engine_invalidate);
+  m.def("engine_trim(int engine) -> ()", &engine_trim);
+  m.def("engine_stats(int engine) -> Dict(str, int)", &engine_stats);
+  m.def("engine_destroy(int engine) -> ()", &engine_destroy);
+}
+
+TORCH_LIBRARY_IMPL(fastvideo_offload, CompositeExplicitAutograd, m) {
+  // Reads only sizes, strides and dtypes, so it also runs on meta and fake tensors.
+  m.impl("layout", &layout);
+}
+
+TORCH_LIBRARY_IMPL(fastvideo_offload, CPU, m) { m.impl("pack", &pack_cpu); }
+
+#ifdef FVO_WITH_CUDA
+TORCH_LIBRARY_IMPL(fastvideo_offload, CUDA, m) { m.impl("pack", &pack_cuda); }
+#endif
+
+}  // namespace fastvideo_offload

@@ -1,0 +1,87 @@
+// The CUDA device: one dedicated copy stream per engine and two events per slot.
+//   copy stream:    wait(released[s]) -> one cudaMemcpyAsync -> record(ready[s])
+//   compute stream: wait(ready[s]) before the block runs, record(released[s]) after it.
+// Reuse of a slot is ordered by events on the device alone: no host synchronize, no
+// whole-stream wait, no record_stream.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+
+#include <vector>
+
+#include "../transfer.h"
+
+namespace fastvideo_offload {
+namespace {
+
+class CudaTransfer final : public Transfer {
+ public:
+  explicit CudaTransfer(c10::DeviceIndex device) : device_(device) {
+    c10::cuda::CUDAGuard guard(device_);
+    int least = 0;
+    int greatest = 0;
+    C10_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+    C10_CUDA_CHECK(cudaStreamCreateWithPriority(&copy_stream_, cudaStreamNonBlocking, greatest));
+  }
+
+  ~CudaTransfer() override {
+    c10::cuda::CUDAGuard guard(device_);
+    C10_CUDA_CHECK_WARN(cudaStreamSynchronize(copy_stream_));
+    for (size_t s = 0; s < ready_.size(); ++s) {
+      C10_CUDA_CHECK_WARN(cudaEventDestroy(ready_[s]));
+      C10_CUDA_CHECK_WARN(cudaEventDestroy(released_[s]));
+    }
+    C10_CUDA_CHECK_WARN(cudaStreamDestroy(copy_stream_));
+  }
+
+  void set_slot_count(int count) override {
+    c10::cuda::CUDAGuard guard(device_);
+    while (static_cast<int>(ready_.size()) < count) {
+      cudaEvent_t ready = nullptr;
+      cudaEvent_t released = nullptr;
+      C10_CUDA_CHECK(cudaEventCreateWithFlags(&ready, cudaEventDisableTiming));
+      C10_CUDA_CHECK(cudaEventCreateWithFlags(&released, cudaEventDisableTiming));
+      ready_.push_back(ready);
+      released_.push_back(released);
+    }
+  }
+
+  void upload(int slot, void* dst, const void* src, size_t nbytes) override {
+    c10::cuda::CUDAGuard guard(device_);
+    C10_CUDA_CHECK(cudaStreamWaitEvent(copy_stream_, released_.at(slot), 0));
+    C10_CUDA_CHECK(cudaMemcpyAsync(dst, src, nbytes, cudaMemcpyHostToDevice, copy_stream_));
+    C10_CUDA_CHECK(cudaEventRecord(ready_.at(slot), copy_stream_));
+  }
+
+  void wait_ready(int slot) override {
+    c10::cuda::CUDAGuard guard(device_);
+    C10_CUDA_CHECK(cudaStreamWaitEvent(compute_stream(), ready_.at(slot), 0));
+  }
+
+  void release(int slot) override {
+    c10::cuda::CUDAGuard guard(device_);
+    C10_CUDA_CHECK(cudaEventRecord(released_.at(slot), compute_stream()));
+  }
+
+  void synchronize() override {
+    c10::cuda::CUDAGuard guard(device_);
+    C10_CUDA_CHECK(cudaStreamSynchronize(copy_stream_));
+  }
+
+ private:
+  cudaStream_t compute_stream() const { return c10::cuda::getCurrentCUDAStream(device_).stream(); }
+
+  c10::DeviceIndex device_;
+  cudaStream_t copy_stream_ = nullptr;
+  std::vector<cudaEvent_t> ready_;
+  std::vector<cudaEvent_t> released_;
+};
+
+}  // namespace
+
+std::unique_ptr<Transfer> make_cuda_transfer(c10::DeviceIndex device) {
+  return std::make_unique<CudaTransfer>(device);
+}
+
+}  // namespace fastvideo_offload

@@ -1,0 +1,359 @@
+#include "engine.h"
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <atomic>
+#include <unordered_map>
+#include <unordered_set>
+
+#include "host_store.h"
+#include "ops.h"
+
+#ifdef FVO_WITH_CUDA
+#include <c10/cuda/CUDAFunctions.h>
+#endif
+
+namespace fastvideo_offload {
+namespace {
+
+std::unique_ptr<Transfer> make_transfer(const c10::Device& device) {
+  if (device.is_cpu()) {
+    return make_cpu_transfer();
+  }
+#ifdef FVO_WITH_CUDA
+  TORCH_CHECK_VALUE(device.is_cuda(), "offload device must be cpu or cuda, got ", device);
+  const auto count = c10::cuda::device_count();
+  TORCH_CHECK_VALUE(device.index() >= 0 && device.index() < count, "CUDA device ", device, " does not exist (",
+                    static_cast<int>(count), " visible)");
+  return make_cuda_transfer(device.index());
+#else
+  TORCH_CHECK_VALUE(false, "offload device ", device,
+                    " needs the CUDA build of fastvideo_offload; this one was built without CUDA");
+#endif
+}
+
+}  // namespace
+
+Engine::Engine(c10::Device device, int64_t prefetch)
+    : device_(device), prefetch_(prefetch), transfer_(make_transfer(device)) {
+  TORCH_CHECK_VALUE(prefetch >= 0, "prefetch must be >= 0, got ", prefetch);
+  TORCH_CHECK_VALUE(!device.is_cuda() || device.has_index(), "the CUDA device needs an index, got ", device);
+}
+
+Engine::Block& Engine::block_at(int64_t block, const char* op) {
+  TORCH_CHECK_INDEX(block >= 0 && block < static_cast<int64_t>(blocks_.size()), op, ": block ", block,
+                    " does not exist (the engine has ", blocks_.size(), ")");
+  return blocks_[block];
+}
+
+void Engine::check_idle(const char* op) const {
+  for (const Block& blk : blocks_) {
+    TORCH_CHECK(!blk.held, op, ": a block is running; call it between forward passes");
+  }
+}
+
+bool Engine::busy() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return std::any_of(blocks_.begin(), blocks_.end(), [](const Block& b) { return b.held; });
+}
+
+int64_t Engine::add_block(const at::Tensor& host, at::TensorList params, at::IntArrayRef offsets) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  TORCH_CHECK(slots_.empty(), "add_block: blocks are added before the first forward (or after trim)");
+  TORCH_CHECK_VALUE(host.defined() && host.device().is_cpu() && host.scalar_type() == at::kByte && host.dim() == 1 &&
+                        host.is_contiguous(),
+                    "add_block: the host buffer must be a contiguous 1-D uint8 CPU tensor");
+  check_layout(params, offsets, host.numel(), "add_block");
+  if (device_.is_cuda() && host.numel() > 0) {
+    TORCH_CHECK_VALUE(host.is_pinned(), "add_block: a block offloaded to ", device_,
+                      " needs a pinned host buffer, or every copy would block the host");
+  }
+  std::unordered_set<const c10::TensorImpl*> seen;
+  for (const Block& blk : blocks_) {
+    for (const at::Tensor& p : blk.params) {
+      seen.insert(p.unsafeGetTensorImpl());
+    }
+  }
+  Block blk;
+  blk.host = host;
+  blk.nbytes = host.numel();
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& p = params[i];
+    TORCH_CHECK_VALUE(!p.is_meta(), "add_block: parameter ", i,
+                      " is on the meta device; load real weights before enabling offload");
+    TORCH_CHECK_VALUE(seen.insert(p.unsafeGetTensorImpl()).second, "add_block: parameter ", i,
+                      " is already offloaded in another block (or twice in this one)");
+    blk.params.push_back(p);
+    blk.layouts.push_back(describe(p, offsets[i]));
+    blk.placeholders.push_back(placeholder(p.scalar_type(), device_));
+  }
+  set_all(blk.params, blk.placeholders);
+  const auto index = static_cast<int64_t>(blocks_.size());
+  if (index > 0) {
+    blocks_.back().next = index;
+  }
+  blk.next = 0;
+  host_bytes_ += blk.nbytes;
+  slot_bytes_ = std::max(slot_bytes_, blk.nbytes);
+  blocks_.push_back(std::move(blk));
+  return index;
+}
+
+std::vector<int64_t> Engine::window(int64_t block) const {
+  std::vector<int64_t> keep{block};
+  int64_t b = block;
+  for (int64_t k = 0; k < prefetch_; ++k) {
+    b = blocks_[b].next;
+    if (b < 0 || std::find(keep.begin(), keep.end(), b) != keep.end()) {
+      break;
+    }
+    keep.push_back(b);
+  }
+  return keep;
+}
+
+bool Engine::allocate(Slot& slot, bool required) {
+  if (slot.buffer.defined()) {
+    return true;
+  }
+  const auto options = at::TensorOptions().dtype(at::kByte).device(device_);
+  try {
+    slot.buffer = at::empty({slot_bytes_}, options);
+    return true;
+  } catch (const c10::OutOfMemoryError&) {
+    if (!required) {
+      ++prefetch_skipped_oom_;
+      return false;
+    }
+  }
+  // The block must run: give back every slot that no running block needs, then try once more.
+  transfer_->synchronize();
+  for (size_t s = 0; s < slots_.size(); ++s) {
+    Slot& other = slots_[s];
+    if (&other == &slot || !other.buffer.defined() || (other.block >= 0 && blocks_[other.block].held)) {
+      continue;
+    }
+    if (other.block >= 0) {
+      blocks_[other.block].slot = -1;
+    }
+    other = Slot{};
+    for (Block& blk : blocks_) {
+      if (s < blk.views.size()) {
+        blk.views[s].clear();
+      }
+    }
+  }
+  try {
+    slot.buffer = at::empty({slot_bytes_}, options);
+  } catch (const c10::OutOfMemoryError& e) {
+    TORCH_CHECK_WITH(OutOfMemoryError, false, "fastvideo_offload: no device memory for one block (", slot_bytes_,
+                     " bytes on ", device_, ") even after freeing every prefetched block: ", e.what_without_backtrace());
+  }
+  return true;
+}
+
+int Engine::claim_slot(const std::vector<int64_t>& keep, bool required) {
+  if (slots_.empty()) {
+    slots_.resize(static_cast<size_t>(prefetch_ + 1));
+    transfer_->set_slot_count(static_cast<int>(slots_.size()));
+  }
+  int best = -1;
+  for (int s = 0; s < static_cast<int>(slots_.size()); ++s) {
+    const Slot& slot = slots_[s];
+    if (slot.block < 0) {
+      best = s;  // an empty slot costs nothing to take
+      break;
+    }
+    if (blocks_[slot.block].held || std::find(keep.begin(), keep.end(), slot.block) != keep.end()) {
+      continue;
+    }
+    if (best < 0 || slot.last_use < slots_[best].last_use) {
+      best = s;
+    }
+  }
+  if (best >= 0 && !allocate(slots_[best], required)) {
+    return -1;
+  }
+  return best;
+}
+
+void Engine::upload(int64_t block, int slot_index) {
+  Block& blk = blocks_[block];
+  Slot& slot = slots_[slot_index];
+  if (slot.block >= 0) {
+    blocks_[slot.block].slot = -1;
+    slot.block = -1;
+  }
+  transfer_->upload(slot_index, slot.buffer.data_ptr(), blk.host.const_data_ptr(), static_cast<size_t>(blk.nbytes));
+  slot.block = block;
+  slot.last_use = ++tick_;
+  blk.slot = slot_index;
+  ++uploads_;
+  h2d_bytes_ += blk.nbytes;
+  const auto resident = std::count_if(slots_.begin(), slots_.end(), [](const Slot& s) { return s.block >= 0; });
+  max_resident_ = std::max<int64_t>(max_resident_, resident);
+}
+
+void Engine::prefetch_after(const std::vector<int64_t>& keep) {
+  for (size_t k = 1; k < keep.size(); ++k) {
+    Block& blk = blocks_[keep[k]];
+    if (blk.slot >= 0 || blk.nbytes == 0) {
+      continue;
+    }
+    const int s = claim_slot(keep, /*required=*/false);
+    if (s < 0) {
+      return;
+    }
+    upload(keep[k], s);
+    ++prefetches_;
+  }
+}
+
+void Engine::enter(int64_t block) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  Block& blk = block_at(block, "enter");
+  if (blk.held) {
+    // Entered again without an exit: the last forward was interrupted past the post-hook.
+    release(blk);
+  }
+  if (last_entered_ >= 0 && last_entered_ != block) {
+    blocks_[last_entered_].next = block;
+  }
+  last_entered_ = block;
+  ++enters_;
+  const std::vector<int64_t> keep = window(block);
+  if (blk.nbytes > 0) {
+    if (blk.slot < 0) {
+      const int s = claim_slot(keep, /*required=*/true);
+      TORCH_CHECK(s >= 0, "enter: all ", slots_.size(), " device slots hold running blocks; block ", block,
+                  " cannot run inside another offloaded block");
+      upload(block, s);
+      ++sync_loads_;
+    }
+    transfer_->wait_ready(blk.slot);
+    if (blk.views.size() != slots_.size()) {
+      blk.views.resize(slots_.size());
+    }
+    auto& views = blk.views[blk.slot];
+    if (views.empty()) {
+      for (const TensorLayout& layout : blk.layouts) {
+        views.push_back(view_into(slots_[blk.slot].buffer, layout));
+      }
+    }
+    set_all(blk.params, views);
+  }
+  blk.held = true;
+  const auto materialized = std::count_if(blocks_.begin(), blocks_.end(),
+                                          [](const Block& b) { return b.held && b.nbytes > 0; });
+  max_materialized_ = std::max<int64_t>(max_materialized_, materialized);
+  prefetch_after(keep);
+}
+
+void Engine::release(Block& blk) {
+  set_all(blk.params, blk.placeholders);
+  blk.held = false;
+  if (blk.slot >= 0) {
+    transfer_->release(blk.slot);
+    slots_[blk.slot].last_use = ++tick_;
+  }
+}
+
+void Engine::exit(int64_t block) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  Block& blk = block_at(block, "exit");
+  if (blk.held) {
+    release(blk);
+  }
+}
+
+void Engine::invalidate() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  check_idle("invalidate");
+  for (Slot& slot : slots_) {
+    slot.block = -1;
+  }
+  for (Block& blk : blocks_) {
+    blk.slot = -1;
+  }
+}
+
+void Engine::trim() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  check_idle("trim");
+  transfer_->synchronize();
+  slots_.clear();
+  for (Block& blk : blocks_) {
+    blk.slot = -1;
+    blk.views.clear();
+  }
+}
+
+c10::Dict<std::string, int64_t> Engine::stats() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  const auto allocated = std::count_if(slots_.begin(), slots_.end(), [](const Slot& s) { return s.buffer.defined(); });
+  c10::Dict<std::string, int64_t> out;
+  out.insert("blocks", static_cast<int64_t>(blocks_.size()));
+  out.insert("host_bytes", host_bytes_);
+  out.insert("slot_bytes", slot_bytes_);
+  out.insert("device_slots", allocated);
+  out.insert("device_bytes", allocated * slot_bytes_);
+  out.insert("enters", enters_);
+  out.insert("uploads", uploads_);
+  out.insert("prefetches", prefetches_);
+  out.insert("sync_loads", sync_loads_);
+  out.insert("prefetch_skipped_oom", prefetch_skipped_oom_);
+  out.insert("h2d_bytes", h2d_bytes_);
+  out.insert("max_resident_blocks", max_resident_);
+  out.insert("max_materialized_blocks", max_materialized_);
+  return out;
+}
+
+// ---- the op layer: engines are named by an integer handle, checked on every call ----
+
+namespace {
+
+std::mutex registry_mutex;
+std::unordered_map<int64_t, std::shared_ptr<Engine>>& registry() {
+  static auto* engines = new std::unordered_map<int64_t, std::shared_ptr<Engine>>();
+  return *engines;
+}
+std::atomic<int64_t> next_handle{1};
+
+std::shared_ptr<Engine> lookup(int64_t handle) {
+  std::lock_guard<std::mutex> lock(registry_mutex);
+  auto it = registry().find(handle);
+  TORCH_CHECK_VALUE(it != registry().end(), "no offload engine with handle ", handle,
+                    " (never created, or already destroyed)");
+  return it->second;
+}
+
+}  // namespace
+
+int64_t engine_create(c10::Device device, int64_t prefetch) {
+  auto engine = std::make_shared<Engine>(device, prefetch);
+  const int64_t handle = next_handle++;
+  std::lock_guard<std::mutex> lock(registry_mutex);
+  registry().emplace(handle, std::move(engine));
+  return handle;
+}
+
+int64_t engine_add_block(int64_t engine, const at::Tensor& host, at::TensorList params, at::IntArrayRef offsets) {
+  return lookup(engine)->add_block(host, params, offsets);
+}
+
+void engine_enter(int64_t engine, int64_t block) { lookup(engine)->enter(block); }
+void engine_exit(int64_t engine, int64_t block) { lookup(engine)->exit(block); }
+void engine_invalidate(int64_t engine) { lookup(engine)->invalidate(); }
+void engine_trim(int64_t engine) { lookup(engine)->trim(); }
+c10::Dict<std::string, int64_t> engine_stats(int64_t engine) { return lookup(engine)->stats(); }
+
+void engine_destroy(int64_t engine) {
+  std::shared_ptr<Engine> doomed = lookup(engine);
+  TORCH_CHECK(!doomed->busy(), "destroy: a block of engine ", engine, " is running");
+  std::lock_guard<std::mutex> lock(registry_mutex);
+  registry().erase(engine);
+}
+
+}  // namespace fastvideo_offload

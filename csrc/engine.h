@@ -1,0 +1,89 @@
+// One offloaded model: its blocks' host buffers, a small ring of device slots, and the
+// schedule that decides which block is copied into which slot, and when.
+#pragma once
+
+#include <ATen/core/Dict.h>
+#include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
+
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "swap.h"
+#include "transfer.h"
+
+namespace fastvideo_offload {
+
+class Engine {
+ public:
+  Engine(c10::Device device, int64_t prefetch);
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  int64_t add_block(const at::Tensor& host, at::TensorList params, at::IntArrayRef offsets);
+  // Pre-hook: the block's bytes are on the device (prefetched, or copied now), the compute
+  // stream waits for them, its parameters become views into its slot, and the next
+  // `prefetch` blocks in execution order start copying.
+  void enter(int64_t block);
+  // Post-hook: the parameters become placeholders and the slot is released on the compute
+  // stream. A block that is not entered is left alone (the pre-hook may have failed).
+  void exit(int64_t block);
+  // The host store changed: forget every block cached in a slot.
+  void invalidate();
+  // Frees the device slots (an idle model, such as the other Wan2.2 expert).
+  void trim();
+  c10::Dict<std::string, int64_t> stats();
+  bool busy();
+
+ private:
+  struct Block {
+    at::Tensor host;                        // exact-size host buffer, read by every upload
+    std::vector<at::Tensor> params;         // the Parameter objects themselves
+    std::vector<TensorLayout> layouts;      // where each one sits in the buffer
+    std::vector<at::Tensor> placeholders;   // what each one holds outside its forward
+    std::vector<std::vector<at::Tensor>> views;  // per slot, built on first use
+    int64_t nbytes = 0;
+    int slot = -1;       // slot holding (or receiving) this block's bytes
+    bool held = false;   // between enter and exit
+    int64_t next = -1;   // block seen to run after this one; starts as registration order
+  };
+  struct Slot {
+    at::Tensor buffer;   // undefined until first needed, and after trim
+    int64_t block = -1;  // block whose bytes it holds
+    uint64_t last_use = 0;
+  };
+
+  Block& block_at(int64_t block, const char* op);
+  std::vector<int64_t> window(int64_t block) const;
+  int claim_slot(const std::vector<int64_t>& keep, bool required);
+  bool allocate(Slot& slot, bool required);
+  void upload(int64_t block, int slot);
+  void prefetch_after(const std::vector<int64_t>& keep);
+  void release(Block& blk);
+  void check_idle(const char* op) const;
+
+  const c10::Device device_;
+  const int64_t prefetch_;
+  std::mutex mutex_;
+  std::vector<Block> blocks_;
+  std::vector<Slot> slots_;
+  int64_t slot_bytes_ = 0;
+  int64_t last_entered_ = -1;
+  uint64_t tick_ = 0;
+  // counters reported by stats()
+  int64_t host_bytes_ = 0;
+  int64_t enters_ = 0;
+  int64_t uploads_ = 0;
+  int64_t prefetches_ = 0;
+  int64_t sync_loads_ = 0;
+  int64_t h2d_bytes_ = 0;
+  int64_t prefetch_skipped_oom_ = 0;
+  int64_t max_resident_ = 0;
+  int64_t max_materialized_ = 0;
+  // Declared last, so destroyed first: it waits for in-flight copies before host buffers go.
+  std::unique_ptr<Transfer> transfer_;
+};
+
+}  // namespace fastvideo_offload

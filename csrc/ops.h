@@ -1,0 +1,31 @@
+// The ops' C++ entry points, one line each. Schemas live in bindings.cpp.
+#pragma once
+
+#include <ATen/core/Dict.h>
+#include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
+
+#include <string>
+#include <vector>
+
+namespace fastvideo_offload {
+
+// host_store.cpp
+std::vector<int64_t> layout(at::TensorList tensors, int64_t alignment);
+at::Tensor pack_cpu(at::TensorList tensors, at::IntArrayRef offsets, int64_t nbytes, bool pinned);
+#ifdef FVO_WITH_CUDA
+// cuda/pack.cpp
+at::Tensor pack_cuda(at::TensorList tensors, at::IntArrayRef offsets, int64_t nbytes, bool pinned);
+#endif
+
+// engine.cpp
+int64_t engine_create(c10::Device device, int64_t prefetch);
+int64_t engine_add_block(int64_t engine, const at::Tensor& host, at::TensorList params, at::IntArrayRef offsets);
+void engine_enter(int64_t engine, int64_t block);
+void engine_exit(int64_t engine, int64_t block);
+void engine_invalidate(int64_t engine);
+void engine_trim(int64_t engine);
+c10::Dict<std::string, int64_t> engine_stats(int64_t engine);
+void engine_destroy(int64_t engine);
+
+}  // namespace fastvideo_offload

@@ -1,0 +1,32 @@
+// How bytes reach a device slot and how the compute side is ordered after them.
+// One implementation per device type: cpu/transfer.cpp and cuda/transfer.cu.
+#pragma once
+
+#include <c10/core/Device.h>
+
+#include <cstddef>
+#include <memory>
+
+namespace fastvideo_offload {
+
+class Transfer {
+ public:
+  virtual ~Transfer() = default;
+  // Gives every slot its own ordering state; called before slots are used.
+  virtual void set_slot_count(int count) = 0;
+  // Copies `nbytes` host -> slot once the compute side has released the slot.
+  virtual void upload(int slot, void* dst, const void* src, size_t nbytes) = 0;
+  // Makes the caller's compute stream wait for the last upload into `slot`.
+  virtual void wait_ready(int slot) = 0;
+  // Marks, on the caller's compute stream, that the slot may be overwritten after this point.
+  virtual void release(int slot) = 0;
+  // Blocks the host until every copy issued so far has finished (before slots are freed).
+  virtual void synchronize() = 0;
+};
+
+std::unique_ptr<Transfer> make_cpu_transfer();
+#ifdef FVO_WITH_CUDA
+std::unique_ptr<Transfer> make_cuda_transfer(c10::DeviceIndex device);
+#endif
+
+}  // namespace fastvideo_offload

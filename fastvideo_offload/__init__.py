@@ -1,0 +1,11 @@
+"""Layer-wise weight offloading for large diffusion transformers.
+
+    import fastvideo_offload
+    handle = fastvideo_offload.enable(transformer)   # blocks stream from host memory
+    ...
+    handle.disable()                                 # every weight back on the device
+"""
+
+from .offloader import OffloadHandle, disable, enable, handle_of
+
+__all__ = ["OffloadHandle", "disable", "enable", "handle_of"]

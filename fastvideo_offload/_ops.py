@@ -1,0 +1,67 @@
+"""Loads the C++ op library and gives each op a thin, typed Python face.
+
+Every schema is in csrc/bindings.cpp; this module adds nothing but loading, types and the
+fake (meta) implementation of the one op that returns a tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    from . import _C  # noqa: F401  (loading it registers torch.ops.fastvideo_offload)
+except ImportError as exc:  # pragma: no cover - exercised only on a broken install
+    raise ImportError(
+        f"fastvideo_offload's C++ extension could not be loaded ({exc}). It is built against the torch that is "
+        f"installed when the package is built; this process runs torch {torch.__version__}. Rebuild it with "
+        "`pip install --no-build-isolation --force-reinstall .` in this environment."
+    ) from exc
+
+_ops = torch.ops.fastvideo_offload
+
+#: Offsets inside a block buffer are multiples of this.
+ALIGNMENT = 256
+
+
+def layout(tensors: list[torch.Tensor], alignment: int = ALIGNMENT) -> tuple[list[int], int]:
+    """Aligned byte offsets of `tensors` packed one after another, and the exact total size."""
+    result = _ops.layout.default(tensors, alignment)
+    return result[:-1], result[-1]
+
+
+def pack(tensors: list[torch.Tensor], offsets: list[int], nbytes: int, pinned: bool) -> torch.Tensor:
+    """One exact-size uint8 host buffer holding every tensor's bytes at its offset."""
+    return _ops.pack.default(tensors, offsets, nbytes, pinned)
+
+
+@torch.library.register_fake("fastvideo_offload::pack")
+def _pack_fake(tensors, offsets, nbytes, pinned):
+    return torch.empty(nbytes, dtype=torch.uint8, device="cpu")
+
+
+def engine_create(device: torch.device, prefetch: int) -> int:
+    return _ops.engine_create.default(device, prefetch)
+
+
+def engine_add_block(engine: int, host: torch.Tensor, params: list[torch.Tensor], offsets: list[int]) -> int:
+    return _ops.engine_add_block.default(engine, host, params, offsets)
+
+
+engine_enter = _ops.engine_enter.default
+engine_exit = _ops.engine_exit.default
+
+
+def engine_invalidate(engine: int) -> None:
+    _ops.engine_invalidate.default(engine)
+
+
+def engine_trim(engine: int) -> None:
+    _ops.engine_trim.default(engine)
+
+
+def engine_stats(engine: int) -> dict[str, int]:
+    return dict(_ops.engine_stats.default(engine))
+
+
+def engine_destroy(engine: int) -> None:
+    _ops.engine_destroy.default(engine)

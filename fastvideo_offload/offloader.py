@@ -1,0 +1,215 @@
+"""One offloaded model: enabling, the handle users keep, and disabling."""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import _ops
+from .blocks import find_block_lists
+from .hooks import attach_block_hooks
+from .state_dict import attach_state_dict_hooks
+from .store import BlockStore
+
+logger = logging.getLogger("fastvideo_offload")
+
+_HANDLE_ATTR = "_fastvideo_offload_handle"
+
+
+def resolve_device(device: torch.device | str | int | None) -> torch.device:
+    """None means the current CUDA device when there is one, else the CPU."""
+    if device is None:
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device: {device!r} is not a device") from exc
+    if device.type == "cpu":
+        return torch.device("cpu")
+    if device.type != "cuda":
+        raise ValueError(f"device: offloading to {device.type} is not supported (cpu or cuda)")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = device.index if device.index is not None else (torch.cuda.current_device() if count else 0)
+    if index >= count:
+        raise ValueError(f"device: {device} does not exist ({count} CUDA device(s) visible)")
+    return torch.device("cuda", index)
+
+
+def _param_names(model: nn.Module) -> dict[int, list[str]]:
+    """Every name under which each parameter is registered (a tied weight has several)."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return names
+
+
+def _check_blocks_registered_once(model: nn.Module, lists: list[tuple[str, nn.ModuleList]]) -> None:
+    home = {id(block): f"{path}.{i}" if path else str(i) for path, blocks in lists for i, block in enumerate(blocks)}
+    for name, module in model.named_modules(remove_duplicate=False):
+        expected = home.get(id(module))
+        if expected is not None and name != expected:
+            raise ValueError(
+                f"block {expected} is also registered as {name or 'the model itself'}; an offloaded block must "
+                "belong to its list alone, or calls through the other name would run without its weights"
+            )
+
+
+class OffloadHandle:
+    """What `enable` returns: stats, weight changes, and `disable`."""
+
+    def __init__(self, model: nn.Module, device: torch.device, prefetch: int, lists: list[tuple[str, nn.ModuleList]]):
+        self._model = model
+        self.device = device
+        self.prefetch = prefetch
+        self.block_paths = [path for path, _ in lists]
+        _check_blocks_registered_once(model, lists)
+
+        blocks = [(f"{path}.{i}" if path else str(i), b) for path, blist in lists for i, b in enumerate(blist)]
+        names = _param_names(model)
+        owner_block: dict[int, int] = {}  # param id -> index of the only block it belongs to
+        shared: set[int] = set()
+        for index, (path, block) in enumerate(blocks):
+            for p in block.parameters():
+                prefix = path + "."
+                if all(n.startswith(prefix) for n in names[id(p)]):
+                    owner_block[id(p)] = index
+                else:
+                    shared.add(id(p))
+        meta = [n for n, p in model.named_parameters() if p.is_meta]
+        if meta:
+            raise ValueError(
+                f"parameters {meta[:3]}{'...' if len(meta) > 3 else ''} are on the meta device; load real weights "
+                "(for example with load_state_dict(..., assign=True)) before enabling offload"
+            )
+        if shared:
+            logger.info("%d parameter(s) shared outside a single block stay resident on %s", len(shared), device)
+
+        self._move_resident(owner_block)
+        self._engine = _ops.engine_create(device, prefetch)
+        self._finalizer = weakref.finalize(self, _ops.engine_destroy, self._engine)
+        self._stores: list[BlockStore] = []
+        self._hooks = []
+        try:
+            self._pack_blocks(blocks, owner_block, names)
+        except BaseException:
+            self._restore()
+            raise
+        host_views = {n: view for store in self._stores for p, view in zip(store.params, store.views) for n in names[id(p)]}
+        self._hooks += attach_state_dict_hooks(model, host_views, self._weights_changed)
+        setattr(model, _HANDLE_ATTR, self)
+        stats = self.stats()
+        logger.info(
+            "offloading %d blocks (%s) of %s: %.1f MiB in host memory, %d device slot(s) of %.1f MiB on %s",
+            stats["blocks"], ", ".join(self.block_paths) or "<root>", type(model).__name__,
+            stats["host_bytes"] / 2**20, prefetch + 1, stats["slot_bytes"] / 2**20, device,
+        )
+
+    def _move_resident(self, owner_block: dict[int, int]) -> None:
+        """Everything that is not a block parameter goes to the device and stays: embeddings,
+        norms, heads, shared weights, and every buffer (RoPE caches included)."""
+        with torch.no_grad():
+            for module in self._model.modules():
+                for p in module._parameters.values():
+                    if p is not None and id(p) not in owner_block and p.device != self.device:
+                        p.data = p.data.to(self.device)
+                for name, buf in module._buffers.items():
+                    if buf is not None and buf.device != self.device:
+                        module._buffers[name] = buf.to(self.device)
+
+    def _pack_blocks(self, blocks, owner_block, names) -> None:
+        pinned = self.device.type == "cuda"
+        total = sum(p.numel() * p.element_size() for p in self._model.parameters() if id(p) in owner_block)
+        with tqdm(total=total, unit="B", unit_scale=True, desc="fastvideo_offload: packing blocks", leave=False,
+                  disable=None) as progress:
+            for index, (path, block) in enumerate(blocks):
+                params = [p for p in block.parameters() if owner_block.get(id(p)) == index]
+                devices = {p.device for p in params}
+                if len(devices) > 1:
+                    raise ValueError(f"block {path} has parameters on several devices ({sorted(map(str, devices))})")
+                store = BlockStore.pack([names[id(p)][0] for p in params], params, pinned)
+                _ops.engine_add_block(self._engine, store.buffer, params, store.offsets)
+                self._stores.append(store)
+                self._hooks += attach_block_hooks(block, self._engine, index)
+                progress.update(sum(p.numel() * p.element_size() for p in store.views))
+
+    def _weights_changed(self) -> None:
+        _ops.engine_invalidate(self._engine)
+
+    def stats(self) -> dict[str, int]:
+        """Counters of the engine: blocks, host_bytes, h2d_bytes, uploads, prefetches,
+        sync_loads, max_resident_blocks, device_bytes and more."""
+        return _ops.engine_stats(self._engine)
+
+    def trim(self) -> None:
+        """Frees this model's device slots until its next forward (an idle Wan2.2 expert)."""
+        _ops.engine_trim(self._engine)
+
+    @property
+    def enabled(self) -> bool:
+        return self._finalizer.alive
+
+    def disable(self) -> None:
+        """Removes the hooks and puts every parameter back on the device, bit-exact."""
+        if not self.enabled:
+            raise RuntimeError("offload is already disabled for this model")
+        self._destroy_engine()
+        self._restore()
+
+    def _destroy_engine(self) -> None:
+        if self._finalizer.alive:
+            _ops.engine_destroy(self._engine)  # refuses while a block is running
+            self._finalizer.detach()
+
+    def _restore(self) -> None:
+        with torch.no_grad():
+            for store in self._stores:
+                for p, view in zip(store.params, store.views):
+                    data = torch.empty_strided(view.shape, view.stride(), dtype=view.dtype, device=self.device)
+                    data.copy_(view)
+                    p.data = data
+        self._destroy_engine()
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        self._stores.clear()
+        if getattr(self._model, _HANDLE_ATTR, None) is self:
+            delattr(self._model, _HANDLE_ATTR)
+
+
+def enable(
+    model: nn.Module,
+    *,
+    device: torch.device | str | int | None = None,
+    prefetch: int = 1,
+    blocks: Sequence[str] | None = None,
+) -> OffloadHandle:
+    """Offloads `model`'s transformer blocks to host memory and streams each one to `device`
+    just before it runs, `prefetch` blocks ahead. Everything else moves to `device`."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"enable expects an nn.Module, got {type(model).__name__}")
+    if getattr(model, _HANDLE_ATTR, None) is not None:
+        raise RuntimeError(f"offload is already enabled on this {type(model).__name__}; disable it first")
+    if isinstance(prefetch, bool) or not isinstance(prefetch, int):
+        raise TypeError(f"prefetch must be an int, got {type(prefetch).__name__}")
+    if prefetch < 0:
+        raise ValueError(f"prefetch must be >= 0, got {prefetch}")
+    device = resolve_device(device)
+    return OffloadHandle(model, device, prefetch, find_block_lists(model, blocks))
+
+
+def disable(model: nn.Module) -> None:
+    """Undoes `enable(model)`."""
+    handle = getattr(model, _HANDLE_ATTR, None)
+    if handle is None:
+        raise RuntimeError(f"offload is not enabled on this {type(model).__name__}")
+    handle.disable()
+
+
+def handle_of(model: nn.Module) -> OffloadHandle | None:
+    """The handle of an offloaded model, or None."""
+    return getattr(model, _HANDLE_ATTR, None)

@@ -1,0 +1,68 @@
+"""Builds fastvideo_offload._C with torch.utils.cpp_extension.
+
+CUDA build when the installed torch is a CUDA build and nvcc is found (no GPU needed to
+compile); CPU build otherwise, or when FASTVIDEO_OFFLOAD_CPU_ONLY=1.
+"""
+
+import glob
+import os
+import shutil
+
+from setuptools import setup
+
+# Ampere to Hopper; without a visible GPU torch cannot guess the arch list (pytorch#137261).
+DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0"
+
+
+def _find_cuda_home():
+    """torch guesses CUDA_HOME from `which nvcc`, which is wrong when nvcc is a wrapper script."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    for candidate in ("/usr/local/cuda", os.path.dirname(os.path.dirname(os.path.realpath(shutil.which("nvcc") or "")))):
+        if candidate and os.path.exists(os.path.join(candidate, "bin", "nvcc")) and os.path.isdir(
+            os.path.join(candidate, "include")
+        ):
+            os.environ["CUDA_HOME"] = candidate
+            return
+
+
+_find_cuda_home()
+
+import torch  # noqa: E402  (CUDA_HOME must be set before cpp_extension reads it)
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+
+def _want_cuda():
+    if os.environ.get("FASTVIDEO_OFFLOAD_CPU_ONLY", "0") == "1":
+        return False
+    return torch.version.cuda is not None and CUDA_HOME is not None and os.path.exists(
+        os.path.join(CUDA_HOME, "bin", "nvcc")
+    )
+
+
+def _extension():
+    here = os.path.dirname(os.path.abspath(__file__))
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    cxx = ["-O3", "-fvisibility=hidden"]
+    if _want_cuda():
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")) + glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+        return CUDAExtension(
+            "fastvideo_offload._C",
+            sources,
+            include_dirs=[os.path.join(here, "csrc")],
+            define_macros=[("FVO_WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
+        )
+    return CppExtension(
+        "fastvideo_offload._C",
+        sources,
+        include_dirs=[os.path.join(here, "csrc")],
+        extra_compile_args={"cxx": cxx},
+    )
+
+
+setup(
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension},
+)
