@@ -28,6 +28,11 @@ int64_t align_up(int64_t value, int64_t alignment) {
 }  // namespace
 
 void parallel_memcpy(void* dst, const void* src, int64_t nbytes) {
+  if (nbytes <= kCopyChunkBytes) {
+    // Waking the thread pool costs more than copying a few MiB.
+    std::memcpy(dst, src, static_cast<size_t>(nbytes));
+    return;
+  }
   const int64_t chunks = (nbytes + kCopyChunkBytes - 1) / kCopyChunkBytes;
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
@@ -94,6 +99,23 @@ void check_layout(at::TensorList tensors, at::IntArrayRef offsets, int64_t nbyte
   }
 }
 
+void zero_padding(const at::Tensor& buffer, at::TensorList tensors, at::IntArrayRef offsets) {
+  std::vector<std::pair<int64_t, int64_t>> spans;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    spans.emplace_back(offsets[i], offsets[i] + span_bytes(tensors[i]));
+  }
+  std::sort(spans.begin(), spans.end());
+  spans.emplace_back(buffer.numel(), buffer.numel());
+  auto* base = static_cast<char*>(buffer.data_ptr());
+  int64_t covered = 0;
+  for (const auto& [begin, end] : spans) {
+    if (begin > covered) {
+      std::memset(base + covered, 0, static_cast<size_t>(begin - covered));
+    }
+    covered = std::max(covered, end);
+  }
+}
+
 std::vector<int64_t> layout(at::TensorList tensors, int64_t alignment) {
   TORCH_CHECK_VALUE(alignment >= kMinAlignment && (alignment & (alignment - 1)) == 0,
                     "layout: alignment must be a power of two >= ", kMinAlignment, ", got ", alignment);
@@ -117,6 +139,7 @@ at::Tensor pack_cpu(at::TensorList tensors, at::IntArrayRef offsets, int64_t nby
                       "; all tensors of one block must be on the same device");
   }
   at::Tensor buffer = alloc_host(nbytes, pinned);
+  zero_padding(buffer, tensors, offsets);
   auto* base = static_cast<char*>(buffer.data_ptr());
   for (size_t i = 0; i < tensors.size(); ++i) {
     parallel_memcpy(base + offsets[i], tensors[i].const_data_ptr(), span_bytes(tensors[i]));

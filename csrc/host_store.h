@@ -18,6 +18,10 @@ at::Tensor alloc_host(int64_t nbytes, bool pinned);
 // memcpy spread over ATen's intra-op threads in large pieces; small copies run inline.
 void parallel_memcpy(void* dst, const void* src, int64_t nbytes);
 
+// Zeroes the bytes of a block buffer that no tensor covers, so a buffer's contents depend on
+// its tensors alone.
+void zero_padding(const at::Tensor& buffer, at::TensorList tensors, at::IntArrayRef offsets);
+
 // Checks that each tensor's span fits at its offset inside `nbytes`, aligned, without overlap.
 void check_layout(at::TensorList tensors, at::IntArrayRef offsets, int64_t nbytes, const char* op);
 

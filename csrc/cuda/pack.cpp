@@ -20,6 +20,7 @@ at::Tensor pack_cuda(at::TensorList tensors, at::IntArrayRef offsets, int64_t nb
                       " but tensor 0 is on ", device, "; all tensors of one block must be on the same device");
   }
   at::Tensor buffer = alloc_host(nbytes, pinned);
+  zero_padding(buffer, tensors, offsets);
   c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   auto* base = static_cast<char*>(buffer.data_ptr());

@@ -1,0 +1,168 @@
+"""Timing, memory and copy-rate measurements, on a GPU with CUDA events and on a CPU with
+the wall clock."""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .. import _ops, offloader
+from .modes import Mode, host_bytes
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:
+    """Seconds `fn` takes on the device (CUDA events) or the host, and its result."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        result = fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3, result
+    begin = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - begin, result
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_mode(
+    mode: Mode,
+    make_model: Callable[[], nn.Module],
+    make_inputs: Callable[[int], tuple],
+    device: torch.device,
+    warmup: int,
+    steps: int,
+    on_step: Callable[[], None],
+) -> tuple[dict, torch.Tensor, nn.Module]:
+    """Runs `warmup + steps` denoising steps (one forward each) and measures the timed ones."""
+    model = make_model()
+    pinned_before = _pinned_host_bytes(device)
+    free_memory(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    setup_s, _ = timed(lambda: mode.prepare(model, device), device)
+    times = []
+    with torch.inference_mode():
+        for step in range(warmup + steps):
+            if step == warmup:
+                stats_before = _engine_stats(model)
+            seconds, output = timed(lambda: model(*make_inputs(step)), device)
+            if step >= warmup:
+                times.append(seconds)
+            on_step()
+    stats_after = _engine_stats(model)
+    result = {
+        "setup_s": setup_s,
+        "step_ms": [t * 1e3 for t in times],
+        "median_ms": statistics.median(times) * 1e3,
+        "peak_device_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        "host_bytes": host_bytes(model),
+        "pinned_by_torch_bytes": _pinned_host_bytes(device) - pinned_before if device.type == "cuda" else None,
+    }
+    if stats_after is not None:
+        copied = stats_after["h2d_bytes"] - stats_before["h2d_bytes"]
+        result["h2d_bytes_per_step"] = copied / steps
+        result["h2d_GBps_per_step"] = copied / steps / (result["median_ms"] / 1e3) / 1e9
+        result["engine"] = stats_after
+    return result, output.float().cpu(), model
+
+
+def _engine_stats(model: nn.Module) -> dict | None:
+    handle = offloader.handle_of(model)
+    return handle.stats() if handle is not None else None
+
+
+def _pinned_host_bytes(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 0
+    return torch.cuda.host_memory_stats().get("allocated_bytes.all.current", 0)
+
+
+def copy_ceiling(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """GB/s of one large host-to-device copy from pinned memory (a memcpy on the CPU)."""
+    if device.type == "cuda":
+        host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    else:
+        nbytes = min(nbytes, 256 << 20)
+        host = torch.ones(nbytes, dtype=torch.uint8)
+        dst = torch.empty_like(host)
+    best = min(timed(lambda: dst.copy_(host, non_blocking=True), device)[0] for _ in range(3))
+    return nbytes / best / 1e9
+
+
+def pack_throughput(params: list[torch.Tensor], threads: int) -> float:
+    """GB/s of packing a block's parameters into its host buffer with `threads` threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        offsets, nbytes = _ops.layout(params)
+        _ops.pack(params, offsets, nbytes, False)  # first touch of the pages
+        best = min(timed(lambda: _ops.pack(params, offsets, nbytes, False), torch.device("cpu"))[0] for _ in range(5))
+    finally:
+        torch.set_num_threads(before)
+    return nbytes / best / 1e9
+
+
+def engine_timeline(model: nn.Module, run: Callable[[], object], device: torch.device) -> dict[str, list]:
+    """Per-block intervals (ms from the step's start) of copying and computing for one step of
+    a model offloaded by this engine."""
+    if device.type == "cuda":
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            run()
+            sync(device)
+        events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        if not events:
+            return {"copy": [], "compute": []}
+        t0 = min(e.time_range.start for e in events)
+
+        def span(e):
+            return [(e.time_range.start - t0) / 1e3, (e.time_range.end - e.time_range.start) / 1e3]
+
+        return {
+            "copy": [span(e) for e in events if "HtoD" in e.name],
+            "compute": [span(e) for e in events if "Memcpy" not in e.name and "Memset" not in e.name],
+        }
+    # On the CPU the copies run inside the pre-hook: time it from just before to just after.
+    marks: dict[str, list] = {"copy": [], "compute": []}
+    t0 = time.perf_counter()
+    now = {}
+
+    def before_enter(module, args):
+        now["enter"] = time.perf_counter()
+
+    def after_enter(module, args):
+        now["run"] = time.perf_counter()
+        marks["copy"].append([(now["enter"] - t0) * 1e3, (now["run"] - now["enter"]) * 1e3])
+
+    def after_run(module, args, output):
+        marks["compute"].append([(now["run"] - t0) * 1e3, (time.perf_counter() - now["run"]) * 1e3])
+
+    handles = []
+    for path in offloader.handle_of(model).block_paths:
+        for block in model.get_submodule(path):
+            handles.append(block.register_forward_pre_hook(before_enter, prepend=True))
+            handles.append(block.register_forward_pre_hook(after_enter))
+            handles.append(block.register_forward_hook(after_run, prepend=True))
+    try:
+        t0 = time.perf_counter()
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    return marks

@@ -1,0 +1,109 @@
+"""The benchmark's output: a terminal table, a JSON file and a PNG."""
+
+from __future__ import annotations
+
+import json
+
+GiB = 2**30
+
+
+def _num(value, fmt: str, empty: str = "-") -> str:
+    return empty if value is None else format(value, fmt)
+
+
+def _mode_table(rows: dict, ceiling: float) -> list[str]:
+    head = f"  {'mode':<16}{'step ms':>10}{'overhead':>10}{'peak dev GiB':>14}{'host GiB':>10}{'H2D GB/s':>10}{'exact':>7}"
+    lines = [head]
+    for name, row in rows.items():
+        if "skipped" in row:
+            lines.append(f"  {name:<16}skipped: {row['skipped']}")
+            continue
+        rate = row.get("h2d_GBps_per_step")
+        rate_text = "-" if rate is None else f"{rate:.1f}" + (f" ({rate / ceiling:.0%})" if ceiling else "")
+        exact = {True: "yes", False: "NO", None: "-"}[row.get("bit_identical")]
+        peak = row.get("peak_device_bytes")
+        host = row.get("host_bytes") or row.get("pinned_by_torch_bytes")
+        lines.append(
+            f"  {name:<16}{row['median_ms']:>10.1f}{_num(row.get('overhead_pct'), '+.1f'):>9}%"
+            f"{_num(peak and peak / GiB, '.2f'):>14}{_num(host and host / GiB, '.2f'):>10}{rate_text:>10}{exact:>7}"
+        )
+    return lines
+
+
+def table(results: dict) -> str:
+    m, shape, video = results["machine"], results["shape"], results["video"]
+    where = m.get("gpu") or f"CPU ({m['cpu_threads']} threads)"
+    out = [
+        f"fastvideo_offload bench on {where}, torch {m['torch']}" + (f", CUDA {m['cuda']}" if m.get("cuda") else ""),
+        f"model: Wan-shaped DiT, {shape['layers']} blocks of dim {shape['dim']} / FFN {shape['ffn']}, "
+        f"{results['dtype']}, {results['block_bytes'] / GiB:.3f} GiB per block",
+        f"host-to-device ceiling (one large pinned copy): {results['copy_ceiling_GBps']:.1f} GB/s",
+        "",
+        f"{video['frames']} frames at {video['height']}x{video['width']} ({video['tokens']} tokens), per denoising step:",
+        *_mode_table(results["main"]["modes"], results["copy_ceiling_GBps"]),
+        "",
+        f"short clip, {results['short_clip']['frames']} frames ({results['short_clip']['tokens']} tokens):",
+        *_mode_table(results["short_clip"]["modes"], results["copy_ceiling_GBps"]),
+    ]
+    w = results["wan22"]
+    out += [
+        "",
+        f"Wan2.2 pair ({w['layers']} blocks each, {w['tokens']} tokens), expert switch after step {w['switch_step']}:",
+        f"  switch stall {w['switch_stall_ms']:.1f} ms (one block's copy at the ceiling: {w['one_block_copy_ms']:.1f} ms); "
+        f"idle expert holds {w['idle_expert_device_bytes']} device bytes after the switch",
+    ]
+    hooks = results["hooks"]
+    out += ["", f"hook overhead, host time per block per step ({hooks['layers']} near-empty blocks):"]
+    for name, row in hooks["modes"].items():
+        if "skipped" in row:
+            out.append(f"  {name:<16}skipped: {row['skipped']}")
+        elif "us_per_block" in row:
+            out.append(f"  {name:<16}{row['us_per_block']:>8.1f} us")
+    pack = results["pack_GBps"]
+    out += ["", "host packing: " + ", ".join(f"{k.replace('_', ' ')}: {v:.2f} GB/s" for k, v in pack.items())]
+    return "\n".join(out)
+
+
+def write_json(results: dict, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+
+
+def plot(results: dict, path: str) -> None:
+    """Overhead and peak memory per mode, and this engine's copy/compute timeline."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise RuntimeError("--plot needs matplotlib: pip install matplotlib") from exc
+
+    rows = {k: v for k, v in results["main"]["modes"].items() if "median_ms" in v}
+    fig, axes = plt.subplots(3, 1, figsize=(10, 11), gridspec_kw={"height_ratios": [1, 1, 1.2]})
+    names = list(rows)
+    overhead = [rows[n].get("overhead_pct") or 0.0 for n in names]
+    axes[0].bar(names, overhead, color=["#888" if n == "resident" else "#2a7" if n.startswith("ours") else "#c64" for n in names])
+    axes[0].axhline(0, color="black", linewidth=0.8)
+    axes[0].set_ylabel("time per step vs resident (%)")
+    axes[0].set_title(f"{results['machine'].get('gpu') or 'CPU'}: {results['video']['tokens']} tokens, "
+                      f"{results['shape']['layers']} blocks")
+    memory = [(rows[n].get("peak_device_bytes") or 0) / GiB for n in names]
+    if any(memory):
+        axes[1].bar(names, memory, color="#47a")
+        axes[1].set_ylabel("peak device memory (GiB)")
+    else:
+        host = [(rows[n].get("host_bytes") or 0) / GiB for n in names]
+        axes[1].bar(names, host, color="#47a")
+        axes[1].set_ylabel("host store (GiB, ours)")
+    timeline = results["main"]["modes"].get("ours p1", {}).get("timeline")
+    if timeline:
+        axes[2].broken_barh(timeline["compute"], (10, 8), color="#2a7")
+        axes[2].broken_barh(timeline["copy"], (0, 8), color="#c64")
+        axes[2].set_yticks([4, 14], ["copy", "compute"])
+        axes[2].set_xlabel("ms from the start of one step (ours, prefetch 1)")
+    else:
+        axes[2].axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,242 @@
+"""`python -m fastvideo_offload bench`: every mode on the built-in Wan-shaped DiT, in one process."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from dataclasses import replace
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import offloader
+from . import measure, report
+from .model import CPU_SMALL, WAN_14B, IdleBlocks, WanShape, build, inputs
+from .modes import Mode, all_modes
+
+#: Many small Wan blocks with idle forwards: what is left of a step is the offloader's hooks.
+HOOK_SHAPE = WanShape(dim=16, heads=1, ffn=16, layers=64)
+HOOK_STEPS = 200
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m fastvideo_offload bench", description=__doc__)
+    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when there is one)")
+    p.add_argument("--layers", type=int, default=None, help="blocks in the model (default: 40 on a GPU, 8 on a CPU)")
+    p.add_argument("--frames", type=int, default=None, help="video frames (default: 81 on a GPU, 9 on a CPU)")
+    p.add_argument("--height", type=int, default=None, help="video height (default: 480 on a GPU, 128 on a CPU)")
+    p.add_argument("--width", type=int, default=None, help="video width (default: 832 on a GPU, 128 on a CPU)")
+    p.add_argument("--short-frames", type=int, default=None,
+                   help="frames of the short clip, where copies dominate (default: 17 on a GPU, 1 on a CPU)")
+    p.add_argument("--steps", type=int, default=5, help="timed denoising steps per mode (one forward each)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on a GPU, fp32 on a CPU")
+    p.add_argument("--modes", default=None, help="comma-separated subset of: " + ", ".join(m.name for m in all_modes()))
+    p.add_argument("--json", dest="json_path", default=None, help="write every number here")
+    p.add_argument("--plot", dest="plot_path", default=None, help="write a PNG here")
+    args = p.parse_args(argv)
+    if args.steps < 2 or args.warmup < 1:
+        p.error("--steps must be >= 2 and --warmup >= 1")
+    return args
+
+
+def machine(device: torch.device) -> dict:
+    info = {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["gpu_memory_bytes"] = torch.cuda.get_device_properties(device).total_memory
+    return info
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = offloader.resolve_device(args.device)
+    gpu = device.type == "cuda"
+    base = WAN_14B if gpu else CPU_SMALL
+    shape = replace(base, layers=args.layers or base.layers)
+    dtype = DTYPES[args.dtype or ("bf16" if gpu else "fp32")]
+    frames = args.frames or (81 if gpu else 9)
+    height, width = args.height or (480 if gpu else 128), args.width or (832 if gpu else 128)
+    wanted = set(args.modes.split(",")) if args.modes else None
+    modes = [m for m in all_modes() if wanted is None or m.name in wanted]
+
+    results: dict = {
+        "machine": machine(device),
+        "shape": shape.as_dict(),
+        "dtype": str(dtype).removeprefix("torch."),
+        "video": {"frames": frames, "height": height, "width": width, "tokens": shape.tokens(frames, height, width)},
+        "block_bytes": shape.block_params() * dtype.itemsize,
+    }
+    results["copy_ceiling_GBps"] = measure.copy_ceiling(device)
+
+    total = len(modes) * (args.warmup + args.steps) * 2 + args.warmup + args.steps
+    with tqdm(total=total, desc="bench", unit="step", disable=None) as bar:
+        results["main"] = scenario(shape, dtype, device, modes, results["video"]["tokens"], args, bar, timeline=True)
+        short_frames = args.short_frames or (17 if gpu else 1)
+        short_tokens = shape.tokens(short_frames, height, width)
+        short_modes = [m for m in modes if m.name in ("resident", "ours p1", "ours p2")]
+        results["short_clip"] = {"frames": short_frames, "tokens": short_tokens}
+        results["short_clip"].update(scenario(shape, dtype, device, short_modes, short_tokens, args, bar))
+        results["wan22"] = wan22(shape, dtype, device, short_tokens, args, results["copy_ceiling_GBps"], bar)
+        results["hooks"] = hook_overhead(device, dtype, modes, args, bar)
+    blocks = build(CPU_SMALL, torch.float32).blocks
+    params = [p.detach() for p in blocks[0].parameters()]
+    results["pack_GBps"] = {
+        "threads_1": measure.pack_throughput(params, 1),
+        f"threads_{torch.get_num_threads()}": measure.pack_throughput(params, torch.get_num_threads()),
+    }
+    return results
+
+
+def _factory(shape: WanShape, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    def make():
+        measure.free_memory(device)
+        torch.manual_seed(seed)
+        if device.type == "cuda":
+            # Random init is fast on the GPU; every mode then starts from host memory.
+            return build(shape, dtype, device).cpu()
+        return build(shape, dtype)
+
+    return make
+
+
+def _inputs(shape: WanShape, tokens: int, dtype: torch.dtype, device: torch.device):
+    latents, timestep, context = inputs(shape, tokens, dtype, device)
+
+    def make(step: int):
+        return latents, timestep - 10 * step, context
+
+    return make
+
+
+def scenario(shape, dtype, device, modes: list[Mode], tokens: int, args, bar, timeline: bool = False) -> dict:
+    make_model = _factory(shape, dtype, device)
+    make_inputs = _inputs(shape, tokens, dtype, device)
+    rows, reference = {}, None
+    for mode in modes:
+        reason = mode.unavailable(device)
+        if reason:
+            rows[mode.name] = {"skipped": reason}
+            bar.update(args.warmup + args.steps)
+            continue
+        try:
+            row, output, model = measure.run_mode(
+                mode, make_model, make_inputs, device, args.warmup, args.steps, lambda: bar.update(1)
+            )
+        except torch.OutOfMemoryError:
+            rows[mode.name] = {"skipped": "out of device memory"}
+            continue
+        if reference is None and mode.name == "resident":
+            reference = output
+        row["bit_identical"] = None if reference is None else bool(torch.equal(output, reference))
+        if timeline and mode.name == "ours p1":
+            with torch.inference_mode():
+                row["timeline"] = measure.engine_timeline(model, lambda: model(*make_inputs(0)), device)
+        rows[mode.name] = row
+        del model, output
+    resident = rows.get("resident", {}).get("median_ms")
+    for row in rows.values():
+        if resident and "median_ms" in row:
+            row["overhead_pct"] = (row["median_ms"] / resident - 1) * 100
+    return {"tokens": tokens, "modes": rows}
+
+
+def wan22(shape, dtype, device, tokens: int, args, ceiling_gbps: float, bar) -> dict:
+    """Two experts, switched after half the steps; ours frees the idle expert's slots."""
+    steps = args.warmup + args.steps
+    pair = replace(shape, layers=min(shape.layers, 20))
+    make_inputs = _inputs(pair, tokens, dtype, device)
+    experts = [_factory(pair, dtype, device, seed)() for seed in (1, 2)]
+    handles = [offloader.enable(m, device=device, prefetch=1) for m in experts]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    switch = steps // 2
+    times = []
+    with torch.inference_mode():
+        for step in range(-1, steps):  # step -1 warms the first expert up
+            expert = 0 if step < switch else 1
+
+            def one_step():
+                if step == switch:
+                    handles[0].trim()
+                return experts[expert](*make_inputs(step))
+
+            times.append(measure.timed(one_step, device)[0] * 1e3)
+            bar.update(1)
+    steady = statistics.median(times[switch + 2 :]) if len(times) > switch + 2 else statistics.median(times[1:])
+    slot_bytes = handles[1].stats()["slot_bytes"]
+    result = {
+        "layers": pair.layers,
+        "tokens": tokens,
+        "step_ms": times[1:],
+        "switch_step": switch,
+        "switch_stall_ms": times[switch + 1] - steady,
+        "one_block_copy_ms": slot_bytes / (ceiling_gbps * 1e9) * 1e3,
+        "peak_device_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        "idle_expert_device_bytes": handles[0].stats()["device_bytes"],
+    }
+    for h in handles:
+        h.disable()
+    del experts
+    measure.free_memory(device)
+    return result
+
+
+def hook_overhead(device, dtype, modes: list[Mode], args, bar) -> dict:
+    """Host time each offloader adds per block per step, on Wan-shaped blocks whose forward
+    does no work. Counted as this thread's CPU time on one intra-op thread, so that time the
+    machine spends on other work does not count."""
+    x = torch.zeros(1, 4, HOOK_SHAPE.dim, dtype=dtype, device=device)
+    per_mode = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for mode in modes:
+            reason = mode.unavailable(device)
+            if reason:
+                per_mode[mode.name] = {"skipped": reason}
+                continue
+            measure.free_memory(device)
+            model = IdleBlocks(HOOK_SHAPE).to(dtype).requires_grad_(False)
+            mode.prepare(model, device)
+            samples = []
+            with torch.inference_mode():
+                for step in range(args.warmup + HOOK_STEPS):
+                    begin = time.thread_time()
+                    model(x)
+                    measure.sync(device)
+                    if step >= args.warmup:
+                        samples.append(time.thread_time() - begin)
+            per_mode[mode.name] = {"cpu_ms": statistics.median(samples) * 1e3}
+            del model
+    finally:
+        torch.set_num_threads(threads)
+    bar.update(args.warmup + args.steps)
+    resident = per_mode.get("resident", {}).get("cpu_ms")
+    for row in per_mode.values():
+        if resident and "cpu_ms" in row:
+            row["us_per_block"] = (row["cpu_ms"] - resident) * 1e3 / HOOK_SHAPE.layers
+    return {"layers": HOOK_SHAPE.layers, "modes": per_mode}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    results = run(args)
+    print(report.table(results))
+    if args.json_path:
+        report.write_json(results, args.json_path)
+        print(f"wrote {args.json_path}")
+    if args.plot_path:
+        report.plot(results, args.plot_path)
+        print(f"wrote {args.plot_path}")
+    return results

@@ -1,0 +1,142 @@
+"""The C++ ops one by one: layouts, packing, the engine's handle checks, and torch's opcheck."""
+
+import pytest
+import torch
+
+import fastvideo_offload  # noqa: F401  (registers the ops)
+from fastvideo_offload import _ops
+
+ops = torch.ops.fastvideo_offload
+
+
+def test_layout_aligns_every_offset_and_sizes_exactly():
+    tensors = [torch.zeros(3, dtype=torch.uint8), torch.zeros(10, 10), torch.zeros(0), torch.zeros(1, dtype=torch.bfloat16)]
+    offsets, total = _ops.layout(tensors)
+    assert offsets == [0, 256, 768, 768]
+    assert total == 768 + 2
+    offsets, total = _ops.layout(tensors, 1024)
+    assert offsets == [0, 1024, 2048, 2048] and total == 2050
+
+
+def test_layout_keeps_strides_of_non_contiguous_tensors():
+    gapped = torch.zeros(4, 8)[:, ::2]  # last element is 4*8-2 elements from the first
+    offsets, total = _ops.layout([gapped])
+    assert total == (3 * 8 + 3 * 2 + 1) * 4
+
+
+def test_pack_copies_each_tensor_to_its_offset():
+    a = torch.arange(6, dtype=torch.float32).view(2, 3)
+    b = torch.arange(8, dtype=torch.int16).view(4, 2).t()
+    offsets, total = _ops.layout([a, b])
+    buffer = _ops.pack([a, b], offsets, total, False)
+    assert buffer.dtype == torch.uint8 and buffer.numel() == total and not buffer.is_pinned()
+    assert torch.equal(buffer[offsets[0] : offsets[0] + 24].view(torch.float32), a.flatten())
+    back = torch.empty(0, dtype=torch.int16).set_(buffer.untyped_storage(), offsets[1] // 2, b.shape, b.stride())
+    assert torch.equal(back, b)
+
+
+def test_pack_is_threaded_for_large_blocks():
+    big = [torch.randn(3 << 20), torch.randn(1 << 20)]  # 16 MiB: several 4 MiB pieces
+    offsets, total = _ops.layout(big)
+    buffer = _ops.pack(big, offsets, total, False)
+    assert torch.equal(buffer[: 12 << 20].view(torch.float32), big[0])
+    assert torch.equal(buffer[offsets[1] :].view(torch.float32), big[1])
+
+
+@pytest.mark.parametrize(
+    "offsets, nbytes, match",
+    [
+        ([0, 100], 2000, "multiple of 256"),
+        ([0, -256], 2000, "multiple of 256"),
+        ([0, 256], 300, "does not fit"),
+        ([0, 0], 2000, "overlap"),
+        ([0], 2000, "2 tensors but 1 offsets"),
+        ([0, 256], -1, ">= 0"),
+    ],
+)
+def test_pack_rejects_bad_layouts(offsets, nbytes, match):
+    tensors = [torch.zeros(16), torch.zeros(16)]
+    with pytest.raises(ValueError, match=match):
+        _ops.pack(tensors, offsets, nbytes, False)
+
+
+def test_layout_rejects_bad_alignment():
+    with pytest.raises(ValueError, match="power of two"):
+        _ops.layout([torch.zeros(1)], 300)
+
+
+def test_engine_rejects_unknown_handles_and_blocks():
+    with pytest.raises(ValueError, match="no offload engine with handle"):
+        ops.engine_enter(123456, 0)
+    engine = _ops.engine_create(torch.device("cpu"), 1)
+    try:
+        with pytest.raises(IndexError, match="block 0 does not exist"):
+            ops.engine_enter(engine, 0)
+        with pytest.raises(IndexError, match="block -1 does not exist"):
+            ops.engine_exit(engine, -1)
+    finally:
+        _ops.engine_destroy(engine)
+    with pytest.raises(ValueError, match="already destroyed"):
+        _ops.engine_stats(engine)
+
+
+def test_engine_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="prefetch must be >= 0"):
+        _ops.engine_create(torch.device("cpu"), -2)
+    with pytest.raises(ValueError, match="cpu or cuda"):
+        _ops.engine_create(torch.device("meta"), 1)
+    engine = _ops.engine_create(torch.device("cpu"), 1)
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    offsets, total = _ops.layout([p.detach()])
+    host = _ops.pack([p.detach()], offsets, total, False)
+    try:
+        with pytest.raises(ValueError, match="contiguous 1-D uint8 CPU tensor"):
+            _ops.engine_add_block(engine, host.view(torch.int8), [p], offsets)
+        with pytest.raises(ValueError, match="does not fit"):
+            _ops.engine_add_block(engine, host[:10], [p], offsets)
+        with pytest.raises(ValueError, match="meta device"):
+            _ops.engine_add_block(engine, host, [torch.nn.Parameter(torch.empty(4, 4, device="meta"))], offsets)
+        assert _ops.engine_add_block(engine, host, [p], offsets) == 0
+        assert p.numel() == 0  # a placeholder now
+        with pytest.raises(ValueError, match="already offloaded"):
+            _ops.engine_add_block(engine, host, [p], offsets)
+        ops.engine_enter(engine, 0)
+        with pytest.raises(RuntimeError, match="a block is running"):
+            _ops.engine_trim(engine)
+        with pytest.raises(RuntimeError, match="is running"):
+            _ops.engine_destroy(engine)
+        ops.engine_exit(engine, 0)
+        ops.engine_exit(engine, 0)  # releasing twice is harmless: post-hooks also run after failed pre-hooks
+        _ops.engine_trim(engine)
+        assert _ops.engine_stats(engine)["device_bytes"] == 0
+        with pytest.raises(RuntimeError, match="before the first forward"):
+            ops.engine_enter(engine, 0)
+            ops.engine_exit(engine, 0)
+            _ops.engine_add_block(engine, host, [torch.nn.Parameter(torch.randn(2))], [0])
+    finally:
+        _ops.engine_destroy(engine)
+
+
+def test_pinned_memory_needs_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(Exception, match="CUDA"):
+        _ops.pack([torch.zeros(4)], [0], 16, True)
+
+
+def test_opcheck_layout():
+    tensors = [torch.randn(3, 5), torch.randn(4, dtype=torch.bfloat16)]
+    torch.library.opcheck(ops.layout.default, (tensors, 256), test_utils=("test_schema", "test_faketensor"))
+
+
+def test_opcheck_pack():
+    tensors = [torch.randn(3, 5), torch.randn(7, 2).t(), torch.randn(4, dtype=torch.bfloat16)]
+    offsets, total = _ops.layout(tensors)
+    torch.library.opcheck(ops.pack.default, (tensors, offsets, total, False))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_opcheck_pack_cuda():
+    tensors = [torch.randn(3, 5, device="cuda"), torch.randn(4, dtype=torch.bfloat16, device="cuda")]
+    offsets, total = _ops.layout(tensors)
+    torch.library.opcheck(ops.pack.default, (tensors, offsets, total, True))
