@@ -20,8 +20,14 @@ $(VENV)/.torch:
 	$(PIP) install -q "$(TORCH_SPEC)"
 	touch $@
 
+# FastVideo pins its own torch: it goes in with --no-deps, then only what importing and building
+# its DiTs needs, each install naming the pinned torch so that nothing can replace it.
+FASTVIDEO_DEPS := numpy==2.4.6 cloudpickle==3.1.3 imageio==2.38.1 torchvision==0.29.1 PyYAML==6.0.4 \
+	diffusers==0.42.1 einops==0.8.2 remote-pdb==2.1.0 ftfy==6.3.1 transformers==5.24.0 scipy==1.17.1 psutil==7.2.2
+
 $(VENV)/.deps: $(VENV)/.torch
-	$(PIP) install -q "$(TORCH_SPEC)" setuptools ninja numpy pytest hypothesis tqdm matplotlib
+	$(PIP) install -q "$(TORCH_SPEC)" setuptools ninja pytest hypothesis tqdm matplotlib accelerate $(FASTVIDEO_DEPS)
+	$(PIP) install -q --no-deps fastvideo==0.2.1
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)
@@ -32,7 +38,7 @@ bench: $(VENV)/.built
 	$(PY) -m fastvideo_offload bench $(BENCH_ARGS)
 
 test: $(VENV)/.built
-	$(PY) -m pytest tests -q
+	FASTVIDEO_OFFLOAD_REQUIRE_INTEGRATIONS=1 $(PY) -m pytest tests -q
 
 clean:
 	rm -rf build *.egg-info fastvideo_offload/*.so

@@ -21,6 +21,7 @@ TORCH_LIBRARY(fastvideo_offload, m) {
   m.def("engine_add_block(int engine, Tensor host, Tensor(a!)[] params, int[] offsets) -> int", &engine_add_block);
   m.def("engine_enter(int engine, int block) -> ()", &engine_enter);
   m.def("engine_exit(int engine, int block) -> ()", &engine_exit);
+  m.def("engine_park(int engine, int block) -> ()", &engine_park);
   m.def("engine_invalidate(int engine) -> ()", &engine_invalidate);
   m.def("engine_trim(int engine) -> ()", &engine_trim);
   m.def("engine_stats(int engine) -> Dict(str, int)", &engine_stats);

@@ -268,6 +268,13 @@ void Engine::exit(int64_t block) {
   }
 }
 
+void Engine::park(int64_t block) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  Block& blk = block_at(block, "park");
+  TORCH_CHECK(!blk.held, "park: block ", block, " is running");
+  set_all(blk.params, blk.placeholders);
+}
+
 void Engine::invalidate() {
   std::lock_guard<std::mutex> lock(mutex_);
   check_idle("invalidate");
@@ -282,6 +289,9 @@ void Engine::invalidate() {
 void Engine::trim() {
   std::lock_guard<std::mutex> lock(mutex_);
   check_idle("trim");
+  if (slots_.empty()) {
+    return;
+  }
   transfer_->synchronize();
   slots_.clear();
   for (Block& blk : blocks_) {
@@ -345,6 +355,7 @@ int64_t engine_add_block(int64_t engine, const at::Tensor& host, at::TensorList 
 
 void engine_enter(int64_t engine, int64_t block) { lookup(engine)->enter(block); }
 void engine_exit(int64_t engine, int64_t block) { lookup(engine)->exit(block); }
+void engine_park(int64_t engine, int64_t block) { lookup(engine)->park(block); }
 void engine_invalidate(int64_t engine) { lookup(engine)->invalidate(); }
 void engine_trim(int64_t engine) { lookup(engine)->trim(); }
 c10::Dict<std::string, int64_t> engine_stats(int64_t engine) { return lookup(engine)->stats(); }

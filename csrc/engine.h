@@ -30,6 +30,8 @@ class Engine {
   // Post-hook: the parameters become placeholders and the slot is released on the compute
   // stream. A block that is not entered is left alone (the pre-hook may have failed).
   void exit(int64_t block);
+  // Gives a block that is not running its placeholders back (after its weights were changed).
+  void park(int64_t block);
   // The host store changed: forget every block cached in a slot.
   void invalidate();
   // Frees the device slots (an idle model, such as the other Wan2.2 expert).

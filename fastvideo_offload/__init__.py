@@ -6,6 +6,7 @@
     handle.disable()                                 # every weight back on the device
 """
 
+from .integrations.fastvideo import patch_fastvideo, unpatch_fastvideo
 from .offloader import OffloadHandle, disable, enable, handle_of
 
-__all__ = ["OffloadHandle", "disable", "enable", "handle_of"]
+__all__ = ["OffloadHandle", "disable", "enable", "handle_of", "patch_fastvideo", "unpatch_fastvideo"]

@@ -51,6 +51,10 @@ engine_enter = _ops.engine_enter.default
 engine_exit = _ops.engine_exit.default
 
 
+def engine_park(engine: int, block: int) -> None:
+    _ops.engine_park.default(engine, block)
+
+
 def engine_invalidate(engine: int) -> None:
     _ops.engine_invalidate.default(engine)
 

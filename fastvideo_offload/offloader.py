@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -19,6 +20,8 @@ from .store import BlockStore
 logger = logging.getLogger("fastvideo_offload")
 
 _HANDLE_ATTR = "_fastvideo_offload_handle"
+#: Models enabled with the same `group` take turns on the device (Wan2.2's two experts).
+_GROUPS: dict[str, weakref.WeakSet] = {}
 
 
 def resolve_device(device: torch.device | str | int | None) -> torch.device:
@@ -62,7 +65,14 @@ def _check_blocks_registered_once(model: nn.Module, lists: list[tuple[str, nn.Mo
 class OffloadHandle:
     """What `enable` returns: stats, weight changes, and `disable`."""
 
-    def __init__(self, model: nn.Module, device: torch.device, prefetch: int, lists: list[tuple[str, nn.ModuleList]]):
+    def __init__(
+        self,
+        model: nn.Module,
+        device: torch.device,
+        prefetch: int,
+        lists: list[tuple[str, nn.ModuleList]],
+        group: str | None = None,
+    ):
         self._model = model
         self.device = device
         self.prefetch = prefetch
@@ -70,6 +80,7 @@ class OffloadHandle:
         _check_blocks_registered_once(model, lists)
 
         blocks = [(f"{path}.{i}" if path else str(i), b) for path, blist in lists for i, b in enumerate(blist)]
+        self._block_index = {id(block): index for index, (_, block) in enumerate(blocks)}
         names = _param_names(model)
         owner_block: dict[int, int] = {}  # param id -> index of the only block it belongs to
         shared: set[int] = set()
@@ -101,6 +112,10 @@ class OffloadHandle:
             raise
         host_views = {n: view for store in self._stores for p, view in zip(store.params, store.views) for n in names[id(p)]}
         self._hooks += attach_state_dict_hooks(model, host_views, self._weights_changed)
+        self.group = group
+        if group is not None:
+            _GROUPS.setdefault(group, weakref.WeakSet()).add(self)
+            self._hooks.append(model.register_forward_pre_hook(self._take_turn))
         setattr(model, _HANDLE_ATTR, self)
         stats = self.stats()
         logger.info(
@@ -140,6 +155,62 @@ class OffloadHandle:
     def _weights_changed(self) -> None:
         _ops.engine_invalidate(self._engine)
 
+    @torch.compiler.disable
+    def _take_turn(self, module, args) -> None:
+        """Before this model runs, the other models of its group give their device slots back."""
+        for other in group_handles(self.group):
+            if other is not self and other.device == self.device:
+                other.trim()
+
+    def owns_block(self, module: nn.Module) -> bool:
+        """Whether `module` is one of the blocks this handle offloads."""
+        return id(module) in self._block_index
+
+    @contextlib.contextmanager
+    def mutate(self, *blocks: nn.Module) -> Iterator[None]:
+        """Change offloaded weights (a LoRA merge, a hand edit): inside, the named blocks (all
+        blocks when none are named) hold real weights on the device; on leaving normally,
+        whatever they hold is written back to the host store, so the next forward and `disable`
+        see it. On an exception nothing is written back.
+
+        Shapes and dtypes must stay as they were. Run no forward inside: the blocks' weights are
+        this scope's own copies until it ends."""
+        indices = [self._index_of(b) for b in blocks] if blocks else range(len(self._stores))
+        _ops.engine_invalidate(self._engine)  # refuses while a block is running
+        with torch.no_grad():
+            for i in indices:
+                for p, view in zip(self._stores[i].params, self._stores[i].views):
+                    p.data = _on_device(view, self.device)
+        try:
+            yield
+        except BaseException:
+            # A change that failed half-way is not written back: the host store keeps its weights.
+            for i in indices:
+                _ops.engine_park(self._engine, i)
+            raise
+        problems = []
+        with torch.no_grad():
+            for i in indices:
+                store = self._stores[i]
+                for name, p, view in zip(store.names, store.params, store.views):
+                    if p.shape != view.shape or p.dtype != view.dtype:
+                        problems.append(f"{name}: {view.dtype} {tuple(view.shape)} became {p.dtype} {tuple(p.shape)}")
+                    else:
+                        view.copy_(p.detach())
+                _ops.engine_park(self._engine, i)
+        _ops.engine_invalidate(self._engine)
+        if problems:
+            raise ValueError(
+                "mutate: offloaded parameters must keep their shape and dtype; these kept their old weights: "
+                + "; ".join(problems)
+            )
+
+    def _index_of(self, block: nn.Module) -> int:
+        index = self._block_index.get(id(block)) if self.enabled else None
+        if index is None:
+            raise ValueError(f"mutate: {type(block).__name__} is not one of this model's offloaded blocks")
+        return index
+
     def stats(self) -> dict[str, int]:
         """Counters of the engine: blocks, host_bytes, h2d_bytes, uploads, prefetches,
         sync_loads, max_resident_blocks, device_bytes and more."""
@@ -169,9 +240,7 @@ class OffloadHandle:
         with torch.no_grad():
             for store in self._stores:
                 for p, view in zip(store.params, store.views):
-                    data = torch.empty_strided(view.shape, view.stride(), dtype=view.dtype, device=self.device)
-                    data.copy_(view)
-                    p.data = data
+                    p.data = _on_device(view, self.device)
         self._destroy_engine()
         for hook in self._hooks:
             hook.remove()
@@ -181,15 +250,31 @@ class OffloadHandle:
             delattr(self._model, _HANDLE_ATTR)
 
 
+def group_handles(group: str) -> list[OffloadHandle]:
+    """The enabled handles of a group."""
+    return [h for h in list(_GROUPS.get(group, ())) if h.enabled]
+
+
+def _on_device(view: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A device copy of a host-store view with the same strides (a plain .to() would not keep
+    the strides of a tensor with gaps)."""
+    data = torch.empty_strided(view.shape, view.stride(), dtype=view.dtype, device=device)
+    return data.copy_(view)
+
+
 def enable(
     model: nn.Module,
     *,
     device: torch.device | str | int | None = None,
     prefetch: int = 1,
     blocks: Sequence[str] | None = None,
+    group: str | None = None,
 ) -> OffloadHandle:
     """Offloads `model`'s transformer blocks to host memory and streams each one to `device`
-    just before it runs, `prefetch` blocks ahead. Everything else moves to `device`."""
+    just before it runs, `prefetch` blocks ahead. Everything else moves to `device`.
+
+    Models enabled with the same `group` take turns: when one starts a forward, the others
+    free their device slots (Wan2.2's experts: the idle one holds no block on the GPU)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"enable expects an nn.Module, got {type(model).__name__}")
     if getattr(model, _HANDLE_ATTR, None) is not None:
@@ -198,8 +283,10 @@ def enable(
         raise TypeError(f"prefetch must be an int, got {type(prefetch).__name__}")
     if prefetch < 0:
         raise ValueError(f"prefetch must be >= 0, got {prefetch}")
+    if group is not None and not isinstance(group, str):
+        raise TypeError(f"group must be a string, got {type(group).__name__}")
     device = resolve_device(device)
-    return OffloadHandle(model, device, prefetch, find_block_lists(model, blocks))
+    return OffloadHandle(model, device, prefetch, find_block_lists(model, blocks), group)
 
 
 def disable(model: nn.Module) -> None:

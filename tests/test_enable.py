@@ -354,3 +354,66 @@ def test_disable_during_forward_is_refused():
     model.blocks[1].probe = probe
     run_passes(model, [tiny_input()])
     assert len(errors) == 1 and handle.enabled
+
+
+# ---- changing weights under offload ----
+
+
+def test_mutate_writes_back_to_the_host_store():
+    model = TinyDiT()
+    reference = copy.deepcopy(model)
+    x = tiny_input()
+    handle = fo.enable(model, device="cpu", prefetch=2)
+    run_passes(model, [x])  # slots hold the old weights
+    with handle.mutate(), torch.no_grad():
+        for block in model.blocks:
+            block.qkv.weight.mul_(0.5)
+    with torch.no_grad():
+        for block in reference.blocks:
+            block.qkv.weight.mul_(0.5)
+    assert all(is_placeholder(p) for p in model.blocks.parameters())
+    assert torch.equal(run_passes(model, [x])[0], run_passes(reference, [x])[0])
+    handle.disable()
+    for a, b in zip(model.parameters(), reference.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_mutate_that_raises_changes_nothing():
+    model = TinyDiT()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    handle = fo.enable(model, device="cpu")
+    with pytest.raises(KeyError):
+        with handle.mutate(model.blocks[0]), torch.no_grad():
+            model.blocks[0].proj.weight.zero_()
+            raise KeyError("half-way")
+    assert all(is_placeholder(p) for p in model.blocks.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_mutate_refuses_shape_changes_and_foreign_blocks():
+    model = TinyDiT()
+    before = model.blocks[1].proj.weight.detach().clone()
+    handle = fo.enable(model, device="cpu")
+    with pytest.raises(ValueError, match=r"blocks\.1\.proj\.weight: torch.float32 \(32, 32\) became"):
+        with handle.mutate(model.blocks[1]):
+            model.blocks[1].proj.weight.data = torch.zeros(2, 2)
+    assert torch.equal(model.state_dict()["blocks.1.proj.weight"], before)
+    with pytest.raises(ValueError, match="not one of this model's offloaded blocks"):
+        with handle.mutate(model.head):
+            pass
+
+
+def test_group_members_take_turns_on_the_device():
+    a, b = TinyDiT(), TinyDiT()
+    ha = fo.enable(a, device="cpu", group="pair")
+    hb = fo.enable(b, device="cpu", group="pair")
+    solo = TinyDiT()
+    hs = fo.enable(solo, device="cpu")
+    run_passes(a, [tiny_input()])
+    run_passes(solo, [tiny_input()])
+    assert ha.stats()["device_bytes"] > 0
+    run_passes(b, [tiny_input()])
+    assert ha.stats()["device_bytes"] == 0  # a gave its slots back when b started
+    assert hs.stats()["device_bytes"] > 0  # not in the group
+    with pytest.raises(TypeError, match="group"):
+        fo.enable(TinyDiT(), device="cpu", group=3)

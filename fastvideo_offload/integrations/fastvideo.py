@@ -1,0 +1,146 @@
+"""`patch_fastvideo()`: FastVideo's layerwise offload, loading and LoRA paths use this engine.
+
+What is replaced, in FastVideo's own modules (all restored by `unpatch_fastvideo()`):
+- `enable_layerwise_offload` (hooks/layerwise_offload.py, and the name component_loader.py
+  imported): offloads every block list of the DiT, nested ones included, with this engine; the
+  DiTs of one pipeline take turns on the device, so after Wan2.2's expert switch the idle expert
+  holds no block on the GPU. Each DiT also gets the `_layerwise_offload_manager` that
+  denoising.py looks for after the loop, which frees the slots before the VAE runs.
+- `TransformerLoader.load` and the `maybe_load_fsdp_model` it calls: when FastVideo will offload
+  the DiT (inference, `dit_layerwise_offload`, no FSDP inference), the weights are loaded into
+  host memory instead of the GPU, so the GPU never holds the whole DiT.
+- `lora_pipeline._get_hook_ctx`: LoRA conversion, merge and unmerge of an offloaded block run
+  inside `OffloadHandle.mutate(block)`, which writes the change back to the host store.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from .. import offloader
+
+SUPPORTED = "0.2.1"
+GROUP = "fastvideo-dit"
+
+_originals: list[tuple[object, str, object]] = []
+_loading = threading.local()
+
+
+class _ReleaseManager:
+    """What FastVideo's denoising stage calls after the loop: frees the DiT's device slots."""
+
+    def __init__(self, handle: offloader.OffloadHandle):
+        self._handle = handle
+
+    @property
+    def enabled(self) -> bool:
+        return self._handle.enabled
+
+    def release_all(self) -> None:
+        self._handle.trim()
+
+
+def _device() -> torch.device:
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    from fastvideo.distributed.parallel_state import get_local_torch_device
+
+    return get_local_torch_device()
+
+
+def enable_layerwise_offload(model: torch.nn.Module, is_replace: bool = False) -> None:
+    """Replaces FastVideo's function of the same name and signature."""
+    if offloader.handle_of(model) is not None:
+        return
+    handle = offloader.enable(model, device=_device(), group=GROUP)
+    model._layerwise_offload_manager = _ReleaseManager(handle)
+
+
+def _wrap_hook_ctx(original):
+    def get_hook_ctx(module):
+        if module is not None:
+            for handle in offloader.group_handles(GROUP):
+                if handle.owns_block(module):
+                    return handle.mutate(module)
+        return original(module)
+
+    return get_hook_ctx
+
+
+def _wrap_transformer_load(original):
+    def load(self, model_path, fastvideo_args, *args, **kwargs):
+        to_host = bool(
+            getattr(fastvideo_args, "inference_mode", False)
+            and getattr(fastvideo_args, "dit_layerwise_offload", False)
+            and not getattr(fastvideo_args, "use_fsdp_inference", False)
+            and not getattr(fastvideo_args, "training_mode", False)
+        )
+        previous = getattr(_loading, "to_host", False)
+        _loading.to_host = to_host
+        try:
+            return original(self, model_path, fastvideo_args, *args, **kwargs)
+        finally:
+            _loading.to_host = previous
+
+    return load
+
+
+def _wrap_fsdp_load(original):
+    def maybe_load_fsdp_model(*args, **kwargs):
+        if getattr(_loading, "to_host", False):
+            # The DiT is about to be offloaded block by block: load it into host memory,
+            # where enable_layerwise_offload packs it, instead of onto the GPU.
+            kwargs["device"] = torch.device("cpu")
+        return original(*args, **kwargs)
+
+    return maybe_load_fsdp_model
+
+
+def _targets():
+    try:
+        import fastvideo
+        from fastvideo.hooks import layerwise_offload
+        from fastvideo.models.loader import component_loader
+        from fastvideo.pipelines import lora_pipeline
+    except ImportError as exc:
+        raise ImportError(f"patch_fastvideo needs FastVideo {SUPPORTED} installed: {exc}") from exc
+    version = getattr(fastvideo, "__version__", "unknown")
+    wanted = [
+        (layerwise_offload, "enable_layerwise_offload", lambda original: enable_layerwise_offload),
+        (component_loader, "enable_layerwise_offload", lambda original: enable_layerwise_offload),
+        (component_loader, "maybe_load_fsdp_model", _wrap_fsdp_load),
+        (getattr(component_loader, "TransformerLoader", None), "load", _wrap_transformer_load),
+        (lora_pipeline, "_get_hook_ctx", _wrap_hook_ctx),
+    ]
+    for owner, name, _ in wanted:
+        if owner is None or not hasattr(owner, name):
+            where = getattr(owner, "__name__", "fastvideo.models.loader.component_loader.TransformerLoader")
+            raise RuntimeError(
+                f"patch_fastvideo: FastVideo {version} has no {where}.{name}, which the patch replaces "
+                f"(written against FastVideo {SUPPORTED})"
+            )
+    return wanted
+
+
+def patch_fastvideo() -> None:
+    """From now on FastVideo's layerwise offload uses this engine. Idempotent; works before or
+    after `import fastvideo`."""
+    if _originals:
+        return
+    for owner, name, make in _targets():
+        original = getattr(owner, name)
+        _originals.append((owner, name, original))
+        setattr(owner, name, make(original))
+
+
+def unpatch_fastvideo() -> None:
+    """Puts FastVideo's own functions back. Models already offloaded stay offloaded."""
+    while _originals:
+        owner, name, original = _originals.pop()
+        setattr(owner, name, original)
+
+
+def is_patched() -> bool:
+    return bool(_originals)

@@ -1,0 +1,223 @@
+"""FastVideo's own DiT classes, loader and LoRA hook point, patched by `patch_fastvideo()`:
+tiny configs, random weights, CPU (FastVideo's torch SDPA backend, its distributed set-up at
+world size 1 on gloo, its forward context)."""
+
+import copy
+import os
+import socket
+
+import pytest
+import torch
+
+import fastvideo_offload as fo
+from conftest import integration
+from fastvideo_offload.integrations import fastvideo as integ
+
+fastvideo = integration("fastvideo")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fastvideo_cpu():
+    os.environ["FASTVIDEO_ATTENTION_BACKEND"] = "TORCH_SDPA"
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    from fastvideo.platforms.cpu import CpuPlatform
+
+    if not hasattr(CpuPlatform, "get_attn_backend_cls") or CpuPlatform.get_attn_backend_cls.__qualname__.startswith(
+        "Platform."
+    ):
+        # FastVideo 0.2.1's CPU platform names no attention backend; its MPS platform names SDPA.
+        CpuPlatform.get_attn_backend_cls = classmethod(
+            lambda cls, selected_backend, head_size, dtype: "fastvideo.attention.backends.sdpa.SDPABackend"
+        )
+    from fastvideo.distributed.parallel_state import maybe_init_distributed_environment_and_model_parallel
+
+    maybe_init_distributed_environment_and_model_parallel(1, 1)
+    yield
+
+
+@pytest.fixture
+def patched():
+    fo.patch_fastvideo()
+    yield
+    fo.unpatch_fastvideo()
+
+
+def _init(model, seed):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # FastVideo's linears start from torch.empty
+            if p.dim() >= 2:
+                torch.nn.init.normal_(p, std=0.05)
+            elif "norm" in name and name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                torch.nn.init.normal_(p, std=0.01)
+    return model.eval()
+
+
+def tiny_wan(seed=0, layers=3):
+    from fastvideo.configs.models.dits.wanvideo import WanVideoArchConfig, WanVideoConfig
+    from fastvideo.models.dits.wanvideo import WanTransformer3DModel
+
+    arch = WanVideoArchConfig(num_attention_heads=4, attention_head_dim=16, in_channels=16, out_channels=16,
+                              text_dim=64, freq_dim=64, ffn_dim=128, num_layers=layers, patch_size=(1, 2, 2),
+                              rope_max_seq_len=64)
+    return _init(WanTransformer3DModel(config=WanVideoConfig(arch_config=arch), hf_config={}), seed)
+
+
+def tiny_hunyuan():
+    from fastvideo.configs.models.dits.hunyuanvideo import HunyuanVideoArchConfig, HunyuanVideoConfig
+    from fastvideo.models.dits.hunyuanvideo import HunyuanVideoTransformer3DModel
+
+    arch = HunyuanVideoArchConfig(patch_size=2, patch_size_t=1, in_channels=16, out_channels=16,
+                                  num_attention_heads=4, attention_head_dim=16, mlp_ratio=2.0, num_layers=2,
+                                  num_single_layers=3, num_refiner_layers=1, rope_axes_dim=(4, 6, 6),
+                                  guidance_embeds=False, text_embed_dim=64, pooled_projection_dim=32)
+    return _init(HunyuanVideoTransformer3DModel(config=HunyuanVideoConfig(arch_config=arch), hf_config={}), 0)
+
+
+def run(model, step=0, hunyuan=False, dtype=torch.float32):
+    from fastvideo.forward_context import set_forward_context
+
+    g = torch.Generator().manual_seed(step)
+    latents = torch.randn(1, 16, 4, 8, 8, generator=g).to(dtype)
+    text = torch.randn(1, 8, 64, generator=g).to(dtype)
+    if hunyuan:
+        text = [text, torch.randn(1, 32, generator=g)]
+    with torch.no_grad(), set_forward_context(current_timestep=step, attn_metadata=None, forward_batch=None):
+        return model(hidden_states=latents, encoder_hidden_states=text, timestep=torch.tensor([10 + step]))
+
+
+def offload_like_the_loader(model):
+    """What FastVideo's TransformerLoader.load calls once the DiT is built."""
+    from fastvideo.models.loader import component_loader
+
+    component_loader.enable_layerwise_offload(model)
+    return fo.handle_of(model)
+
+
+def placeholders(module):
+    return all(p.numel() == 0 for p in module.parameters())
+
+
+def test_wan_bit_identical_with_the_patch(patched):
+    model = tiny_wan()
+    reference = copy.deepcopy(model)
+    handle = offload_like_the_loader(model)
+    assert handle is not None and handle.block_paths == ["blocks"]
+    for step in range(3):
+        assert torch.equal(run(model, step), run(reference, step))
+    assert placeholders(model.blocks)
+    assert handle.stats()["enters"] == 9
+
+
+def test_hunyuan_offloads_every_block_list(patched):
+    model = tiny_hunyuan()
+    reference = copy.deepcopy(model)
+    handle = offload_like_the_loader(model)
+    # FastVideo's own offload stops at double_blocks; ours takes all three lists
+    assert handle.block_paths == ["txt_in.refiner_blocks", "double_blocks", "single_blocks"]
+    for step in range(2):
+        assert torch.equal(run(model, step, hunyuan=True), run(reference, step, hunyuan=True))
+    assert placeholders(model.double_blocks) and placeholders(model.single_blocks)
+    assert handle.stats()["enters"] == 2 * (1 + 2 + 3)
+
+
+def test_wan22_expert_switch(patched):
+    high, low = tiny_wan(seed=1), tiny_wan(seed=2)
+    reference = {id(high): copy.deepcopy(high), id(low): copy.deepcopy(low)}
+    handles = [offload_like_the_loader(high), offload_like_the_loader(low)]
+    for step in range(6):  # a denoising loop that switches experts half-way, as denoising.py does
+        expert = high if step < 3 else low
+        assert torch.equal(run(expert, step), run(reference[id(expert)], step))
+        if step == 3:
+            # right after the switch: the idle expert holds no block on the device, and the
+            # switch waited for one block's copy only
+            assert handles[0].stats()["device_bytes"] == 0 and placeholders(high.blocks)
+            assert handles[1].stats()["sync_loads"] == 1
+    # what denoising.py calls after the loop
+    for model in (high, low):
+        manager = model._layerwise_offload_manager
+        assert manager.enabled
+        manager.release_all()
+    assert handles[1].stats()["device_bytes"] == 0
+
+
+def test_lora_merge_through_fastvideos_hook_point(patched):
+    from fastvideo.pipelines import lora_pipeline
+
+    model = tiny_wan()
+    reference = copy.deepcopy(model)
+    handle = offload_like_the_loader(model)
+    run(model)  # the device slots now hold the old weights
+    block = model.blocks[1]
+    name = next(n for n, p in reference.blocks[1].named_parameters() if p.dim() == 2)
+    delta = torch.randn(reference.blocks[1].get_parameter(name).shape) * 0.1
+    with torch.no_grad():
+        reference.blocks[1].get_parameter(name).add_(delta)
+    with lora_pipeline._get_hook_ctx(block):  # what set_lora_adapter / merge_lora_weights use
+        assert block.get_parameter(name).numel() == delta.numel()
+        with torch.no_grad():
+            block.get_parameter(name).add_(delta)
+    assert placeholders(block)
+    assert torch.equal(run(model, 1), run(reference, 1))
+    assert torch.equal(model.state_dict()[f"blocks.1.{name}"], reference.state_dict()[f"blocks.1.{name}"])
+    handle.disable()
+    assert torch.equal(block.get_parameter(name), reference.blocks[1].get_parameter(name))
+    # modules that are not offloaded blocks still get FastVideo's own (null) context
+    with lora_pipeline._get_hook_ctx(model.patch_embedding):
+        pass
+
+
+def test_loader_puts_the_dit_in_host_memory(patched, tmp_path):
+    """FastVideo's real TransformerLoader, on a diffusers-format checkpoint: the weights load
+    into host memory and straight into the host store (on a CPU-only machine FastVideo would
+    otherwise load onto its 'mps' device and fail)."""
+    diffusers = integration("diffusers")
+    from fastvideo.configs.pipelines.wan import WanT2V480PConfig
+    from fastvideo.fastvideo_args import FastVideoArgs
+    from fastvideo.models.loader.component_loader import TransformerLoader
+
+    diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=16, in_channels=16, out_channels=16,
+        text_dim=64, freq_dim=64, ffn_dim=128, num_layers=2, rope_max_seq_len=64,
+    ).save_pretrained(tmp_path)
+    args = FastVideoArgs(model_path=str(tmp_path), pipeline_config=WanT2V480PConfig(), inference_mode=True,
+                         dit_layerwise_offload=True, hsdp_shard_dim=1, hsdp_replicate_dim=1)
+    model = TransformerLoader().load(str(tmp_path), args)
+    handle = fo.handle_of(model)
+    assert handle is not None and handle.stats()["blocks"] == 2 and placeholders(model.blocks)
+    offloaded = run(model, dtype=torch.bfloat16)  # FastVideo's Wan loads in bf16
+    handle.disable()
+    assert torch.equal(offloaded, run(model, dtype=torch.bfloat16))
+
+
+def test_patch_is_idempotent_and_undone():
+    from fastvideo.hooks import layerwise_offload
+    from fastvideo.models.loader import component_loader
+
+    original = component_loader.enable_layerwise_offload
+    fo.patch_fastvideo()
+    fo.patch_fastvideo()
+    assert component_loader.enable_layerwise_offload is integ.enable_layerwise_offload
+    assert layerwise_offload.enable_layerwise_offload is integ.enable_layerwise_offload
+    fo.unpatch_fastvideo()
+    fo.unpatch_fastvideo()
+    assert component_loader.enable_layerwise_offload is original
+    assert not integ.is_patched()
+
+
+def test_missing_symbol_names_the_version(monkeypatch):
+    from fastvideo.pipelines import lora_pipeline
+
+    monkeypatch.delattr(lora_pipeline, "_get_hook_ctx")
+    with pytest.raises(RuntimeError, match=r"FastVideo 0\.2\.1 has no fastvideo\.pipelines\.lora_pipeline\._get_hook_ctx"):
+        fo.patch_fastvideo()
+    assert not integ.is_patched()
