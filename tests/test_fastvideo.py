@@ -221,3 +221,28 @@ def test_missing_symbol_names_the_version(monkeypatch):
     with pytest.raises(RuntimeError, match=r"FastVideo 0\.2\.1 has no fastvideo\.pipelines\.lora_pipeline\._get_hook_ctx"):
         fo.patch_fastvideo()
     assert not integ.is_patched()
+
+
+def test_spawned_workers_patch_themselves(patched, monkeypatch):
+    """VideoGenerator runs the DiT in spawned worker processes: what they are spawned with is
+    a function of ours (pickled by reference), which patches the worker before FastVideo's own
+    worker_main runs."""
+    import pickle
+
+    from fastvideo.worker.multiproc_executor import WorkerMultiprocProc
+
+    target = WorkerMultiprocProc.worker_main
+    assert b"fastvideo_offload.integrations.fastvideo" in pickle.dumps(target)
+    seen = {}
+
+    def fastvideos_worker_main(**kwargs):
+        seen["patched"] = integ.is_patched()
+        seen["kwargs"] = kwargs
+
+    fo.unpatch_fastvideo()  # a fresh worker: nothing patched yet
+    monkeypatch.setattr(WorkerMultiprocProc, "worker_main", staticmethod(fastvideos_worker_main))
+    integ._worker_main(rank=0)
+    assert seen == {"patched": True, "kwargs": {"rank": 0}}
+    fo.unpatch_fastvideo()
+    assert WorkerMultiprocProc.worker_main is fastvideos_worker_main
+    fo.patch_fastvideo()

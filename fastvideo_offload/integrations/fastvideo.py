@@ -11,10 +11,14 @@ What is replaced, in FastVideo's own modules (all restored by `unpatch_fastvideo
   host memory instead of the GPU, so the GPU never holds the whole DiT.
 - `lora_pipeline._get_hook_ctx`: LoRA conversion, merge and unmerge of an offloaded block run
   inside `OffloadHandle.mutate(block)`, which writes the change back to the host store.
+- `WorkerMultiprocProc.worker_main`: FastVideo's VideoGenerator loads and runs the DiT in
+  spawned worker processes, which start without this patch; the spawned target becomes a
+  function of this module, so each worker imports it, patches itself, then runs FastVideo's.
 """
 
 from __future__ import annotations
 
+import inspect
 import threading
 
 import torch
@@ -98,30 +102,49 @@ def _wrap_fsdp_load(original):
     return maybe_load_fsdp_model
 
 
+def _worker_main(*args, **kwargs):
+    """Runs in a freshly spawned FastVideo worker: patch, then FastVideo's own worker_main."""
+    patch_fastvideo()
+    from fastvideo.worker.multiproc_executor import WorkerMultiprocProc
+
+    return _original(WorkerMultiprocProc, "worker_main")(*args, **kwargs)
+
+
+def _original(owner, name):
+    for patched_owner, patched_name, original in _originals:
+        if patched_owner is owner and patched_name == name:
+            return original.__func__ if isinstance(original, staticmethod) else original
+    return getattr(owner, name)
+
+
 def _targets():
     try:
         import fastvideo
         from fastvideo.hooks import layerwise_offload
         from fastvideo.models.loader import component_loader
         from fastvideo.pipelines import lora_pipeline
+        from fastvideo.worker import multiproc_executor
     except ImportError as exc:
         raise ImportError(f"patch_fastvideo needs FastVideo {SUPPORTED} installed: {exc}") from exc
     version = getattr(fastvideo, "__version__", "unknown")
+    loader = component_loader.__name__
     wanted = [
-        (layerwise_offload, "enable_layerwise_offload", lambda original: enable_layerwise_offload),
-        (component_loader, "enable_layerwise_offload", lambda original: enable_layerwise_offload),
-        (component_loader, "maybe_load_fsdp_model", _wrap_fsdp_load),
-        (getattr(component_loader, "TransformerLoader", None), "load", _wrap_transformer_load),
-        (lora_pipeline, "_get_hook_ctx", _wrap_hook_ctx),
+        (layerwise_offload, layerwise_offload.__name__, "enable_layerwise_offload", lambda _: enable_layerwise_offload),
+        (component_loader, loader, "enable_layerwise_offload", lambda _: enable_layerwise_offload),
+        (component_loader, loader, "maybe_load_fsdp_model", _wrap_fsdp_load),
+        (getattr(component_loader, "TransformerLoader", None), f"{loader}.TransformerLoader", "load",
+         _wrap_transformer_load),
+        (lora_pipeline, lora_pipeline.__name__, "_get_hook_ctx", _wrap_hook_ctx),
+        (getattr(multiproc_executor, "WorkerMultiprocProc", None), f"{multiproc_executor.__name__}.WorkerMultiprocProc",
+         "worker_main", lambda _: staticmethod(_worker_main)),
     ]
-    for owner, name, _ in wanted:
+    for owner, where, name, _ in wanted:
         if owner is None or not hasattr(owner, name):
-            where = getattr(owner, "__name__", "fastvideo.models.loader.component_loader.TransformerLoader")
             raise RuntimeError(
                 f"patch_fastvideo: FastVideo {version} has no {where}.{name}, which the patch replaces "
                 f"(written against FastVideo {SUPPORTED})"
             )
-    return wanted
+    return [(owner, name, make) for owner, _, name, make in wanted]
 
 
 def patch_fastvideo() -> None:
@@ -130,7 +153,8 @@ def patch_fastvideo() -> None:
     if _originals:
         return
     for owner, name, make in _targets():
-        original = getattr(owner, name)
+        # Static lookup keeps a class's staticmethod a staticmethod when it is put back.
+        original = inspect.getattr_static(owner, name)
         _originals.append((owner, name, original))
         setattr(owner, name, make(original))
 
