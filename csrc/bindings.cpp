@@ -22,6 +22,8 @@ TORCH_LIBRARY(fastvideo_offload, m) {
   m.def("engine_enter(int engine, int block) -> ()", &engine_enter);
   m.def("engine_exit(int engine, int block) -> ()", &engine_exit);
   m.def("engine_park(int engine, int block) -> ()", &engine_park);
+  m.def("engine_reset(int engine) -> ()", &engine_reset);
+  m.def("engine_set_slot_budget(int engine, int nbytes) -> ()", &engine_set_slot_budget);
   m.def("engine_invalidate(int engine) -> ()", &engine_invalidate);
   m.def("engine_trim(int engine) -> ()", &engine_trim);
   m.def("engine_stats(int engine) -> Dict(str, int)", &engine_stats);

@@ -119,8 +119,14 @@ bool Engine::allocate(Slot& slot, bool required) {
     return true;
   }
   const auto options = at::TensorOptions().dtype(at::kByte).device(device_);
-  try {
+  const auto allocate_within_budget = [&]() {
+    const auto allocated = std::count_if(slots_.begin(), slots_.end(), [](const Slot& s) { return s.buffer.defined(); });
+    TORCH_CHECK_WITH(OutOfMemoryError, slot_budget_ < 0 || (allocated + 1) * slot_bytes_ <= slot_budget_,
+                     "the slot budget of ", slot_budget_, " bytes holds ", allocated, " slot(s) of ", slot_bytes_);
     slot.buffer = at::empty({slot_bytes_}, options);
+  };
+  try {
+    allocate_within_budget();
     return true;
   } catch (const c10::OutOfMemoryError&) {
     if (!required) {
@@ -146,7 +152,7 @@ bool Engine::allocate(Slot& slot, bool required) {
     }
   }
   try {
-    slot.buffer = at::empty({slot_bytes_}, options);
+    allocate_within_budget();
   } catch (const c10::OutOfMemoryError& e) {
     TORCH_CHECK_WITH(OutOfMemoryError, false, "fastvideo_offload: no device memory for one block (", slot_bytes_,
                      " bytes on ", device_, ") even after freeing every prefetched block: ", e.what_without_backtrace());
@@ -159,17 +165,23 @@ int Engine::claim_slot(const std::vector<int64_t>& keep, bool required) {
     slots_.resize(static_cast<size_t>(prefetch_ + 1));
     transfer_->set_slot_count(static_cast<int>(slots_.size()));
   }
+  // Cheapest first: an allocated empty slot, then the least recently used allocated slot whose
+  // block is neither running nor about to run, and only then memory not allocated yet.
   int best = -1;
+  auto rank = [&](int s) {
+    const Slot& slot = slots_[s];
+    if (!slot.buffer.defined()) {
+      return 2;
+    }
+    return slot.block < 0 ? 0 : 1;
+  };
   for (int s = 0; s < static_cast<int>(slots_.size()); ++s) {
     const Slot& slot = slots_[s];
-    if (slot.block < 0) {
-      best = s;  // an empty slot costs nothing to take
-      break;
-    }
-    if (blocks_[slot.block].held || std::find(keep.begin(), keep.end(), slot.block) != keep.end()) {
+    if (slot.block >= 0 &&
+        (blocks_[slot.block].held || std::find(keep.begin(), keep.end(), slot.block) != keep.end())) {
       continue;
     }
-    if (best < 0 || slot.last_use < slots_[best].last_use) {
+    if (best < 0 || rank(s) < rank(best) || (rank(s) == rank(best) && slot.last_use < slots_[best].last_use)) {
       best = s;
     }
   }
@@ -243,6 +255,15 @@ void Engine::enter(int64_t block) {
       }
     }
     set_all(blk.params, views);
+  } else if (!blk.params.empty()) {
+    // Only empty tensors: their views need no bytes, only the device to live on.
+    if (blk.views.empty()) {
+      blk.views.emplace_back();
+      for (const TensorLayout& layout : blk.layouts) {
+        blk.views[0].push_back(view_into(placeholder(at::kByte, device_), layout));
+      }
+    }
+    set_all(blk.params, blk.views[0]);
   }
   blk.held = true;
   const auto materialized = std::count_if(blocks_.begin(), blocks_.end(),
@@ -273,6 +294,21 @@ void Engine::park(int64_t block) {
   Block& blk = block_at(block, "park");
   TORCH_CHECK(!blk.held, "park: block ", block, " is running");
   set_all(blk.params, blk.placeholders);
+}
+
+void Engine::reset() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  for (Block& blk : blocks_) {
+    if (blk.held) {
+      release(blk);
+    }
+  }
+}
+
+void Engine::set_slot_budget(int64_t nbytes) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  TORCH_CHECK_VALUE(nbytes >= -1, "slot budget must be >= 0 bytes (or -1 for none), got ", nbytes);
+  slot_budget_ = nbytes;
 }
 
 void Engine::invalidate() {
@@ -356,6 +392,8 @@ int64_t engine_add_block(int64_t engine, const at::Tensor& host, at::TensorList 
 void engine_enter(int64_t engine, int64_t block) { lookup(engine)->enter(block); }
 void engine_exit(int64_t engine, int64_t block) { lookup(engine)->exit(block); }
 void engine_park(int64_t engine, int64_t block) { lookup(engine)->park(block); }
+void engine_reset(int64_t engine) { lookup(engine)->reset(); }
+void engine_set_slot_budget(int64_t engine, int64_t nbytes) { lookup(engine)->set_slot_budget(nbytes); }
 void engine_invalidate(int64_t engine) { lookup(engine)->invalidate(); }
 void engine_trim(int64_t engine) { lookup(engine)->trim(); }
 c10::Dict<std::string, int64_t> engine_stats(int64_t engine) { return lookup(engine)->stats(); }

@@ -32,6 +32,12 @@ class Engine {
   void exit(int64_t block);
   // Gives a block that is not running its placeholders back (after its weights were changed).
   void park(int64_t block);
+  // A forward of the whole model starts: a block still entered was left by an interrupted
+  // forward (KeyboardInterrupt skips torch's always-called post-hooks), so release it.
+  void reset();
+  // Device bytes the slots may take together (-1: no limit); past it a prefetch is skipped
+  // and a block that must run first frees the other slots.
+  void set_slot_budget(int64_t nbytes);
   // The host store changed: forget every block cached in a slot.
   void invalidate();
   // Frees the device slots (an idle model, such as the other Wan2.2 expert).
@@ -72,6 +78,7 @@ class Engine {
   std::vector<Block> blocks_;
   std::vector<Slot> slots_;
   int64_t slot_bytes_ = 0;
+  int64_t slot_budget_ = -1;
   int64_t last_entered_ = -1;
   uint64_t tick_ = 0;
   // counters reported by stats()

@@ -24,6 +24,8 @@ int64_t engine_add_block(int64_t engine, const at::Tensor& host, at::TensorList 
 void engine_enter(int64_t engine, int64_t block);
 void engine_exit(int64_t engine, int64_t block);
 void engine_park(int64_t engine, int64_t block);
+void engine_reset(int64_t engine);
+void engine_set_slot_budget(int64_t engine, int64_t nbytes);
 void engine_invalidate(int64_t engine);
 void engine_trim(int64_t engine);
 c10::Dict<std::string, int64_t> engine_stats(int64_t engine);

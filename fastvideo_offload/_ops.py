@@ -49,6 +49,11 @@ def engine_add_block(engine: int, host: torch.Tensor, params: list[torch.Tensor]
 
 engine_enter = _ops.engine_enter.default
 engine_exit = _ops.engine_exit.default
+engine_reset = _ops.engine_reset.default
+
+
+def engine_set_slot_budget(engine: int, nbytes: int) -> None:
+    _ops.engine_set_slot_budget.default(engine, nbytes)
 
 
 def engine_park(engine: int, block: int) -> None:

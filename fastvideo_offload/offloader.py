@@ -115,7 +115,7 @@ class OffloadHandle:
         self.group = group
         if group is not None:
             _GROUPS.setdefault(group, weakref.WeakSet()).add(self)
-            self._hooks.append(model.register_forward_pre_hook(self._take_turn))
+        self._hooks.append(model.register_forward_pre_hook(self._before_forward))
         setattr(model, _HANDLE_ATTR, self)
         stats = self.stats()
         logger.info(
@@ -156,11 +156,23 @@ class OffloadHandle:
         _ops.engine_invalidate(self._engine)
 
     @torch.compiler.disable
-    def _take_turn(self, module, args) -> None:
-        """Before this model runs, the other models of its group give their device slots back."""
-        for other in group_handles(self.group):
-            if other is not self and other.device == self.device:
-                other.trim()
+    def _before_forward(self, module, args) -> None:
+        # No block can be running when the whole model starts: one still entered was left by an
+        # interrupted forward (KeyboardInterrupt skips torch's always-called post-hooks).
+        _ops.engine_reset(self._engine)
+        if self.group is not None:
+            # The other models of the group give their device slots back (Wan2.2's idle expert).
+            for other in group_handles(self.group):
+                if other is not self and other.device == self.device:
+                    other.trim()
+
+    def limit_device_memory(self, nbytes: int | None) -> None:
+        """Caps the device bytes this model's slots take together (None: no cap). Past the cap
+        prefetches are skipped; a block that must run frees the other slots first, and only a
+        cap below one block raises torch.OutOfMemoryError."""
+        if nbytes is not None and (isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0):
+            raise ValueError(f"limit_device_memory expects a byte count >= 0 or None, got {nbytes!r}")
+        _ops.engine_set_slot_budget(self._engine, -1 if nbytes is None else nbytes)
 
     def owns_block(self, module: nn.Module) -> bool:
         """Whether `module` is one of the blocks this handle offloads."""

@@ -78,6 +78,19 @@ def test_block_without_parameters():
     assert handle.stats()["blocks"] == 3
 
 
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_block_whose_parameters_are_all_empty():
+    model = nn.Sequential()
+    model.blocks = nn.ModuleList(nn.Sequential(nn.Linear(0, 3, bias=False)) for _ in range(2))
+    handle = fo.enable(model, device="cpu", blocks=["blocks"])
+    seen = []
+    model.blocks[0].register_forward_pre_hook(lambda m, a: seen.append(m[0].weight.shape))
+    with torch.no_grad():
+        out = model.blocks[0](torch.zeros(2, 0))
+    assert seen == [torch.Size([3, 0])] and out.shape == (2, 3)
+    assert handle.stats()["host_bytes"] == 0 and handle.stats()["blocks"] == 2
+
+
 def test_parameter_shared_by_two_blocks_stays_resident():
     inputs = [tiny_input() for _ in range(3)]
     model, _ = assert_same_outputs(lambda: TiedBlocks(), inputs)
