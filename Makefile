@@ -12,7 +12,7 @@ PIP := $(PY) -m pip
 SOURCES := $(shell find csrc fastvideo_offload -name '*.cpp' -o -name '*.cu' -o -name '*.h') setup.py pyproject.toml
 BENCH_ARGS ?=
 
-.PHONY: bench test clean
+.PHONY: bench test sanitize clean
 
 $(VENV)/.torch:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ bench: $(VENV)/.built
 
 test: $(VENV)/.built
 	FASTVIDEO_OFFLOAD_REQUIRE_INTEGRATIONS=1 $(PY) -m pytest tests -q
+
+# The C++ under AddressSanitizer and UndefinedBehaviorSanitizer (CI runs it after `make test`).
+sanitize: $(VENV)/.built
+	scripts/sanitize.sh $(PY)
 
 clean:
 	rm -rf build *.egg-info fastvideo_offload/*.so

@@ -44,6 +44,12 @@ def _extension():
     here = os.path.dirname(os.path.abspath(__file__))
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cxx = ["-O3", "-fvisibility=hidden"]
+    link = []
+    sanitizers = os.environ.get("FASTVIDEO_OFFLOAD_SANITIZE")  # e.g. "address,undefined": scripts/sanitize.sh
+    if sanitizers:
+        cxx = ["-O1", "-g", "-fno-omit-frame-pointer", f"-fsanitize={sanitizers}", "-fno-sanitize=vptr",
+               "-fno-sanitize-recover=all", "-fvisibility=hidden"]
+        link = [f"-fsanitize={sanitizers}"]
     if _want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")) + glob.glob(os.path.join("csrc", "cuda", "*.cu")))
@@ -53,12 +59,14 @@ def _extension():
             include_dirs=[os.path.join(here, "csrc")],
             define_macros=[("FVO_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
+            extra_link_args=link,
         )
     return CppExtension(
         "fastvideo_offload._C",
         sources,
         include_dirs=[os.path.join(here, "csrc")],
         extra_compile_args={"cxx": cxx},
+        extra_link_args=link,
     )
 
 

@@ -22,8 +22,8 @@ std::unique_ptr<Transfer> make_transfer(const c10::Device& device) {
   if (device.is_cpu()) {
     return make_cpu_transfer();
   }
-#ifdef FVO_WITH_CUDA
   TORCH_CHECK_VALUE(device.is_cuda(), "offload device must be cpu or cuda, got ", device);
+#ifdef FVO_WITH_CUDA
   const auto count = c10::cuda::device_count();
   TORCH_CHECK_VALUE(device.index() >= 0 && device.index() < count, "CUDA device ", device, " does not exist (",
                     static_cast<int>(count), " visible)");

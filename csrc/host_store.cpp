@@ -28,6 +28,9 @@ int64_t align_up(int64_t value, int64_t alignment) {
 }  // namespace
 
 void parallel_memcpy(void* dst, const void* src, int64_t nbytes) {
+  if (nbytes <= 0) {
+    return;  // an empty tensor's pointer may be null, which memcpy must never see
+  }
   if (nbytes <= kCopyChunkBytes) {
     // Waking the thread pool costs more than copying a few MiB.
     std::memcpy(dst, src, static_cast<size_t>(nbytes));

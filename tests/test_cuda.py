@@ -157,3 +157,12 @@ def test_trim_gives_the_slots_back():
     assert slots <= freed <= slots + 2 * 512  # the caching allocator rounds to 512 bytes
     with torch.no_grad():
         assert torch.equal(model(x), expected)
+
+
+def test_block_split_across_devices_is_refused():
+    model = TinyDiT()
+    model.blocks[1].proj.cuda()
+    with pytest.raises(ValueError, match=r"block blocks\.1 has parameters on several devices"):
+        fo.enable(model, device="cuda")
+    assert fo.handle_of(model) is None
+    assert all(p.numel() > 0 for p in model.parameters())

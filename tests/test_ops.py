@@ -92,6 +92,10 @@ def test_engine_rejects_bad_arguments():
     try:
         with pytest.raises(ValueError, match="contiguous 1-D uint8 CPU tensor"):
             _ops.engine_add_block(engine, host.view(torch.int8), [p], offsets)
+        with pytest.raises(ValueError, match="contiguous 1-D uint8 CPU tensor"):
+            _ops.engine_add_block(engine, torch.cat([host, host])[::2], [p], offsets)
+        with pytest.raises(ValueError, match="contiguous 1-D uint8 CPU tensor"):
+            _ops.engine_add_block(engine, host.view(1, -1), [p], offsets)
         with pytest.raises(ValueError, match="does not fit"):
             _ops.engine_add_block(engine, host[:10], [p], offsets)
         with pytest.raises(ValueError, match="meta device"):
