@@ -90,7 +90,7 @@ def _engine_stats(model: nn.Module) -> dict | None:
 def _pinned_host_bytes(device: torch.device) -> int:
     if device.type != "cuda":
         return 0
-    return torch.cuda.host_memory_stats().get("allocated_bytes.all.current", 0)
+    return torch.cuda.host_memory_stats().get("allocated_bytes.current", 0)
 
 
 def copy_ceiling(device: torch.device, nbytes: int = 1 << 30) -> float:

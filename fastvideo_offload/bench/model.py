@@ -138,10 +138,16 @@ class IdleBlocks(nn.Module):
 
 
 def build(shape: WanShape, dtype: torch.dtype, device: torch.device | str = "cpu") -> WanLikeDiT:
-    """Random weights, made on `device` (fast on a GPU) in `dtype`."""
-    with torch.device(device):
-        model = WanLikeDiT(shape)
-    return model.to(dtype).eval().requires_grad_(False)
+    """Random weights, made on `device` (fast on a GPU) directly in `dtype`, so a 14B model never
+    exists in fp32."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = WanLikeDiT(shape)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval().requires_grad_(False)
 
 
 def inputs(shape: WanShape, tokens: int, dtype: torch.dtype, device, batch: int = 1):
