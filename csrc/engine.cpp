@@ -114,7 +114,8 @@ std::vector<int64_t> Engine::window(int64_t block) const {
   return keep;
 }
 
-bool Engine::allocate(Slot& slot, bool required) {
+bool Engine::allocate(int index, bool required) {
+  Slot& slot = slots_[index];
   if (slot.buffer.defined()) {
     return true;
   }
@@ -124,6 +125,9 @@ bool Engine::allocate(Slot& slot, bool required) {
     TORCH_CHECK_WITH(OutOfMemoryError, slot_budget_ < 0 || (allocated + 1) * slot_bytes_ <= slot_budget_,
                      "the slot budget of ", slot_budget_, " bytes holds ", allocated, " slot(s) of ", slot_bytes_);
     slot.buffer = at::empty({slot_bytes_}, options);
+    // The allocator may hand back memory that kernels queued on the compute stream still use:
+    // the first copy into it waits until the compute stream has passed this point.
+    transfer_->release(index);
   };
   try {
     allocate_within_budget();
@@ -138,7 +142,7 @@ bool Engine::allocate(Slot& slot, bool required) {
   transfer_->synchronize();
   for (size_t s = 0; s < slots_.size(); ++s) {
     Slot& other = slots_[s];
-    if (&other == &slot || !other.buffer.defined() || (other.block >= 0 && blocks_[other.block].held)) {
+    if (static_cast<int>(s) == index || !other.buffer.defined() || (other.block >= 0 && blocks_[other.block].held)) {
       continue;
     }
     if (other.block >= 0) {
@@ -185,7 +189,7 @@ int Engine::claim_slot(const std::vector<int64_t>& keep, bool required) {
       best = s;
     }
   }
-  if (best >= 0 && !allocate(slots_[best], required)) {
+  if (best >= 0 && !allocate(best, required)) {
     return -1;
   }
   return best;

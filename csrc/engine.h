@@ -66,7 +66,7 @@ class Engine {
   Block& block_at(int64_t block, const char* op);
   std::vector<int64_t> window(int64_t block) const;
   int claim_slot(const std::vector<int64_t>& keep, bool required);
-  bool allocate(Slot& slot, bool required);
+  bool allocate(int index, bool required);
   void upload(int64_t block, int slot);
   void prefetch_after(const std::vector<int64_t>& keep);
   void release(Block& blk);

@@ -20,7 +20,9 @@ class Transfer {
   virtual void wait_ready(int slot) = 0;
   // Marks, on the caller's compute stream, that the slot may be overwritten after this point.
   virtual void release(int slot) = 0;
-  // Blocks the host until every copy issued so far has finished (before slots are freed).
+  // Blocks the host until every copy issued so far has finished and the compute side is done
+  // with every released slot: only then may slot memory go back to the allocator, which could
+  // hand it to a copy that waits on another slot's events.
   virtual void synchronize() = 0;
 };
 

@@ -76,43 +76,47 @@ class OffloadHandle:
         self._model = model
         self.device = device
         self.prefetch = prefetch
+        self.group = group
         self.block_paths = [path for path, _ in lists]
-        _check_blocks_registered_once(model, lists)
 
-        blocks = [(f"{path}.{i}" if path else str(i), b) for path, blist in lists for i, b in enumerate(blist)]
-        self._block_index = {id(block): index for index, (_, block) in enumerate(blocks)}
-        names = _param_names(model)
-        owner_block: dict[int, int] = {}  # param id -> index of the only block it belongs to
-        shared: set[int] = set()
-        for index, (path, block) in enumerate(blocks):
-            for p in block.parameters():
-                prefix = path + "."
-                if all(n.startswith(prefix) for n in names[id(p)]):
-                    owner_block[id(p)] = index
-                else:
-                    shared.add(id(p))
+        # Everything is checked before anything changes: a refused model is left as it was.
+        _check_blocks_registered_once(model, lists)
         meta = [n for n, p in model.named_parameters() if p.is_meta]
         if meta:
             raise ValueError(
                 f"parameters {meta[:3]}{'...' if len(meta) > 3 else ''} are on the meta device; load real weights "
                 "(for example with load_state_dict(..., assign=True)) before enabling offload"
             )
+        blocks = [(f"{path}.{i}" if path else str(i), b) for path, blist in lists for i, b in enumerate(blist)]
+        self._block_index = {id(block): index for index, (_, block) in enumerate(blocks)}
+        names = _param_names(model)
+        # A parameter is offloaded with its block only if every name it has lies inside that block;
+        # one shared with another block or with the rest of the model stays resident.
+        block_params = [
+            [p for p in block.parameters() if all(n.startswith(path + ".") for n in names[id(p)])]
+            for path, block in blocks
+        ]
+        for (path, _), params in zip(blocks, block_params):
+            devices = {p.device for p in params}
+            if len(devices) > 1:
+                raise ValueError(f"block {path} has parameters on several devices ({sorted(map(str, devices))})")
+        offloaded = {id(p) for params in block_params for p in params}
+        shared = {id(p) for _, block in blocks for p in block.parameters()} - offloaded
         if shared:
             logger.info("%d parameter(s) shared outside a single block stay resident on %s", len(shared), device)
 
-        self._move_resident(owner_block)
+        self._move_resident(offloaded)
         self._engine = _ops.engine_create(device, prefetch)
         self._finalizer = weakref.finalize(self, _ops.engine_destroy, self._engine)
         self._stores: list[BlockStore] = []
         self._hooks = []
         try:
-            self._pack_blocks(blocks, owner_block, names)
+            self._pack_blocks(blocks, block_params, names)
         except BaseException:
             self._restore()
             raise
         host_views = {n: view for store in self._stores for p, view in zip(store.params, store.views) for n in names[id(p)]}
         self._hooks += attach_state_dict_hooks(model, host_views, self._weights_changed)
-        self.group = group
         if group is not None:
             _GROUPS.setdefault(group, weakref.WeakSet()).add(self)
         self._hooks.append(model.register_forward_pre_hook(self._before_forward))
@@ -124,33 +128,29 @@ class OffloadHandle:
             stats["host_bytes"] / 2**20, prefetch + 1, stats["slot_bytes"] / 2**20, device,
         )
 
-    def _move_resident(self, owner_block: dict[int, int]) -> None:
+    def _move_resident(self, offloaded: set[int]) -> None:
         """Everything that is not a block parameter goes to the device and stays: embeddings,
         norms, heads, shared weights, and every buffer (RoPE caches included)."""
         with torch.no_grad():
             for module in self._model.modules():
                 for p in module._parameters.values():
-                    if p is not None and id(p) not in owner_block and p.device != self.device:
+                    if p is not None and id(p) not in offloaded and p.device != self.device:
                         p.data = p.data.to(self.device)
                 for name, buf in module._buffers.items():
                     if buf is not None and buf.device != self.device:
                         module._buffers[name] = buf.to(self.device)
 
-    def _pack_blocks(self, blocks, owner_block, names) -> None:
+    def _pack_blocks(self, blocks, block_params, names) -> None:
         pinned = self.device.type == "cuda"
-        total = sum(p.numel() * p.element_size() for p in self._model.parameters() if id(p) in owner_block)
+        total = sum(p.numel() * p.element_size() for params in block_params for p in params)
         with tqdm(total=total, unit="B", unit_scale=True, desc="fastvideo_offload: packing blocks", leave=False,
                   disable=None) as progress:
-            for index, (path, block) in enumerate(blocks):
-                params = [p for p in block.parameters() if owner_block.get(id(p)) == index]
-                devices = {p.device for p in params}
-                if len(devices) > 1:
-                    raise ValueError(f"block {path} has parameters on several devices ({sorted(map(str, devices))})")
+            for index, ((_, block), params) in enumerate(zip(blocks, block_params)):
                 store = BlockStore.pack([names[id(p)][0] for p in params], params, pinned)
                 _ops.engine_add_block(self._engine, store.buffer, params, store.offsets)
                 self._stores.append(store)
                 self._hooks += attach_block_hooks(block, self._engine, index)
-                progress.update(sum(p.numel() * p.element_size() for p in store.views))
+                progress.update(sum(v.numel() * v.element_size() for v in store.views))
 
     def _weights_changed(self) -> None:
         _ops.engine_invalidate(self._engine)

@@ -29,6 +29,7 @@ class CudaTransfer final : public Transfer {
     c10::cuda::CUDAGuard guard(device_);
     C10_CUDA_CHECK_WARN(cudaStreamSynchronize(copy_stream_));
     for (size_t s = 0; s < ready_.size(); ++s) {
+      C10_CUDA_CHECK_WARN(cudaEventSynchronize(released_[s]));
       C10_CUDA_CHECK_WARN(cudaEventDestroy(ready_[s]));
       C10_CUDA_CHECK_WARN(cudaEventDestroy(released_[s]));
     }
@@ -67,6 +68,9 @@ class CudaTransfer final : public Transfer {
   void synchronize() override {
     c10::cuda::CUDAGuard guard(device_);
     C10_CUDA_CHECK(cudaStreamSynchronize(copy_stream_));
+    for (cudaEvent_t released : released_) {
+      C10_CUDA_CHECK(cudaEventSynchronize(released));  // returns at once for a slot never released
+    }
   }
 
  private:
