@@ -166,3 +166,31 @@ def test_block_split_across_devices_is_refused():
         fo.enable(model, device="cuda")
     assert fo.handle_of(model) is None
     assert all(p.numel() > 0 for p in model.parameters())
+
+
+def test_prefetch_without_device_memory_on_cuda():
+    model = TinyDiT(dim=64, layers=5)
+    reference = copy.deepcopy(model).cuda()
+    handle = fo.enable(model, device="cuda", prefetch=2)
+    handle.limit_device_memory(handle.stats()["slot_bytes"])
+    x = tiny_input().cuda()
+    with torch.no_grad():
+        for _ in range(3):
+            assert torch.equal(model(x), reference(x))
+    stats = handle.stats()
+    assert stats["prefetch_skipped_oom"] > 0 and stats["device_bytes"] == stats["slot_bytes"]
+
+
+def test_a_thousand_forwards_hold_device_memory():
+    model = TinyDiT(dim=64, layers=6)
+    fo.enable(model, device="cuda")
+    x = tiny_input().cuda()
+    with torch.no_grad():
+        for _ in range(20):
+            model(x)
+        torch.cuda.synchronize()
+        start = torch.cuda.memory_allocated()
+        for _ in range(1000):
+            model(x)
+        torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == start
