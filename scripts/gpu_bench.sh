@@ -4,13 +4,7 @@
 # installed. Writes bench.json, bench.png and bench.txt under OUTPUT_DIR.
 # Usage: scripts/gpu_bench.sh [OUTPUT_DIR]      (LAYERS=40 by default; under 8 minutes on an H100)
 set -uo pipefail
-cd "$(dirname "$0")/.."
-out=${1:-${OUT:-gpu-out}}
-mkdir -p "$out"
-export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
-py=${PYTHON:-python3}
+source "$(dirname "$0")/gpu_env.sh"
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-$py setup.py -q build_ext --inplace > "$out/build.log" 2>&1 || { tail -40 "$out/build.log"; exit 1; }
 timeout 450 $py -m fastvideo_offload bench --layers "${LAYERS:-40}" --steps "${STEPS:-3}" --warmup 1 \
   --json "$out/bench.json" --plot "$out/bench.png" 2>&1 | tee "$out/bench.txt" | tail -60
