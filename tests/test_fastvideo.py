@@ -246,3 +246,23 @@ def test_spawned_workers_patch_themselves(patched, monkeypatch):
     fo.unpatch_fastvideo()
     assert WorkerMultiprocProc.worker_main is fastvideos_worker_main
     fo.patch_fastvideo()
+
+
+def test_ltx2_nested_blocks_are_offloaded(patched):
+    """FastVideo's own offload skips LTX-2, whose blocks sit one level down (model.transformer_blocks).
+    Checked here: found, offloaded, state_dict intact, disable bit-exact (no forward: LTX-2's
+    audio-video inputs are out of this test's scope)."""
+    from fastvideo.configs.models.dits.ltx2 import LTX2VideoArchConfig, LTX2VideoConfig
+    from fastvideo.models.dits.ltx2 import LTX2Transformer3DModel
+
+    arch = LTX2VideoArchConfig(num_attention_heads=2, attention_head_dim=16, num_layers=2, cross_attention_dim=32,
+                               caption_channels=32, audio_num_attention_heads=2, audio_attention_head_dim=16,
+                               audio_cross_attention_dim=32)
+    model = _init(LTX2Transformer3DModel(config=LTX2VideoConfig(arch_config=arch), hf_config={}), 0)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    handle = offload_like_the_loader(model)
+    assert handle.block_paths == ["model.transformer_blocks"]
+    assert placeholders(model.model.transformer_blocks)
+    assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
+    handle.disable()
+    assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
