@@ -12,7 +12,7 @@ PIP := $(PY) -m pip
 SOURCES := $(shell find csrc fastvideo_offload -name '*.cpp' -o -name '*.cu' -o -name '*.h') setup.py pyproject.toml
 BENCH_ARGS ?=
 
-.PHONY: bench test sanitize clean
+.PHONY: bench test sanitize wheel clean
 
 $(VENV)/.torch:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ test: $(VENV)/.built
 # The C++ under AddressSanitizer and UndefinedBehaviorSanitizer (CI runs it after `make test`).
 sanitize: $(VENV)/.built
 	scripts/sanitize.sh $(PY)
+
+# The wheel a user's `pip install --no-build-isolation .` builds, installed alone and imported.
+wheel: $(VENV)/.built
+	scripts/check_wheel.sh $(PY)
 
 clean:
 	rm -rf build *.egg-info fastvideo_offload/*.so
