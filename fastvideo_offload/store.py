@@ -11,7 +11,7 @@ from . import _ops
 
 @dataclass
 class BlockStore:
-    names: list[str]  # qualified names in the model, for state_dict and error messages
+    names: list[str]  # qualified names in the model, for error messages
     params: list[torch.nn.Parameter]
     buffer: torch.Tensor  # uint8, exactly as large as the packed parameters
     offsets: list[int]
@@ -27,10 +27,6 @@ class BlockStore:
             buffer = torch.empty(0, dtype=torch.uint8)
         views = [_view(buffer, off, t) for off, t in zip(offsets, tensors)]
         return cls(names, params, buffer, offsets, views)
-
-    @property
-    def nbytes(self) -> int:
-        return self.buffer.numel()
 
 
 def _view(buffer: torch.Tensor, offset: int, like: torch.Tensor) -> torch.Tensor:
