@@ -430,3 +430,23 @@ def test_group_members_take_turns_on_the_device():
     assert hs.stats()["device_bytes"] > 0  # not in the group
     with pytest.raises(TypeError, match="group"):
         fo.enable(TinyDiT(), device="cpu", group=3)
+
+
+def test_compiled_blocks_run_offloaded_without_recompiling():
+    """FastVideo compiles each block (regional compile): the hooks stay eager, the compiled block
+    takes the swapped-in weights as inputs, and new slots do not trigger recompiles."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = TinyDiT()
+    reference = copy.deepcopy(model)
+    handle = fo.enable(model, device="cpu", prefetch=1)
+    for block in model.blocks:
+        block.compile(backend="aot_eager")
+    inputs = [tiny_input() for _ in range(5)]
+    for got, expected in zip(run_passes(model, inputs), run_passes(reference, inputs)):
+        assert torch.equal(got, expected)
+    assert handle.stats()["enters"] == 20
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"]
+    torch._dynamo.reset()
