@@ -419,7 +419,7 @@ def test_mutate_refuses_shape_changes_and_foreign_blocks():
 def test_group_members_take_turns_on_the_device():
     a, b = TinyDiT(), TinyDiT()
     ha = fo.enable(a, device="cpu", group="pair")
-    hb = fo.enable(b, device="cpu", group="pair")
+    fo.enable(b, device="cpu", group="pair")
     solo = TinyDiT()
     hs = fo.enable(solo, device="cpu")
     run_passes(a, [tiny_input()])

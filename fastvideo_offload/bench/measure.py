@@ -119,9 +119,13 @@ def pack_throughput(params: list[torch.Tensor], threads: int) -> float:
     return nbytes / best / 1e9
 
 
-def engine_timeline(model: nn.Module, run: Callable[[], object], device: torch.device) -> dict[str, list]:
+def engine_timeline(model: nn.Module, inputs: tuple, device: torch.device) -> dict[str, list]:
     """Per-block intervals (ms from the step's start) of copying and computing for one step of
     a model offloaded by this engine."""
+
+    def run():
+        return model(*inputs)
+
     if device.type == "cuda":
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             run()

@@ -23,7 +23,6 @@ class Mode:
     prepare: Callable[[nn.Module, torch.device], None]
     #: why this mode cannot run here, or None
     unavailable: Callable[[torch.device], str | None] = lambda device: None
-    offloads: bool = True
 
 
 def _needs(package: str, cuda: bool = False):
@@ -77,7 +76,7 @@ def _accelerate(model, device):
 
 def all_modes() -> list[Mode]:
     return [
-        Mode("resident", _resident, offloads=False),
+        Mode("resident", _resident),
         Mode("ours p1", _ours(1)),
         Mode("ours p2", _ours(2)),
         Mode("fastvideo", _fastvideo, _needs("fastvideo", cuda=True)),

@@ -141,7 +141,7 @@ def scenario(shape, dtype, device, modes: list[Mode], tokens: int, args, bar, ti
         row["bit_identical"] = None if reference is None else bool(torch.equal(output, reference))
         if timeline and mode.name == "ours p1":
             with torch.inference_mode():
-                row["timeline"] = measure.engine_timeline(model, lambda: model(*make_inputs(0)), device)
+                row["timeline"] = measure.engine_timeline(model, make_inputs(0), device)
         rows[mode.name] = row
         del model, output
     resident = rows.get("resident", {}).get("median_ms")
