@@ -38,29 +38,37 @@ def table(results: dict) -> str:
         f"model: Wan-shaped DiT, {shape['layers']} blocks of dim {shape['dim']} / FFN {shape['ffn']}, "
         f"{results['dtype']}, {results['block_bytes'] / GiB:.3f} GiB per block",
         f"host-to-device ceiling (one large pinned copy): {results['copy_ceiling_GBps']:.1f} GB/s",
-        "",
-        f"{video['frames']} frames at {video['height']}x{video['width']} ({video['tokens']} tokens), per denoising step:",
-        *_mode_table(results["main"]["modes"], results["copy_ceiling_GBps"]),
-        "",
-        f"short clip, {results['short_clip']['frames']} frames ({results['short_clip']['tokens']} tokens):",
-        *_mode_table(results["short_clip"]["modes"], results["copy_ceiling_GBps"]),
     ]
-    w = results["wan22"]
-    out += [
-        "",
-        f"Wan2.2 pair ({w['layers']} blocks each, {w['tokens']} tokens), expert switch after step {w['switch_step']}:",
-        f"  switch stall {w['switch_stall_ms']:.1f} ms (one block's copy at the ceiling: {w['one_block_copy_ms']:.1f} ms); "
-        f"idle expert holds {w['idle_expert_device_bytes']} device bytes after the switch",
-    ]
-    hooks = results["hooks"]
-    out += ["", f"hook overhead, host time per block per step ({hooks['layers']} near-empty blocks):"]
-    for name, row in hooks["modes"].items():
-        if "skipped" in row:
-            out.append(f"  {name:<16}skipped: {row['skipped']}")
-        elif "us_per_block" in row:
-            out.append(f"  {name:<16}{row['us_per_block']:>8.1f} us")
-    pack = results["pack_GBps"]
-    out += ["", "host packing: " + ", ".join(f"{k.replace('_', ' ')}: {v:.2f} GB/s" for k, v in pack.items())]
+    ceiling = results["copy_ceiling_GBps"]
+    for name, title in (
+        ("main", f"{video['frames']} frames at {video['height']}x{video['width']} ({video['tokens']} tokens), "
+                 "per denoising step:"),
+        ("short_clip", "short clip, {frames} frames ({tokens} tokens):"),
+        ("wan22", "Wan2.2 pair ({layers} blocks each, {tokens} tokens), expert switch after step {switch_step}:"),
+        ("hooks", "hook overhead, host time per block per step ({layers} near-empty blocks):"),
+        ("pack_GBps", "host packing:"),
+    ):
+        section = results.get(name, {"failed": "not run"})
+        if "failed" in section:
+            out += ["", f"{name}: failed: {section['failed']}"]
+            continue
+        out += ["", title.format(**section)]
+        if name in ("main", "short_clip"):
+            out += _mode_table(section["modes"], ceiling)
+        elif name == "wan22":
+            out.append(
+                f"  switch stall {section['switch_stall_ms']:.1f} ms (one block's copy at the ceiling: "
+                f"{section['one_block_copy_ms']:.1f} ms); idle expert holds {section['idle_expert_device_bytes']} "
+                "device bytes after the switch"
+            )
+        elif name == "hooks":
+            for mode, row in section["modes"].items():
+                if "skipped" in row:
+                    out.append(f"  {mode:<16}skipped: {row['skipped']}")
+                elif "us_per_block" in row:
+                    out.append(f"  {mode:<16}{row['us_per_block']:>8.1f} us")
+        else:
+            out[-1] += " " + ", ".join(f"{k.replace('_', ' ')}: {v:.2f} GB/s" for k, v in section.items())
     return "\n".join(out)
 
 
@@ -79,7 +87,7 @@ def plot(results: dict, path: str) -> None:
     except ImportError as exc:
         raise RuntimeError("--plot needs matplotlib: pip install matplotlib") from exc
 
-    rows = {k: v for k, v in results["main"]["modes"].items() if "median_ms" in v}
+    rows = {k: v for k, v in results.get("main", {}).get("modes", {}).items() if "median_ms" in v}
     fig, axes = plt.subplots(3, 1, figsize=(10, 11), gridspec_kw={"height_ratios": [1, 1, 1.2]})
     names = list(rows)
     overhead = [rows[n].get("overhead_pct") or 0.0 for n in names]
@@ -96,7 +104,7 @@ def plot(results: dict, path: str) -> None:
         host = [(rows[n].get("host_bytes") or 0) / GiB for n in names]
         axes[1].bar(names, host, color="#47a")
         axes[1].set_ylabel("host store (GiB, ours)")
-    timeline = results["main"]["modes"].get("ours p1", {}).get("timeline")
+    timeline = rows.get("ours p1", {}).get("timeline")
     if timeline:
         axes[2].broken_barh(timeline["compute"], (10, 8), color="#2a7")
         axes[2].broken_barh(timeline["copy"], (0, 8), color="#c64")
