@@ -270,8 +270,9 @@ void Engine::enter(int64_t block) {
     set_all(blk.params, blk.views[0]);
   }
   blk.held = true;
-  const auto materialized = std::count_if(blocks_.begin(), blocks_.end(),
-                                          [](const Block& b) { return b.held && b.nbytes > 0; });
+  // A block with bytes that is held sits in a slot: counting slots keeps this O(slots), not O(blocks).
+  const auto materialized = std::count_if(slots_.begin(), slots_.end(),
+                                          [&](const Slot& s) { return s.block >= 0 && blocks_[s.block].held; });
   max_materialized_ = std::max<int64_t>(max_materialized_, materialized);
   prefetch_after(keep);
 }
