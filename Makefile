@@ -12,7 +12,7 @@ PIP := $(PY) -m pip
 SOURCES := $(shell find csrc fastvideo_offload -name '*.cpp' -o -name '*.cu' -o -name '*.h') setup.py pyproject.toml
 BENCH_ARGS ?=
 
-.PHONY: bench test sanitize wheel clean
+.PHONY: bench test sanitize wheel gpu-wheels clean
 
 $(VENV)/.torch:
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,15 @@ sanitize: $(VENV)/.built
 # The wheel a user's `pip install --no-build-isolation .` builds, installed alone and imported.
 wheel: $(VENV)/.built
 	scripts/check_wheel.sh $(PY)
+
+# The packages a GPU machine (no network; torch, transformers, accelerate already there) lacks for
+# the FastVideo and diffusers modes and tests: pure-Python wheels in .whl/, which scripts/gpu_*.sh
+# install when the device call carries .whl.
+GPU_WHEELS := diffusers==0.42.1 fastvideo==0.2.1 remote-pdb==2.1.0 ftfy==6.3.1 wcwidth==0.9.4 importlib_metadata==10.2.0
+
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 -d .whl $(GPU_WHEELS)
 
 clean:
 	rm -rf build *.egg-info fastvideo_offload/*.so

@@ -1,5 +1,6 @@
-# Sourced by gpu_check.sh and gpu_bench.sh: the output folder, the GPU, and the extension built
-# in place against the torch already installed there.
+# Sourced by gpu_check.sh and gpu_bench.sh: the output folder, the packages carried in .whl/
+# (the GPU machine has no network), and the extension built in place against the torch already
+# installed there, for that GPU's architecture only (a quarter of the build time).
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out=${1:-${OUT:-gpu-out}}
 mkdir -p "$out"
@@ -7,7 +8,12 @@ export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
 py=${PYTHON:-python3}
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+if compgen -G ".whl/*.whl" > /dev/null; then
+  $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} && echo "installed from .whl: $(ls .whl | tr '\n' ' ')"
+fi
 $py -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())'
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$($py -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')}
 start=$(date +%s)
 $py setup.py -q build_ext --inplace > "$out/build.log" 2>&1 || { tail -40 "$out/build.log"; exit 1; }
-echo "build: $(( $(date +%s) - start )) s"
+echo "build for sm_$TORCH_CUDA_ARCH_LIST: $(( $(date +%s) - start )) s"

@@ -5,6 +5,11 @@ in the benchmark itself.)"""
 import json
 import subprocess
 import sys
+from dataclasses import replace
+
+import torch
+
+from fastvideo_offload.bench.model import CPU_SMALL, build, weight_bytes
 
 
 def test_bench_runs_and_writes_its_outputs(tmp_path):
@@ -25,3 +30,28 @@ def test_bench_runs_and_writes_its_outputs(tmp_path):
     assert results["wan22"]["idle_expert_device_bytes"] == 0
     assert results["hooks"]["modes"]["ours p1"]["us_per_block"] is not None
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_time_limit_skips_what_is_left_and_still_reports(tmp_path):
+    out_json = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastvideo_offload", "bench", "--layers", "2", "--steps", "2", "--warmup", "1",
+         "--frames", "1", "--height", "64", "--width", "64", "--time-limit", "0", "--json", str(out_json)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out_json.read_text())
+    assert len(results["main"]["modes"]) == 6
+    assert all(row == {"skipped": "time limit"} for row in results["main"]["modes"].values())
+    assert results["wan22"] == {"failed": "not run: time limit"}
+    assert "wan22: failed: not run: time limit" in proc.stdout
+    assert [t["met"] for t in results["targets"]] == [None] * 7
+
+
+def test_weight_bytes_match_the_built_model():
+    shape = replace(CPU_SMALL, layers=3)
+    model = build(shape, torch.bfloat16)
+    counted = weight_bytes(shape, torch.bfloat16)
+    block = sum(p.nbytes for p in model.blocks[0].parameters())
+    everything = sum(t.nbytes for t in (*model.parameters(), *model.buffers()))
+    assert counted == {"model": everything, "block": block, "non_block": everything - 3 * block}

@@ -8,7 +8,7 @@ out; they cost little next to the blocks and do not change what is offloaded.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -31,9 +31,6 @@ class WanShape:
         """Sequence length of a video: VAE 4x in time, 8x in space, then the patch size."""
         t, h, w = self.patch
         return ((frames - 1) // 4 + 1) // t * (height // 8 // h) * (width // 8 // w)
-
-    def block_params(self) -> int:
-        return 8 * self.dim * self.dim + 2 * self.dim * self.ffn + 14 * self.dim + self.ffn
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -148,6 +145,16 @@ def build(shape: WanShape, dtype: torch.dtype, device: torch.device | str = "cpu
     finally:
         torch.set_default_dtype(previous)
     return model.eval().requires_grad_(False)
+
+
+def weight_bytes(shape: WanShape, dtype: torch.dtype) -> dict[str, int]:
+    """Bytes of the whole model's weights, of one block's and of those outside the blocks,
+    counted on the meta device (nothing is allocated)."""
+    with torch.device("meta"):
+        model = WanLikeDiT(replace(shape, layers=1))
+    block = sum(p.numel() for p in model.blocks[0].parameters()) * dtype.itemsize
+    rest = sum(t.numel() for t in (*model.parameters(), *model.buffers())) * dtype.itemsize - block
+    return {"model": rest + shape.layers * block, "block": block, "non_block": rest}
 
 
 def inputs(shape: WanShape, tokens: int, dtype: torch.dtype, device, batch: int = 1):

@@ -30,6 +30,16 @@ def _mode_table(rows: dict, ceiling: float) -> list[str]:
     return lines
 
 
+def _target_line(target: dict) -> str:
+    verdict = {True: "met", False: "MISSED", None: "n/a"}[target["met"]]
+    if target["met"] is None:
+        return f"  {target['name']:<46}{verdict:>7}  ({target['why']})"
+    scale, unit = (GiB, "GiB") if target["unit"] == "bytes" else (1, target["unit"])
+    value, limit = target["value"] / scale, target["limit"] / scale
+    relation = ("<=" if target["met"] else ">") if target["at_most"] else (">=" if target["met"] else "<")
+    return f"  {target['name']:<46}{verdict:>7}  {value:.2f} {relation} {limit:.2f} {unit}"
+
+
 def table(results: dict) -> str:
     m, shape, video = results["machine"], results["shape"], results["video"]
     where = m.get("gpu") or f"CPU ({m['cpu_threads']} threads)"
@@ -51,7 +61,8 @@ def table(results: dict) -> str:
         section = results.get(name, {"failed": "not run"})
         if "failed" in section:
             out += ["", f"{name}: failed: {section['failed']}"]
-            continue
+            if "modes" not in section:
+                continue
         out += ["", title.format(**section)]
         if name in ("main", "short_clip"):
             out += _mode_table(section["modes"], ceiling)
@@ -69,6 +80,9 @@ def table(results: dict) -> str:
                     out.append(f"  {mode:<16}{row['us_per_block']:>8.1f} us")
         else:
             out[-1] += " " + ", ".join(f"{k.replace('_', ' ')}: {v:.2f} GB/s" for k, v in section.items())
+    if "targets" in results:
+        out += ["", "targets (set for an H100 at the 14B block shape, 480x832x81):"]
+        out += [_target_line(t) for t in results["targets"]]
     return "\n".join(out)
 
 

@@ -13,13 +13,15 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import offloader
-from . import measure, report
-from .model import CPU_SMALL, WAN_14B, IdleBlocks, WanShape, build, inputs
+from . import measure, report, targets
+from .model import CPU_SMALL, WAN_14B, IdleBlocks, WanShape, build, inputs, weight_bytes
 from .modes import Mode, all_modes
 
 #: Many small Wan blocks with idle forwards: what is left of a step is the offloader's hooks.
 HOOK_SHAPE = WanShape(dim=16, heads=1, ffn=16, layers=64)
 HOOK_STEPS = 200
+#: This engine's modes and the reference they are measured against.
+OWN_MODES = ("resident", "ours p1", "ours p2")
 
 logger = logging.getLogger("fastvideo_offload.bench")
 
@@ -39,6 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on a GPU, fp32 on a CPU")
     p.add_argument("--modes", default=None, help="comma-separated subset of: " + ", ".join(m.name for m in all_modes()))
+    p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                   help="start no mode or section after this many seconds; what is left is reported as skipped")
     p.add_argument("--json", dest="json_path", default=None, help="write every number here")
     p.add_argument("--plot", dest="plot_path", default=None, help="write a PNG here")
     args = p.parse_args(argv)
@@ -62,6 +66,37 @@ def machine(device: torch.device) -> dict:
     return info
 
 
+class Bench:
+    """What every section shares: the arguments, the results so far (written to --json after
+    each mode and section, so a run cut off keeps what it measured), the resident outputs that
+    the other modes must match, the progress bar and the time limit."""
+
+    def __init__(self, args: argparse.Namespace, results: dict, bar):
+        self.args, self.results, self.bar = args, results, bar
+        self.references: dict[str, torch.Tensor] = {}
+        self.deadline = None if args.time_limit is None else time.monotonic() + args.time_limit
+
+    def out_of_time(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
+
+    def save(self) -> None:
+        if self.args.json_path:
+            report.write_json(self.results, self.args.json_path)
+
+    def section(self, name: str, measure_it, by_mode: bool = False) -> None:
+        """Runs one section, unless the time limit has passed (a section of modes runs and skips
+        mode by mode instead). One failing section must not cost the numbers of the others."""
+        if self.out_of_time() and not by_mode:
+            self.results.setdefault(name, {})["failed"] = "not run: time limit"
+        else:
+            try:
+                self.results[name] = measure_it()
+            except Exception as exc:  # noqa: BLE001
+                logger.exception("bench: %s failed", name)
+                self.results.setdefault(name, {})["failed"] = f"{type(exc).__name__}: {exc}"[:500]
+        self.save()
+
+
 def run(args: argparse.Namespace) -> dict:
     device = offloader.resolve_device(args.device)
     gpu = device.type == "cuda"
@@ -70,45 +105,45 @@ def run(args: argparse.Namespace) -> dict:
     dtype = DTYPES[args.dtype or ("bf16" if gpu else "fp32")]
     frames = args.frames or (81 if gpu else 9)
     height, width = args.height or (480 if gpu else 128), args.width or (832 if gpu else 128)
+    short_frames = args.short_frames or (17 if gpu else 1)
     wanted = set(args.modes.split(",")) if args.modes else None
     modes = [m for m in all_modes() if wanted is None or m.name in wanted]
+    # Ours and the resident reference first: the targets need them, and peers' offloaders
+    # (accelerate's above all) are slow enough that a time limit should cut them, not ours.
+    own = [m for m in modes if m.name in OWN_MODES]
+    peers = [m for m in modes if m.name not in OWN_MODES]
+    tokens, short_tokens = shape.tokens(frames, height, width), shape.tokens(short_frames, height, width)
 
     results: dict = {
         "machine": machine(device),
         "shape": shape.as_dict(),
         "dtype": str(dtype).removeprefix("torch."),
-        "video": {"frames": frames, "height": height, "width": width, "tokens": shape.tokens(frames, height, width)},
-        "block_bytes": shape.block_params() * dtype.itemsize,
+        "video": {"frames": frames, "height": height, "width": width, "tokens": tokens},
+        "weight_bytes": weight_bytes(shape, dtype),
+        "time_limit_s": args.time_limit,
     }
+    results["block_bytes"] = results["weight_bytes"]["block"]
     results["copy_ceiling_GBps"] = measure.copy_ceiling(device)
 
-    def section(name: str, measure_it) -> None:
-        # One failing mode or section must not cost the numbers of the others (GPU time is
-        # scarce): it is recorded, and the JSON so far is written after every section.
-        try:
-            results[name] = measure_it()
-        except Exception as exc:  # noqa: BLE001
-            logger.exception("bench: %s failed", name)
-            results[name] = {"failed": f"{type(exc).__name__}: {exc}"[:500]}
-        if args.json_path:
-            report.write_json(results, args.json_path)
-
-    total = len(modes) * (args.warmup + args.steps) * 2 + args.warmup + args.steps
-    short_frames = args.short_frames or (17 if gpu else 1)
-    short_tokens = shape.tokens(short_frames, height, width)
-    short_modes = [m for m in modes if m.name in ("resident", "ours p1", "ours p2")]
+    per_mode = args.warmup + args.steps
+    total = (len(modes) + len(own) + 2) * per_mode + 1  # main, short clip, Wan2.2 (+1 warm-up), hooks
     with tqdm(total=total, desc="bench", unit="step", disable=None) as bar:
-        section("main", lambda: scenario(shape, dtype, device, modes, results["video"]["tokens"], args, bar,
-                                         timeline=True))
-        section("short_clip", lambda: {"frames": short_frames,
-                                       **scenario(shape, dtype, device, short_modes, short_tokens, args, bar)})
-        section("wan22", lambda: wan22(shape, dtype, device, short_tokens, args, results["copy_ceiling_GBps"], bar))
-        section("hooks", lambda: hook_overhead(device, dtype, modes, args, bar))
+        bench = Bench(args, results, bar)
+        bench.section("main", lambda: scenario(bench, "main", shape, dtype, device, own, tokens, timeline=True),
+                      by_mode=True)
+        bench.section("short_clip", lambda: scenario(bench, "short_clip", shape, dtype, device, own, short_tokens,
+                                                     frames=short_frames), by_mode=True)
+        bench.section("wan22", lambda: wan22(bench, shape, dtype, device, short_tokens))
+        if peers:
+            bench.section("main", lambda: scenario(bench, "main", shape, dtype, device, peers, tokens), by_mode=True)
+        bench.section("hooks", lambda: hook_overhead(bench, device, dtype, modes))
     params = [p.detach() for p in build(CPU_SMALL, torch.float32).blocks[0].parameters()]
-    section("pack_GBps", lambda: {
+    bench.section("pack_GBps", lambda: {
         "threads_1": measure.pack_throughput(params, 1),
         f"threads_{torch.get_num_threads()}": measure.pack_throughput(params, torch.get_num_threads()),
     })
+    results["targets"] = targets.judge(results)
+    bench.save()
     return results
 
 
@@ -133,46 +168,62 @@ def _inputs(shape: WanShape, tokens: int, dtype: torch.dtype, device: torch.devi
     return make
 
 
-def scenario(shape, dtype, device, modes: list[Mode], tokens: int, args, bar, timeline: bool = False) -> dict:
+def scenario(bench: Bench, name: str, shape, dtype, device, modes: list[Mode], tokens: int,
+             timeline: bool = False, **about) -> dict:
+    """Runs `modes` one after another on fresh copies of the model, adding a row each to the
+    section `name` (a later call adds more rows to the same section)."""
+    section = bench.results.get(name, {})
+    if "modes" not in section:  # a first pass's failure, if any, stays on record
+        section = bench.results[name] = {**section, "tokens": tokens, **about, "modes": {}}
+    rows = section["modes"]
     make_model = _factory(shape, dtype, device)
     make_inputs = _inputs(shape, tokens, dtype, device)
-    rows, reference = {}, None
+    steps = bench.args.warmup + bench.args.steps
     for mode in modes:
-        reason = mode.unavailable(device)
+        reason = "time limit" if bench.out_of_time() else mode.unavailable(device)
         if reason:
             rows[mode.name] = {"skipped": reason}
-            bar.update(args.warmup + args.steps)
+            bench.bar.update(steps)
             continue
         try:
             row, output, model = measure.run_mode(
-                mode, make_model, make_inputs, device, args.warmup, args.steps, lambda: bar.update(1)
+                mode, make_model, make_inputs, device, bench.args.warmup, bench.args.steps,
+                lambda: bench.bar.update(1),
             )
         except torch.OutOfMemoryError:
             rows[mode.name] = {"skipped": "out of device memory"}
+            measure.free_memory(device)
             continue
         except Exception as exc:  # noqa: BLE001  (a peer's offloader failing must not stop ours)
             logger.exception("bench: mode %s failed", mode.name)
             rows[mode.name] = {"skipped": f"failed: {type(exc).__name__}: {exc}"[:300]}
+            measure.free_memory(device)
             continue
-        if reference is None and mode.name == "resident":
-            reference = output
+        if mode.name == "resident":
+            bench.references[name] = output
+        reference = bench.references.get(name)
         row["bit_identical"] = None if reference is None else bool(torch.equal(output, reference))
         if timeline and mode.name == "ours p1":
             with torch.inference_mode():
                 row["timeline"] = measure.engine_timeline(model, make_inputs(0), device)
         rows[mode.name] = row
         del model, output
+        _overheads(rows)
+        bench.save()
+    return section
+
+
+def _overheads(rows: dict) -> None:
     resident = rows.get("resident", {}).get("median_ms")
     for row in rows.values():
         if resident and "median_ms" in row:
             row["overhead_pct"] = (row["median_ms"] / resident - 1) * 100
-    return {"tokens": tokens, "modes": rows}
 
 
-def wan22(shape, dtype, device, tokens: int, args, ceiling_gbps: float, bar) -> dict:
+def wan22(bench: Bench, shape, dtype, device, tokens: int) -> dict:
     """Two experts, switched after half the steps; enabled in one group, so the idle expert
     gives its device slots back when the other starts (inside the timed switch step)."""
-    steps = args.warmup + args.steps
+    steps = bench.args.warmup + bench.args.steps
     pair = replace(shape, layers=min(shape.layers, 20))
     make_inputs = _inputs(pair, tokens, dtype, device)
     experts = [_factory(pair, dtype, device, seed)() for seed in (1, 2)]
@@ -185,7 +236,7 @@ def wan22(shape, dtype, device, tokens: int, args, ceiling_gbps: float, bar) -> 
         for step in range(-1, steps):  # step -1 warms the first expert up
             expert = experts[0 if step < switch else 1]
             times.append(measure.timed(lambda: expert(*make_inputs(step)), device)[0] * 1e3)
-            bar.update(1)
+            bench.bar.update(1)
     steady = statistics.median(times[switch + 2 :]) if len(times) > switch + 2 else statistics.median(times[1:])
     slot_bytes = handles[1].stats()["slot_bytes"]
     result = {
@@ -194,7 +245,7 @@ def wan22(shape, dtype, device, tokens: int, args, ceiling_gbps: float, bar) -> 
         "step_ms": times[1:],
         "switch_step": switch,
         "switch_stall_ms": times[switch + 1] - steady,
-        "one_block_copy_ms": slot_bytes / (ceiling_gbps * 1e9) * 1e3,
+        "one_block_copy_ms": slot_bytes / (bench.results["copy_ceiling_GBps"] * 1e9) * 1e3,
         "peak_device_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         "idle_expert_device_bytes": handles[0].stats()["device_bytes"],
     }
@@ -205,7 +256,7 @@ def wan22(shape, dtype, device, tokens: int, args, ceiling_gbps: float, bar) -> 
     return result
 
 
-def hook_overhead(device, dtype, modes: list[Mode], args, bar) -> dict:
+def hook_overhead(bench: Bench, device, dtype, modes: list[Mode]) -> dict:
     """Host time each offloader adds per block per step, on Wan-shaped blocks whose forward
     does no work. Counted as this thread's CPU time on one intra-op thread, so that time the
     machine spends on other work does not count."""
@@ -224,17 +275,17 @@ def hook_overhead(device, dtype, modes: list[Mode], args, bar) -> dict:
             mode.prepare(model, device)
             samples = []
             with torch.inference_mode():
-                for step in range(args.warmup + HOOK_STEPS):
+                for step in range(bench.args.warmup + HOOK_STEPS):
                     begin = time.thread_time()
                     model(x)
                     measure.sync(device)
-                    if step >= args.warmup:
+                    if step >= bench.args.warmup:
                         samples.append(time.thread_time() - begin)
             per_mode[mode.name] = {"cpu_ms": statistics.median(samples) * 1e3}
             del model
     finally:
         torch.set_num_threads(threads)
-    bar.update(args.warmup + args.steps)
+    bench.bar.update(bench.args.warmup + bench.args.steps)
     resident = per_mode.get("resident", {}).get("cpu_ms")
     for row in per_mode.values():
         if resident and "cpu_ms" in row:

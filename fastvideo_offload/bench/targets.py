@@ -1,0 +1,81 @@
+"""The benchmark's four targets (set for an H100 at Wan2.1-14B's block shape), judged from a
+run's results: what was reached, against what limit, and whether it was met.
+
+A target whose inputs a run did not measure (no GPU, a mode skipped) is reported with
+`met: None` and the reason, never as met.
+"""
+
+from __future__ import annotations
+
+OVERHEAD_PCT = 1.0
+PEAK_FACTOR = 1.1
+COPY_RATE_FRACTION = 0.9
+
+
+def _target(name: str, value: float, limit: float, unit: str, at_most: bool = True) -> dict:
+    met = value <= limit if at_most else value >= limit
+    return {"name": name, "value": value, "limit": limit, "unit": unit, "at_most": at_most, "met": met}
+
+
+def _missing(name: str, unit: str, why: str) -> dict:
+    return {"name": name, "value": None, "limit": None, "unit": unit, "met": None, "why": why}
+
+
+def _modes(results: dict, section: str) -> dict:
+    return results.get(section, {}).get("modes", {})
+
+
+def overhead(results: dict, mode: str) -> dict:
+    name = f"{mode}: time per step vs resident"
+    row = _modes(results, "main").get(mode, {})
+    if row.get("overhead_pct") is None:
+        return _missing(name, "%", row.get("skipped") or "resident or this mode was not measured")
+    return _target(name, row["overhead_pct"], OVERHEAD_PCT, "%")
+
+
+def peak_memory(results: dict, mode: str, prefetch: int) -> dict:
+    """Bound: the weights outside the blocks, 1 + prefetch blocks, and the activations (the
+    resident mode's peak less its weights)."""
+    name = f"{mode}: peak device memory vs bound"
+    rows = _modes(results, "main")
+    peak, resident = rows.get(mode, {}).get("peak_device_bytes"), rows.get("resident", {}).get("peak_device_bytes")
+    if peak is None or resident is None:
+        return _missing(name, "bytes", "peak device memory is measured on a GPU, with the resident mode beside")
+    weights = results["weight_bytes"]
+    activations = max(resident - weights["model"], 0)
+    bound = weights["non_block"] + (1 + prefetch) * weights["block"] + activations
+    return _target(name, peak, PEAK_FACTOR * bound, "bytes")
+
+
+def copy_rate(results: dict, mode: str) -> dict:
+    name = f"{mode}: short-clip copy rate vs ceiling"
+    row = _modes(results, "short_clip").get(mode, {})
+    rate, ceiling = row.get("h2d_GBps_per_step"), results.get("copy_ceiling_GBps")
+    if rate is None or not ceiling:
+        return _missing(name, "GB/s", row.get("skipped") or "the short clip was not measured")
+    return _target(name, rate, COPY_RATE_FRACTION * ceiling, "GB/s", at_most=False)
+
+
+def switch_stall(results: dict) -> dict:
+    name = "Wan2.2 switch stall vs one block's copy"
+    wan22 = results.get("wan22", {})
+    if "switch_stall_ms" not in wan22:
+        return _missing(name, "ms", wan22.get("failed") or wan22.get("skipped") or "the Wan2.2 pair was not measured")
+    return _target(name, wan22["switch_stall_ms"], wan22["one_block_copy_ms"], "ms")
+
+
+def judge(results: dict) -> list[dict]:
+    judged = [
+        overhead(results, "ours p1"),
+        overhead(results, "ours p2"),
+        peak_memory(results, "ours p1", 1),
+        peak_memory(results, "ours p2", 2),
+        copy_rate(results, "ours p1"),
+        copy_rate(results, "ours p2"),
+        switch_stall(results),
+    ]
+    if results["machine"].get("gpu") is None:
+        # On a CPU "device" memory is host memory and a copy is a memcpy: the numbers are
+        # reported, but against limits set for a GPU they would mean nothing.
+        return [_missing(t["name"], t["unit"], "the targets are for a GPU; this run was on a CPU") for t in judged]
+    return judged

@@ -1,0 +1,62 @@
+"""The benchmark's targets judged from results (synthetic numbers: the judging, not the speed)."""
+
+import pytest
+
+from fastvideo_offload.bench import targets
+
+GiB = 2**30
+
+
+def results(**changes):
+    base = {
+        "machine": {"gpu": "NVIDIA H100 80GB HBM3"},
+        "weight_bytes": {"model": 40 * GiB + 2 * GiB, "block": GiB, "non_block": 2 * GiB},
+        "copy_ceiling_GBps": 50.0,
+        "main": {"modes": {
+            "resident": {"median_ms": 1000.0, "overhead_pct": 0.0, "peak_device_bytes": 42 * GiB + 5 * GiB},
+            "ours p1": {"median_ms": 1005.0, "overhead_pct": 0.5, "peak_device_bytes": 9 * GiB},
+            "ours p2": {"median_ms": 1020.0, "overhead_pct": 2.0, "peak_device_bytes": 12 * GiB},
+        }},
+        "short_clip": {"modes": {
+            "ours p1": {"h2d_GBps_per_step": 46.0},
+            "ours p2": {"h2d_GBps_per_step": 44.0},
+        }},
+        "wan22": {"switch_stall_ms": 15.0, "one_block_copy_ms": 21.5},
+    }
+    base.update(changes)
+    return base
+
+
+def by_name(judged):
+    return {t["name"]: t for t in judged}
+
+
+def test_each_target_is_met_or_missed_at_its_limit():
+    t = by_name(targets.judge(results()))
+    assert t["ours p1: time per step vs resident"]["met"] is True
+    assert t["ours p2: time per step vs resident"]["met"] is False
+    # Bound: 2 GiB outside the blocks + (1 + p) blocks of 1 GiB + 5 GiB of activations.
+    p1 = t["ours p1: peak device memory vs bound"]
+    assert p1["limit"] == pytest.approx(1.1 * 9 * GiB) and p1["met"] is True
+    p2 = t["ours p2: peak device memory vs bound"]
+    assert p2["limit"] == pytest.approx(1.1 * 10 * GiB) and p2["met"] is False
+    assert t["ours p1: short-clip copy rate vs ceiling"]["met"] is True  # 46 >= 45
+    assert t["ours p2: short-clip copy rate vs ceiling"]["met"] is False  # 44 < 45
+    assert t["Wan2.2 switch stall vs one block's copy"]["met"] is True
+
+
+def test_what_was_not_measured_is_not_met():
+    r = results(wan22={"failed": "OutOfMemoryError: ..."}, short_clip={"modes": {"ours p1": {"skipped": "time limit"}}})
+    del r["main"]["modes"]["resident"]
+    t = by_name(targets.judge(r))
+    assert t["ours p1: peak device memory vs bound"]["met"] is None
+    assert t["ours p1: short-clip copy rate vs ceiling"] == {
+        "name": "ours p1: short-clip copy rate vs ceiling", "value": None, "limit": None, "unit": "GB/s",
+        "met": None, "why": "time limit"}
+    assert t["Wan2.2 switch stall vs one block's copy"]["why"] == "OutOfMemoryError: ..."
+
+
+def test_a_cpu_run_judges_nothing():
+    judged = targets.judge(results(machine={"gpu": None}))
+    assert len(judged) == 7
+    assert all(t["met"] is None and "CPU" in t["why"] for t in judged)
