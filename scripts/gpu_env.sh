@@ -17,3 +17,6 @@ export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$($py -c 'import torch; prin
 start=$(date +%s)
 $py setup.py -q build_ext --inplace > "$out/build.log" 2>&1 || { tail -40 "$out/build.log"; exit 1; }
 echo "build for sm_$TORCH_CUDA_ARCH_LIST: $(( $(date +%s) - start )) s"
+# setup.py falls back to a CPU-only build without nvcc: on a GPU machine that is an error.
+$py -c "import torch, fastvideo_offload
+assert torch._C._dispatch_has_kernel_for_dispatch_key('fastvideo_offload::pack', 'CUDA'), 'built without CUDA'" || exit 1
