@@ -40,6 +40,9 @@ def resolve_device(device: torch.device | str | int | None) -> torch.device:
     index = device.index if device.index is not None else (torch.cuda.current_device() if count else 0)
     if index >= count:
         raise ValueError(f"device: {device} does not exist ({count} CUDA device(s) visible)")
+    # Tensor.is_pinned() answers False until torch has set up CUDA, and enable() may be a
+    # process's first CUDA call.
+    torch.cuda.init()
     return torch.device("cuda", index)
 
 
@@ -73,7 +76,9 @@ class OffloadHandle:
         lists: list[tuple[str, nn.ModuleList]],
         group: str | None = None,
     ):
-        self._model = model
+        # Weak: the model holds the handle (attribute, hooks), so a strong reference back would make
+        # a cycle, and `del model` would free neither slots nor host memory until a GC pass.
+        self._model_ref = weakref.ref(model)
         self.device = device
         self.prefetch = prefetch
         self.group = group
@@ -127,6 +132,10 @@ class OffloadHandle:
             stats["blocks"], ", ".join(self.block_paths) or "<root>", type(model).__name__,
             stats["host_bytes"] / 2**20, prefetch + 1, stats["slot_bytes"] / 2**20, device,
         )
+
+    @property
+    def _model(self) -> nn.Module | None:
+        return self._model_ref()
 
     def _move_resident(self, offloaded: set[int]) -> None:
         """Everything that is not a block parameter goes to the device and stays: embeddings,
@@ -258,8 +267,9 @@ class OffloadHandle:
             hook.remove()
         self._hooks.clear()
         self._stores.clear()
-        if getattr(self._model, _HANDLE_ATTR, None) is self:
-            delattr(self._model, _HANDLE_ATTR)
+        model = self._model
+        if model is not None and getattr(model, _HANDLE_ATTR, None) is self:
+            delattr(model, _HANDLE_ATTR)
 
 
 def group_handles(group: str) -> list[OffloadHandle]:

@@ -132,3 +132,20 @@ def test_a_thousand_forwards_hold_their_memory():
     stats = handle.stats()
     assert stats["enters"] == 6 * 1020
     assert stats["device_bytes"] == 2 * stats["slot_bytes"]
+
+
+def test_deleting_the_model_frees_its_engine_without_a_gc_pass():
+    """No reference cycle between a model and its handle: dropping the model releases the engine
+    (slots, host store) at once, as dropping a model without offload would."""
+    model = TinyDiT()
+    fo.enable(model, device="cpu")
+    run(model, tiny_input())
+    engine = fo.handle_of(model)._engine
+    assert fo._ops.engine_stats(engine)["device_slots"] > 0
+    gc.disable()
+    try:
+        del model
+        with pytest.raises(ValueError, match="no offload engine"):
+            fo._ops.engine_stats(engine)
+    finally:
+        gc.enable()
