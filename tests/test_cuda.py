@@ -2,6 +2,7 @@
 memory bound. Skipped without a GPU; scripts/gpu_check.sh runs them on one."""
 
 import copy
+import gc
 
 import pytest
 import torch
@@ -12,6 +13,14 @@ from fastvideo_offload import _ops
 from models import TinyDiT, tiny_input
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def _clean_device():
+    """The memory tests count allocated bytes: nothing of an earlier test may be freed during one."""
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
 
 
 class Wide(nn.Module):
@@ -45,6 +54,27 @@ def test_outputs_bit_identical_on_cuda(dtype, prefetch):
         for _ in range(3):
             x = tiny_input(dtype=dtype).cuda()
             assert torch.equal(model(x), reference(x))
+
+
+@pytest.mark.parametrize("side_stream", [False, True])
+@pytest.mark.parametrize("prefetch", [0, 1, 2])
+@pytest.mark.parametrize("tokens", [64, 8192])
+def test_outputs_exact_under_load(tokens, prefetch, side_stream):
+    """64 MiB blocks: with few tokens copies outrun compute (a block run before its copy has
+    landed reads stale bytes); with many, compute outruns copies (a slot overwritten before its
+    block finished corrupts it). Either race shows in the output."""
+    model = Wide().half()
+    reference = copy.deepcopy(model).cuda()
+    fo.enable(model, device="cuda", prefetch=prefetch)
+    x = 0.5 * torch.randn(tokens, 2048, device="cuda", dtype=torch.half)
+    stream = torch.cuda.Stream() if side_stream else torch.cuda.current_stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad():
+        expected = reference(x)
+        with torch.cuda.stream(stream):
+            got = [model(x) for _ in range(3)]
+    stream.synchronize()
+    assert all(torch.equal(g, expected) for g in got)
 
 
 def test_side_stream_is_the_compute_stream():
@@ -138,7 +168,7 @@ def test_peak_memory_is_bounded_by_slots():
     peak = torch.cuda.max_memory_allocated() - start
     stats = handle.stats()
     assert stats["device_bytes"] == (1 + prefetch) * stats["slot_bytes"]
-    assert peak <= (1 + prefetch) * stats["slot_bytes"] + activations + (1 << 20)
+    assert peak <= (1 + prefetch) * stats["slot_bytes"] + activations + (4 << 20)
     # enable put the non-block weights on the device, and nothing else
     assert start - before_enable <= _bytes(model.head.parameters()) + (1 << 20)
 
@@ -154,7 +184,8 @@ def test_trim_gives_the_slots_back():
     assert handle.stats()["device_bytes"] == 0
     freed = held - torch.cuda.memory_allocated()
     slots = 2 * handle.stats()["slot_bytes"]
-    assert slots <= freed <= slots + 2 * 512  # the caching allocator rounds to 512 bytes
+    # The caching allocator rounds, and may keep up to 1 MiB of a block it did not split.
+    assert slots <= freed <= slots + 2 * (1 << 20)
     with torch.no_grad():
         assert torch.equal(model(x), expected)
 
@@ -189,8 +220,10 @@ def test_a_thousand_forwards_hold_device_memory():
         for _ in range(20):
             model(x)
         torch.cuda.synchronize()
+        gc.collect()
         start = torch.cuda.memory_allocated()
         for _ in range(1000):
             model(x)
         torch.cuda.synchronize()
+    gc.collect()
     assert torch.cuda.memory_allocated() == start

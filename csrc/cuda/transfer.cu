@@ -26,7 +26,10 @@ class CudaTransfer final : public Transfer {
   }
 
   ~CudaTransfer() override {
-    c10::cuda::CUDAGuard guard(device_);
+    // CUDAGuard may throw, and a throwing destructor ends the process: switch by hand, warn only.
+    int previous = -1;
+    C10_CUDA_CHECK_WARN(cudaGetDevice(&previous));
+    C10_CUDA_CHECK_WARN(cudaSetDevice(device_));
     C10_CUDA_CHECK_WARN(cudaStreamSynchronize(copy_stream_));
     for (size_t s = 0; s < ready_.size(); ++s) {
       C10_CUDA_CHECK_WARN(cudaEventSynchronize(released_[s]));
@@ -34,6 +37,9 @@ class CudaTransfer final : public Transfer {
       C10_CUDA_CHECK_WARN(cudaEventDestroy(released_[s]));
     }
     C10_CUDA_CHECK_WARN(cudaStreamDestroy(copy_stream_));
+    if (previous >= 0) {
+      C10_CUDA_CHECK_WARN(cudaSetDevice(previous));
+    }
   }
 
   void set_slot_count(int count) override {
