@@ -14,8 +14,9 @@ from fastvideo_offload.bench.model import CPU_SMALL, build, weight_bytes
 
 def test_bench_runs_and_writes_its_outputs(tmp_path):
     out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
+    # 3 blocks: with 2, prefetch 1's two slots would keep both resident and a GPU copy nothing.
     proc = subprocess.run(
-        [sys.executable, "-m", "fastvideo_offload", "bench", "--layers", "2", "--steps", "2", "--warmup", "1",
+        [sys.executable, "-m", "fastvideo_offload", "bench", "--layers", "3", "--steps", "2", "--warmup", "1",
          "--frames", "1", "--height", "64", "--width", "64", "--modes", "resident,ours p1",
          "--json", str(out_json), "--plot", str(out_png)],
         capture_output=True, text=True, timeout=600,
@@ -25,7 +26,7 @@ def test_bench_runs_and_writes_its_outputs(tmp_path):
     results = json.loads(out_json.read_text())
     main = results["main"]["modes"]
     assert main["ours p1"]["bit_identical"] is True
-    assert main["ours p1"]["engine"]["blocks"] == 2
+    assert main["ours p1"]["engine"]["blocks"] == 3
     assert main["ours p1"]["timeline"]["compute"] and main["ours p1"]["timeline"]["copy"]
     assert results["wan22"]["idle_expert_device_bytes"] == 0
     assert results["hooks"]["modes"]["ours p1"]["us_per_block"] is not None

@@ -23,11 +23,12 @@ def sync(device: torch.device) -> None:
 def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:
     """Seconds `fn` takes on the device (CUDA events) or the host, and its result."""
     if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        result = fn()
-        end.record()
-        end.synchronize()
+        with torch.cuda.device(device):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            result = fn()
+            end.record()
+            end.synchronize()
         return start.elapsed_time(end) / 1e3, result
     begin = time.perf_counter()
     result = fn()
