@@ -46,7 +46,7 @@ def table(results: dict) -> str:
     out = [
         f"fastvideo_offload bench on {where}, torch {m['torch']}" + (f", CUDA {m['cuda']}" if m.get("cuda") else ""),
         f"model: Wan-shaped DiT, {shape['layers']} blocks of dim {shape['dim']} / FFN {shape['ffn']}, "
-        f"{results['dtype']}, {results['block_bytes'] / GiB:.3f} GiB per block",
+        f"{results['dtype']}, {results['weight_bytes']['block'] / GiB:.3f} GiB per block",
         f"host-to-device ceiling (one large pinned copy): {results['copy_ceiling_GBps']:.1f} GB/s",
     ]
     ceiling = results["copy_ceiling_GBps"]

@@ -122,7 +122,6 @@ def run(args: argparse.Namespace) -> dict:
         "weight_bytes": weight_bytes(shape, dtype),
         "time_limit_s": args.time_limit,
     }
-    results["block_bytes"] = results["weight_bytes"]["block"]
     results["copy_ceiling_GBps"] = measure.copy_ceiling(device)
 
     per_mode = args.warmup + args.steps
