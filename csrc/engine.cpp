@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <unordered_map>
 #include <unordered_set>
 
@@ -18,8 +19,16 @@
 namespace fastvideo_offload {
 namespace {
 
-std::unique_ptr<Transfer> make_transfer(const c10::Device& device) {
+std::unique_ptr<Transfer> make_transfer(const c10::Device& device, const Faults& faults) {
   if (device.is_cpu()) {
+    // Read per engine, so a test can switch devices without rebuilding or restarting.
+    const char* kind = std::getenv("FASTVIDEO_OFFLOAD_CPU_TRANSFER");
+    const std::string name = kind == nullptr ? "sync" : kind;
+    if (name == "async") {
+      return make_async_cpu_transfer(faults);
+    }
+    TORCH_CHECK_VALUE(name == "sync" || name.empty(), "FASTVIDEO_OFFLOAD_CPU_TRANSFER must be sync or async, got '",
+                      name, "'");
     return make_cpu_transfer();
   }
   TORCH_CHECK_VALUE(device.is_cuda(), "offload device must be cpu or cuda, got ", device);
@@ -37,7 +46,7 @@ std::unique_ptr<Transfer> make_transfer(const c10::Device& device) {
 }  // namespace
 
 Engine::Engine(c10::Device device, int64_t prefetch)
-    : device_(device), prefetch_(prefetch), transfer_(make_transfer(device)) {
+    : device_(device), prefetch_(prefetch), faults_(Faults::from_env()), transfer_(make_transfer(device, faults_)) {
   TORCH_CHECK_VALUE(prefetch >= 0, "prefetch must be >= 0, got ", prefetch);
   TORCH_CHECK_VALUE(!device.is_cuda() || device.has_index(), "the CUDA device needs an index, got ", device);
 }
@@ -114,37 +123,30 @@ std::vector<int64_t> Engine::window(int64_t block) const {
   return keep;
 }
 
-bool Engine::allocate(int index, bool required) {
-  Slot& slot = slots_[index];
-  if (slot.buffer.defined()) {
-    return true;
+bool Engine::fits_budget() const {
+  const auto allocated = std::count_if(slots_.begin(), slots_.end(), [](const Slot& s) { return s.buffer.defined(); });
+  return slot_budget_ < 0 || (allocated + 1) * slot_bytes_ <= slot_budget_;
+}
+
+void Engine::allocate_slot(int index) {
+  slots_[index].buffer = at::empty({slot_bytes_}, at::TensorOptions().dtype(at::kByte).device(device_));
+  // The allocator may hand back memory that kernels queued on the compute stream still use:
+  // the first copy into it waits until the compute stream has passed this point.
+  transfer_->release(index);
+}
+
+void Engine::free_slots_except(int keep) {
+  // Slot memory may go back to the allocator only once no copy into it and no kernel reading
+  // it is in flight.
+  if (!faults_.free_unsynchronized) {
+    transfer_->synchronize();
   }
-  const auto options = at::TensorOptions().dtype(at::kByte).device(device_);
-  const auto allocate_within_budget = [&]() {
-    const auto allocated = std::count_if(slots_.begin(), slots_.end(), [](const Slot& s) { return s.buffer.defined(); });
-    TORCH_CHECK_WITH(OutOfMemoryError, slot_budget_ < 0 || (allocated + 1) * slot_bytes_ <= slot_budget_,
-                     "the slot budget of ", slot_budget_, " bytes holds ", allocated, " slot(s) of ", slot_bytes_);
-    slot.buffer = at::empty({slot_bytes_}, options);
-    // The allocator may hand back memory that kernels queued on the compute stream still use:
-    // the first copy into it waits until the compute stream has passed this point.
-    transfer_->release(index);
-  };
-  try {
-    allocate_within_budget();
-    return true;
-  } catch (const c10::OutOfMemoryError&) {
-    if (!required) {
-      ++prefetch_skipped_oom_;
-      return false;
-    }
-  }
-  // The block must run: give back every slot that no running block needs, then try once more.
-  transfer_->synchronize();
   for (size_t s = 0; s < slots_.size(); ++s) {
     Slot& other = slots_[s];
-    if (static_cast<int>(s) == index || !other.buffer.defined() || (other.block >= 0 && blocks_[other.block].held)) {
+    if (static_cast<int>(s) == keep || !other.buffer.defined() || (other.block >= 0 && blocks_[other.block].held)) {
       continue;
     }
+    transfer_->retire(static_cast<int>(s));
     if (other.block >= 0) {
       blocks_[other.block].slot = -1;
     }
@@ -155,9 +157,47 @@ bool Engine::allocate(int index, bool required) {
       }
     }
   }
+}
+
+bool Engine::allocate(int index, bool required) {
+  if (slots_[index].buffer.defined()) {
+    return true;
+  }
+  if (!required) {
+    // A prefetch only takes memory that is there: asking the allocator for more than the device
+    // has makes it free its whole cache and synchronize the device before it throws.
+    const int64_t free = transfer_->free_bytes();
+    if (prefetch_alloc_blocked_ || !fits_budget() || (free >= 0 && free < slot_bytes_)) {
+      prefetch_alloc_blocked_ = true;
+      ++prefetch_skipped_oom_;
+      return false;
+    }
+    try {
+      allocate_slot(index);
+      return true;
+    } catch (const c10::OutOfMemoryError&) {
+      prefetch_alloc_blocked_ = true;
+      ++slot_alloc_failures_;
+      ++prefetch_skipped_oom_;
+      return false;
+    }
+  }
+  if (fits_budget()) {
+    try {
+      allocate_slot(index);
+      return true;
+    } catch (const c10::OutOfMemoryError&) {
+      ++slot_alloc_failures_;
+    }
+  }
+  // The block must run: give back every slot that no running block needs, then try once more.
+  free_slots_except(index);
+  TORCH_CHECK_WITH(OutOfMemoryError, fits_budget(), "fastvideo_offload: no device memory for one block (", slot_bytes_,
+                   " bytes): the slot budget is ", slot_budget_, " bytes");
   try {
-    allocate_within_budget();
+    allocate_slot(index);
   } catch (const c10::OutOfMemoryError& e) {
+    ++slot_alloc_failures_;
     TORCH_CHECK_WITH(OutOfMemoryError, false, "fastvideo_offload: no device memory for one block (", slot_bytes_,
                      " bytes on ", device_, ") even after freeing every prefetched block: ", e.what_without_backtrace());
   }
@@ -248,7 +288,9 @@ void Engine::enter(int64_t block) {
       upload(block, s);
       ++sync_loads_;
     }
-    transfer_->wait_ready(blk.slot);
+    if (!faults_.skip_ready_wait) {
+      transfer_->wait_ready(blk.slot);
+    }
     if (blk.views.size() != slots_.size()) {
       blk.views.resize(slots_.size());
     }
@@ -303,6 +345,7 @@ void Engine::park(int64_t block) {
 
 void Engine::reset() {
   std::lock_guard<std::mutex> lock(mutex_);
+  prefetch_alloc_blocked_ = false;
   for (Block& blk : blocks_) {
     if (blk.held) {
       release(blk);
@@ -330,10 +373,11 @@ void Engine::invalidate() {
 void Engine::trim() {
   std::lock_guard<std::mutex> lock(mutex_);
   check_idle("trim");
+  prefetch_alloc_blocked_ = false;
   if (slots_.empty()) {
     return;
   }
-  transfer_->synchronize();
+  free_slots_except(-1);
   slots_.clear();
   for (Block& blk : blocks_) {
     blk.slot = -1;
@@ -355,6 +399,7 @@ c10::Dict<std::string, int64_t> Engine::stats() {
   out.insert("prefetches", prefetches_);
   out.insert("sync_loads", sync_loads_);
   out.insert("prefetch_skipped_oom", prefetch_skipped_oom_);
+  out.insert("slot_alloc_failures", slot_alloc_failures_);
   out.insert("h2d_bytes", h2d_bytes_);
   out.insert("max_resident_blocks", max_resident_);
   out.insert("max_materialized_blocks", max_materialized_);

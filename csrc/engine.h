@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "faults.h"
 #include "swap.h"
 #include "transfer.h"
 
@@ -67,6 +68,9 @@ class Engine {
   std::vector<int64_t> window(int64_t block) const;
   int claim_slot(const std::vector<int64_t>& keep, bool required);
   bool allocate(int index, bool required);
+  bool fits_budget() const;
+  void allocate_slot(int index);
+  void free_slots_except(int keep);
   void upload(int64_t block, int slot);
   void prefetch_after(const std::vector<int64_t>& keep);
   void release(Block& blk);
@@ -74,12 +78,16 @@ class Engine {
 
   const c10::Device device_;
   const int64_t prefetch_;
+  const Faults faults_;
   std::mutex mutex_;
   std::vector<Block> blocks_;
   std::vector<Slot> slots_;
   int64_t slot_bytes_ = 0;
   int64_t slot_budget_ = -1;
   int64_t last_entered_ = -1;
+  // A prefetch slot could not be allocated: no more tries until the next forward or trim, so a
+  // full device does not send the allocator into its out-of-memory path for every block.
+  bool prefetch_alloc_blocked_ = false;
   uint64_t tick_ = 0;
   // counters reported by stats()
   int64_t host_bytes_ = 0;
@@ -89,6 +97,7 @@ class Engine {
   int64_t sync_loads_ = 0;
   int64_t h2d_bytes_ = 0;
   int64_t prefetch_skipped_oom_ = 0;
+  int64_t slot_alloc_failures_ = 0;
   int64_t max_resident_ = 0;
   int64_t max_materialized_ = 0;
   // Declared last, so destroyed first: it waits for in-flight copies before host buffers go.

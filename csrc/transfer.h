@@ -1,11 +1,15 @@
 // How bytes reach a device slot and how the compute side is ordered after them.
-// One implementation per device type: cpu/transfer.cpp and cuda/transfer.cu.
+// One implementation per device: cpu/transfer.cpp (synchronous), cpu/async_transfer.cpp (a CPU
+// copy engine on a thread, for tests), cuda/transfer.cu.
 #pragma once
 
 #include <c10/core/Device.h>
 
 #include <cstddef>
+#include <cstdint>
 #include <memory>
+
+#include "faults.h"
 
 namespace fastvideo_offload {
 
@@ -24,9 +28,16 @@ class Transfer {
   // with every released slot: only then may slot memory go back to the allocator, which could
   // hand it to a copy that waits on another slot's events.
   virtual void synchronize() = 0;
+  // The slot's memory goes back to the allocator now (after synchronize()).
+  virtual void retire(int /*slot*/) {}
+  // Bytes a new slot may take without sending the device allocator into its out-of-memory
+  // path (which frees its whole cache and synchronizes the device); -1 when there is no limit.
+  virtual int64_t free_bytes() { return -1; }
 };
 
 std::unique_ptr<Transfer> make_cpu_transfer();
+// FASTVIDEO_OFFLOAD_ASYNC_DELAY_US, _CHUNK_BYTES and _SEED tune it (cpu/async_transfer.cpp).
+std::unique_ptr<Transfer> make_async_cpu_transfer(const Faults& faults);
 #ifdef FVO_WITH_CUDA
 std::unique_ptr<Transfer> make_cuda_transfer(c10::DeviceIndex device);
 #endif

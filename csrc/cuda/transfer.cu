@@ -3,11 +3,13 @@
 //   compute stream: wait(ready[s]) before the block runs, record(released[s]) after it.
 // Reuse of a slot is ordered by events on the device alone: no host synchronize, no
 // whole-stream wait, no record_stream.
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "../transfer.h"
@@ -76,6 +78,27 @@ class CudaTransfer final : public Transfer {
     C10_CUDA_CHECK(cudaStreamSynchronize(copy_stream_));
     for (cudaEvent_t released : released_) {
       C10_CUDA_CHECK(cudaEventSynchronize(released));  // returns at once for a slot never released
+    }
+  }
+
+  int64_t free_bytes() override {
+    c10::cuda::CUDAGuard guard(device_);
+    size_t free = 0;
+    size_t total = 0;
+    C10_CUDA_CHECK(cudaMemGetInfo(&free, &total));
+    namespace alloc = c10::cuda::CUDACachingAllocator;
+    try {
+      const auto stats = alloc::getDeviceStats(device_);
+      constexpr auto all = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
+      const int64_t reserved = stats.reserved_bytes[all].current;
+      const int64_t cached = reserved - stats.allocated_bytes[all].current;
+      // New memory must fit both the driver's free memory and the process's allowed fraction
+      // (torch.cuda.set_per_process_memory_fraction); cached memory may also serve the slot.
+      const auto allowed = static_cast<int64_t>(alloc::getMemoryFraction(device_) * static_cast<double>(total));
+      return std::max<int64_t>(0, std::min(static_cast<int64_t>(free), allowed - reserved)) + cached;
+    } catch (const c10::Error&) {
+      // An allocator backend without these statistics: the driver's count is all there is.
+      return static_cast<int64_t>(free);
     }
   }
 
