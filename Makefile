@@ -12,7 +12,7 @@ PIP := $(PY) -m pip
 SOURCES := $(shell find csrc fastvideo_offload -name '*.cpp' -o -name '*.cu' -o -name '*.h') setup.py pyproject.toml
 BENCH_ARGS ?=
 
-.PHONY: bench test sanitize wheel gpu-wheels clean
+.PHONY: bench test sanitize tsan wheel gpu-wheels clean
 
 $(VENV)/.torch:
 	$(PYTHON) -m venv $(VENV)
@@ -37,12 +37,19 @@ $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 bench: $(VENV)/.built
 	$(PY) -m fastvideo_offload bench $(BENCH_ARGS)
 
+# The suite twice: on the synchronous CPU device, then on the asynchronous one, whose copies run on
+# a thread with random delays and poisoned slots, as a GPU's copy engine runs ahead and behind.
 test: $(VENV)/.built
 	FASTVIDEO_OFFLOAD_REQUIRE_INTEGRATIONS=1 $(PY) -m pytest tests -q
+	FASTVIDEO_OFFLOAD_REQUIRE_INTEGRATIONS=1 FASTVIDEO_OFFLOAD_CPU_TRANSFER=async $(PY) -m pytest tests -q
 
-# The C++ under AddressSanitizer and UndefinedBehaviorSanitizer (CI runs it after `make test`).
+# The C++ under AddressSanitizer and UndefinedBehaviorSanitizer, and under ThreadSanitizer on the
+# asynchronous CPU device (CI runs both after `make test`).
 sanitize: $(VENV)/.built
-	scripts/sanitize.sh $(PY)
+	scripts/sanitize.sh $(PY) address
+
+tsan: $(VENV)/.built
+	scripts/sanitize.sh $(PY) thread
 
 # The wheel a user's `pip install --no-build-isolation .` builds, installed alone and imported.
 wheel: $(VENV)/.built

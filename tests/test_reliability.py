@@ -149,3 +149,27 @@ def test_deleting_the_model_frees_its_engine_without_a_gc_pass():
             fo._ops.engine_stats(engine)
     finally:
         gc.enable()
+
+
+def test_trim_disable_and_del_right_after_a_forward():
+    """Slots freed right after a forward, while (on the asynchronous device, as on a GPU) the last
+    release and the prefetch that wraps into the next step may still be in flight; the memory
+    is then reused at once."""
+    reference = TinyDiT()
+    x = tiny_input()
+    expected = run(reference, x)
+    model = copy.deepcopy(reference)
+    handle = fo.enable(model, device="cpu")
+    for _ in range(10):
+        out = run(model, x)
+        handle.trim()
+        reuse = [torch.full((handle.stats()["slot_bytes"],), 7, dtype=torch.uint8) for _ in range(2)]
+        assert torch.equal(out, expected) and all(bool((r == 7).all()) for r in reuse)
+    run(model, x)
+    handle.disable()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters()))
+    for _ in range(3):
+        model = copy.deepcopy(reference)
+        fo.enable(model, device="cpu")
+        assert torch.equal(run(model, x), expected)
+        del model

@@ -1,0 +1,160 @@
+"""The asynchronous CPU device (FASTVIDEO_OFFLOAD_CPU_TRANSFER=async): copies on a thread with
+random delays, releases completed late by a second thread, poisoned slots, and a checker that
+raises on every ordering violation; and proof that it catches each injected fault.
+
+`make test` also runs the whole suite on this device; these tests select it themselves."""
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastvideo_offload as fo
+from models import TinyDiT, tiny_input
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+VIOLATION = "async CPU device: ordering violation"
+
+
+@pytest.fixture
+def async_device(monkeypatch):
+    monkeypatch.setenv("FASTVIDEO_OFFLOAD_CPU_TRANSFER", "async")
+    monkeypatch.setenv("FASTVIDEO_OFFLOAD_ASYNC_DELAY_US", "500")
+    monkeypatch.setenv("FASTVIDEO_OFFLOAD_ASYNC_CHUNK_BYTES", "4096")
+    monkeypatch.delenv("FASTVIDEO_OFFLOAD_INJECT_FAULT", raising=False)
+    return monkeypatch
+
+
+def run(model, inputs):
+    with torch.no_grad():
+        return [model(x) for x in inputs]
+
+
+@pytest.mark.parametrize("prefetch", [0, 1, 2, 7])
+def test_outputs_and_schedule_match_the_synchronous_device(async_device, prefetch):
+    inputs = [tiny_input() for _ in range(4)]
+    reference = TinyDiT()
+    expected = run(reference, inputs)
+    stats = {}
+    for kind in ("sync", "async"):
+        async_device.setenv("FASTVIDEO_OFFLOAD_CPU_TRANSFER", kind)
+        model = copy.deepcopy(reference)
+        handle = fo.enable(model, device="cpu", prefetch=prefetch)
+        assert all(torch.equal(e, g) for e, g in zip(expected, run(model, inputs)))
+        stats[kind] = handle.stats()
+        handle.disable()
+        assert all(torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters()))
+    # The device changes when bytes land, never what the engine decides.
+    assert stats["async"] == stats["sync"]
+
+
+def test_reads_outside_a_blocks_window_are_poisoned(async_device):
+    """A view of a block's weights kept past its forward (a model reaching into a block from
+    outside, a side stream not joined back) reads a released slot. With every block cached in a
+    slot (prefetch 7) the synchronous device leaves the stale bytes intact, so the mistake goes
+    unseen; the asynchronous device poisons a slot when its block releases it."""
+    kept, real = {}, {}
+    for kind in ("sync", "async"):
+        async_device.setenv("FASTVIDEO_OFFLOAD_CPU_TRANSFER", kind)
+        model = TinyDiT()
+        views = []
+        for block in model.blocks:
+            block.probe = lambda b: views.append(b.proj.weight.detach())  # keeps its slot's memory alive
+        handle = fo.enable(model, device="cpu", prefetch=7)
+        run(model, [tiny_input() for _ in range(3)])
+        handle.trim()  # waits for every release to complete
+        kept[kind] = views[-len(model.blocks):]
+        with handle.mutate():
+            real[kind] = [b.proj.weight.clone() for b in model.blocks]
+    assert all(torch.equal(v, w) for v, w in zip(kept["sync"], real["sync"]))
+    assert all(torch.isnan(v).all() for v in kept["async"])
+
+
+def test_the_device_rejects_bad_settings(monkeypatch):
+    model = TinyDiT()
+    for var, value, message in [
+        ("FASTVIDEO_OFFLOAD_CPU_TRANSFER", "gpu", "must be sync or async"),
+        ("FASTVIDEO_OFFLOAD_INJECT_FAULT", "skip_everything", "unknown fault 'skip_everything'"),
+        ("FASTVIDEO_OFFLOAD_ASYNC_DELAY_US", "-3", "FASTVIDEO_OFFLOAD_ASYNC_DELAY_US must be an integer >= 0"),
+        ("FASTVIDEO_OFFLOAD_ASYNC_CHUNK_BYTES", "0", "FASTVIDEO_OFFLOAD_ASYNC_CHUNK_BYTES must be an integer >= 1"),
+    ]:
+        with monkeypatch.context() as m:
+            m.setenv("FASTVIDEO_OFFLOAD_CPU_TRANSFER", "async")
+            m.setenv(var, value)
+            with pytest.raises(ValueError, match=message):
+                fo.enable(model, device="cpu")
+        assert fo.handle_of(model) is None and all(p.numel() > 0 for p in model.parameters())
+
+
+# ---- each injected fault is caught: by the checker directly, and by the suite ----
+
+
+def test_checker_catches_a_block_run_before_its_copy(async_device):
+    async_device.setenv("FASTVIDEO_OFFLOAD_INJECT_FAULT", "skip_ready_wait")
+    model = TinyDiT()
+    fo.enable(model, device="cpu")
+    with pytest.raises(RuntimeError, match=f"{VIOLATION}: a block ran from slot . without waiting for its copy"):
+        run(model, [tiny_input()])
+
+
+def test_checker_catches_a_copy_not_ordered_after_the_release(async_device):
+    async_device.setenv("FASTVIDEO_OFFLOAD_INJECT_FAULT", "skip_release_wait")
+    async_device.setenv("FASTVIDEO_OFFLOAD_ASYNC_DELAY_US", "3000")  # releases complete late
+    model = TinyDiT(layers=6)
+    fo.enable(model, device="cpu")
+    with pytest.raises(RuntimeError, match=f"{VIOLATION}: a copy into slot . started before the compute side"):
+        run(model, [tiny_input() for _ in range(5)])
+
+
+def test_checker_catches_slot_memory_freed_in_flight(async_device):
+    async_device.setenv("FASTVIDEO_OFFLOAD_INJECT_FAULT", "free_unsynchronized")
+    async_device.setenv("FASTVIDEO_OFFLOAD_ASYNC_DELAY_US", "3000")
+    model = TinyDiT()
+    handle = fo.enable(model, device="cpu")
+    run(model, [tiny_input()])
+    with pytest.raises(RuntimeError, match=f"{VIOLATION}: slot .'s memory was freed without waiting"):
+        handle.trim()
+
+
+@pytest.mark.parametrize(
+    "fault, tests, caught_by",
+    [
+        ("skip_ready_wait", ["tests/test_enable.py", "-k", "bit_identical"], "test_outputs_bit_identical"),
+        ("skip_release_wait", ["tests/test_enable.py", "-k", "bit_identical"], "test_outputs_bit_identical"),
+        ("free_unsynchronized", ["tests/test_reliability.py", "-k", "trim"], "test_trim_disable_and_del_right_after"),
+    ],
+)
+def test_the_suite_fails_with_each_fault(fault, tests, caught_by):
+    """The fault switched on under ordinary tests of the suite, which know nothing of it: they fail."""
+    env = dict(os.environ, FASTVIDEO_OFFLOAD_CPU_TRANSFER="async", FASTVIDEO_OFFLOAD_INJECT_FAULT=fault,
+               FASTVIDEO_OFFLOAD_ASYNC_DELAY_US="1000")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
+        cwd=os.path.dirname(HERE), env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 1, result.stdout[-2000:]
+    failed = [line for line in result.stdout.splitlines() if line.startswith("FAILED")]
+    assert failed and all(caught_by in line for line in failed), result.stdout[-2000:]
+    assert VIOLATION in result.stdout
+
+
+def test_a_failed_prefetch_allocation_waits_for_the_next_forward():
+    """Once a prefetch slot could not be had, no prefetch asks again within the same forward: on
+    a GPU each ask would run the allocator's out-of-memory path (a device synchronize and a
+    cache flush) for every block of every step."""
+    model = TinyDiT(layers=5)
+    reference = copy.deepcopy(model)
+    handle = fo.enable(model, device="cpu", prefetch=2)
+    handle.limit_device_memory(handle.stats()["slot_bytes"])  # room for one slot only
+    model.blocks[2].probe = lambda block: handle.limit_device_memory(None)  # room again, mid-forward
+    x = tiny_input()
+    with torch.no_grad():
+        assert torch.equal(model(x), reference(x))
+        first = handle.stats()
+        assert first["prefetches"] == 0 and first["device_slots"] == 1  # not retried after block 2 lifted the cap
+        model.blocks[2].probe = None
+        assert torch.equal(model(x), reference(x))
+    assert handle.stats()["prefetches"] > 0 and handle.stats()["device_slots"] == 3
