@@ -186,7 +186,7 @@ def scenario(bench: Bench, name: str, shape, dtype, device, modes: list[Mode], t
              timeline: bool = False, rerun: Mode | None = None, after: str = "", **about) -> dict:
     """Runs `modes` one after another on fresh copies of the model, adding a row each to the
     section `name` (a later call adds more rows to the same section); then, when an offloaded
-    mode was among them, `rerun` (the resident reference) again as the row "resident after
+    mode that can run here was among them, `rerun` (the resident reference) again as the row "resident after
     `after`"."""
     section = bench.results.get(name, {})
     if "modes" not in section:  # a first pass's failure, if any, stays on record
@@ -196,7 +196,7 @@ def scenario(bench: Bench, name: str, shape, dtype, device, modes: list[Mode], t
     make_inputs = _inputs(shape, tokens, dtype, device)
     steps = bench.args.warmup + bench.args.steps
     runs = [(mode.name, mode) for mode in modes]
-    if rerun is not None and any(mode.name != RESIDENT for mode in modes):
+    if rerun is not None and any(m.name != RESIDENT and m.unavailable(device) is None for m in modes):
         runs.append((f"{RESIDENT} after {after}", rerun))
     for row_name, mode in runs:
         reason = "time limit" if bench.out_of_time() else mode.unavailable(device)
