@@ -1,11 +1,21 @@
 #!/usr/bin/env bash
 # The benchmark alone, at Wan2.1-14B's full shape (40 blocks of dim 5120, bf16), 480x832 with 81
 # frames and the 17-frame short clip, every mode that is installed (carry .whl for FastVideo and
-# diffusers: make gpu-wheels). Builds first. Writes bench.json, bench.png and bench.txt under
-# OUTPUT_DIR. Usage: scripts/gpu_bench.sh [OUTPUT_DIR]     (under 8 minutes on an H100)
+# diffusers: make gpu-wheels). Builds first. Writes bench.json, bench.txt (table and verdicts,
+# rewritten after every mode), bench.log and bench.png under OUTPUT_DIR.
+# Estimated on an H100 (no GPU has run it yet): setup ~15 s, build ~90-120 s (limit 120 s),
+# bench limit 420 s, starting nothing after 300 s; under 9.5 minutes. Give the device call
+# timeout_s=600, and run it only with that much device time left after gpu_check.sh.
+# Usage: scripts/gpu_bench.sh [OUTPUT_DIR]
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 
+start=$(date +%s)
 timeout 420 $py -m fastvideo_offload bench --layers "${LAYERS:-40}" --steps "${STEPS:-3}" --warmup 1 \
-  --time-limit "${BENCH_TIME_LIMIT:-300}" --json "$out/bench.json" --plot "$out/bench.png" 2>&1 \
-  | tee "$out/bench.txt" | tail -60
+  --time-limit "${BENCH_TIME_LIMIT:-300}" --json "$out/bench.json" --table "$out/bench.txt" \
+  --plot "$out/bench.png" > "$out/bench.log" 2>&1
+bench=$?
+[ "$bench" = 0 ] || tail -20 "$out/bench.log"
+cat "$out/bench.txt" 2>/dev/null
+took "bench (exit $bench)" "$start"
+exit "$bench"

@@ -1,31 +1,52 @@
-"""The main job end to end on a tiny setting: it runs, prints the table, writes JSON and a PNG,
-and this engine's output matches the resident model's. (No timing is asserted: speed goals live
-in the benchmark itself.)"""
+"""The main job end to end on a tiny setting: it runs, prints the table, writes JSON, the table
+and a PNG, and this engine's output matches the resident model's. (No timing is asserted: speed
+goals live in the benchmark itself.)"""
 
+import importlib
 import json
+import os
 import subprocess
 import sys
 from dataclasses import replace
 
+import pytest
 import torch
 
+from fastvideo_offload.bench import modes
 from fastvideo_offload.bench.model import CPU_SMALL, build, weight_bytes
+
+TINY = ["--layers", "3", "--steps", "2", "--warmup", "1", "--frames", "1", "--height", "64", "--width", "64"]
 
 
 def test_bench_runs_and_writes_its_outputs(tmp_path):
-    out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
+    out_json, out_table, out_png = tmp_path / "bench.json", tmp_path / "bench.txt", tmp_path / "bench.png"
     # 3 blocks: with 2, prefetch 1's two slots would keep both resident and a GPU copy nothing.
     proc = subprocess.run(
-        [sys.executable, "-m", "fastvideo_offload", "bench", "--layers", "3", "--steps", "2", "--warmup", "1",
-         "--frames", "1", "--height", "64", "--width", "64", "--modes", "resident,ours p1",
-         "--json", str(out_json), "--plot", str(out_png)],
+        [sys.executable, "-m", "fastvideo_offload", "bench", *TINY, "--modes", "resident,ours p1,ours p1 async",
+         "--json", str(out_json), "--table", str(out_table), "--plot", str(out_png)],
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "per denoising step" in proc.stdout and "hook overhead" in proc.stdout
     results = json.loads(out_json.read_text())
+    assert results["complete"] is True
     main = results["main"]["modes"]
     assert main["ours p1"]["bit_identical"] is True
+    # The resident reference runs again after ours; overhead is against the mean of both runs.
+    assert main["resident after ours"]["bit_identical"] is True
+    resident = results["main"]["resident"]
+    assert list(resident["runs_ms"]) == ["resident", "resident after ours"]
+    assert resident["spread_pct"] >= 0 and resident["reference"] == "mean of 2 resident runs"
+    expected = (main["ours p1"]["median_ms"] / resident["reference_ms"] - 1) * 100
+    assert main["ours p1"]["overhead_pct"] == pytest.approx(expected)
+    if torch.cuda.is_available():
+        assert "copy engine" in main["ours p1 async"]["skipped"]
+    else:
+        assert main["ours p1 async"]["bit_identical"] is True
+        assert main["ours p1 async"]["engine"]["blocks"] == 3
+        assert results["hooks"]["modes"]["ours p1 async"]["us_per_block"] is not None
+        assert "copy nothing" in proc.stdout  # what a CPU run cannot show
+    assert out_table.read_text().strip() == proc.stdout.split("\nwrote ")[0].strip()
     assert main["ours p1"]["engine"]["blocks"] == 3
     assert main["ours p1"]["timeline"]["compute"] and main["ours p1"]["timeline"]["copy"]
     assert results["wan22"]["idle_expert_device_bytes"] == 0
@@ -36,14 +57,14 @@ def test_bench_runs_and_writes_its_outputs(tmp_path):
 def test_a_time_limit_skips_what_is_left_and_still_reports(tmp_path):
     out_json = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "fastvideo_offload", "bench", "--layers", "2", "--steps", "2", "--warmup", "1",
-         "--frames", "1", "--height", "64", "--width", "64", "--time-limit", "0", "--json", str(out_json)],
+        [sys.executable, "-m", "fastvideo_offload", "bench", *TINY, "--time-limit", "0", "--json", str(out_json)],
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out_json.read_text())
-    assert len(results["main"]["modes"]) == 6
-    assert all(row == {"skipped": "time limit"} for row in results["main"]["modes"].values())
+    rows = results["main"]["modes"]
+    assert set(rows) == {m.name for m in modes.all_modes()} | {"resident after ours", "resident after peers"}
+    assert all(row == {"skipped": "time limit"} for row in rows.values())
     assert results["wan22"] == {"failed": "not run: time limit"}
     assert "wan22: failed: not run: time limit" in proc.stdout
     assert [t["met"] for t in results["targets"]] == [None] * 7
@@ -56,3 +77,40 @@ def test_weight_bytes_match_the_built_model():
     block = sum(p.nbytes for p in model.blocks[0].parameters())
     everything = sum(t.nbytes for t in (*model.parameters(), *model.buffers()))
     assert counted == {"model": everything, "block": block, "non_block": everything - 3 * block}
+
+
+def test_a_run_cut_off_keeps_its_table_and_verdicts(tmp_path, monkeypatch):
+    """A run killed after the short clip (as `timeout` would) has already written the table and
+    the targets' verdicts on what it measured."""
+    bench_run = importlib.import_module("fastvideo_offload.bench.run")
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # not an Exception: the section cannot catch it, like a kill
+
+    monkeypatch.setattr(bench_run, "wan22", killed)
+    out_json, out_table = tmp_path / "bench.json", tmp_path / "bench.txt"
+    with pytest.raises(KeyboardInterrupt):
+        bench_run.main([*TINY, "--modes", "resident,ours p1", "--json", str(out_json), "--table", str(out_table)])
+    results = json.loads(out_json.read_text())
+    assert results["complete"] is False
+    assert "resident after ours" in results["short_clip"]["modes"] and "wan22" not in results
+    assert len(results["targets"]) == 7
+    text = out_table.read_text()
+    assert "short clip" in text and "resident after ours" in text
+    assert "targets (set for an H100" in text and "wan22: not run yet" in text
+    assert "run not finished" in text
+
+
+def test_the_async_mode_sets_its_environment_only_around_enable(monkeypatch):
+    seen = {}
+    monkeypatch.setenv("FASTVIDEO_OFFLOAD_CPU_TRANSFER", "sync")
+    monkeypatch.delenv("FASTVIDEO_OFFLOAD_ASYNC_DELAY_US", raising=False)
+    monkeypatch.setattr(modes.offloader, "enable", lambda model, **kw: seen.update(
+        {k: os.environ.get(k) for k in modes.ASYNC_CPU_ENV}))
+    mode = {m.name: m for m in modes.all_modes()}["ours p1 async"]
+    mode.prepare(torch.nn.Linear(2, 2), torch.device("cpu"))
+    assert seen == {"FASTVIDEO_OFFLOAD_CPU_TRANSFER": "async", "FASTVIDEO_OFFLOAD_ASYNC_DELAY_US": "0"}
+    assert os.environ["FASTVIDEO_OFFLOAD_CPU_TRANSFER"] == "sync"
+    assert "FASTVIDEO_OFFLOAD_ASYNC_DELAY_US" not in os.environ
+    assert mode.unavailable(torch.device("cpu")) is None
+    assert mode.unavailable(torch.device("cuda")) is not None

@@ -22,6 +22,7 @@ def results(**changes):
             "ours p2": {"h2d_GBps_per_step": 44.0},
         }},
         "wan22": {"switch_stall_ms": 15.0, "one_block_copy_ms": 21.5},
+        "complete": True,
     }
     base.update(changes)
     return base
@@ -54,6 +55,28 @@ def test_what_was_not_measured_is_not_met():
         "name": "ours p1: short-clip copy rate vs ceiling", "value": None, "limit": None, "unit": "GB/s",
         "met": None, "why": "time limit"}
     assert t["Wan2.2 switch stall vs one block's copy"]["why"] == "OutOfMemoryError: ..."
+
+
+def test_a_run_in_progress_has_not_measured_yet_what_is_missing():
+    r = results(complete=False, short_clip={"modes": {}})
+    del r["main"]["modes"]["ours p2"], r["wan22"]
+    t = by_name(targets.judge(r))
+    assert t["ours p1: time per step vs resident"]["met"] is True
+    for name in ("ours p2: time per step vs resident", "ours p2: peak device memory vs bound",
+                 "ours p1: short-clip copy rate vs ceiling", "Wan2.2 switch stall vs one block's copy"):
+        assert t[name]["met"] is None and t[name]["why"] == "not measured yet", name
+
+
+def test_overhead_is_not_judged_when_the_resident_runs_differ_by_more_than_its_margin():
+    r = results()
+    r["main"]["resident"] = {"spread_pct": 0.8}
+    assert by_name(targets.judge(r))["ours p1: time per step vs resident"]["met"] is True
+    r["main"]["resident"] = {"spread_pct": 2.5}
+    t = by_name(targets.judge(r))
+    for mode in ("ours p1", "ours p2"):
+        judged = t[f"{mode}: time per step vs resident"]
+        assert judged["met"] is None and "differ by 2.5%" in judged["why"]
+    assert t["ours p1: peak device memory vs bound"]["met"] is True  # the other targets still judged
 
 
 def test_a_cpu_run_judges_nothing():

@@ -6,17 +6,36 @@ import json
 
 GiB = 2**30
 
+#: What a CPU run can and cannot show, printed under its table.
+CPU_CAVEAT = (
+    "on a CPU, device memory is host memory: diffusers and accelerate move CPU weights to the CPU and copy nothing, "
+    "while ours copies every block (a memcpy) into its slots, so the step times do not compare the offloaders' "
+    "copy costs; the hooks' host time per block is the comparison that holds, and the async row shows our copies "
+    "overlapping compute on a worker thread"
+)
+
 
 def _num(value, fmt: str, empty: str = "-") -> str:
     return empty if value is None else format(value, fmt)
 
 
+def _resident_line(section: dict) -> str:
+    resident = section.get("resident")
+    if resident is None:
+        return "  overhead: no resident run to measure it against"
+    runs = ", ".join(f"{name} {ms:.1f}" for name, ms in resident["runs_ms"].items())
+    spread = resident["spread_pct"]
+    apart = "measured once, spread unknown" if spread is None else f"spread {spread:.1f}%"
+    return f"  overhead vs the {resident['reference']} ({resident['reference_ms']:.1f} ms; {runs} ms; {apart})"
+
+
 def _mode_table(rows: dict, ceiling: float) -> list[str]:
-    head = f"  {'mode':<16}{'step ms':>10}{'overhead':>10}{'peak dev GiB':>14}{'host GiB':>10}{'H2D GB/s':>10}{'exact':>7}"
+    head = (f"  {'mode':<22}{'step ms':>10}{'overhead':>10}{'peak dev GiB':>14}{'host GiB':>10}{'H2D GB/s':>10}"
+            f"{'exact':>7}")
     lines = [head]
     for name, row in rows.items():
         if "skipped" in row:
-            lines.append(f"  {name:<16}skipped: {row['skipped']}")
+            lines.append(f"  {name:<22}skipped: {row['skipped']}")
             continue
         rate = row.get("h2d_GBps_per_step")
         rate_text = "-" if rate is None else f"{rate:.1f}" + (f" ({rate / ceiling:.0%})" if ceiling else "")
@@ -24,7 +43,7 @@ def _mode_table(rows: dict, ceiling: float) -> list[str]:
         peak = row.get("peak_device_bytes")
         host = row.get("host_bytes") or row.get("pinned_by_torch_bytes")
         lines.append(
-            f"  {name:<16}{row['median_ms']:>10.1f}{_num(row.get('overhead_pct'), '+.1f'):>9}%"
+            f"  {name:<22}{row['median_ms']:>10.1f}{_num(row.get('overhead_pct'), '+.1f'):>9}%"
             f"{_num(peak and peak / GiB, '.2f'):>14}{_num(host and host / GiB, '.2f'):>10}{rate_text:>10}{exact:>7}"
         )
     return lines
@@ -50,6 +69,7 @@ def table(results: dict) -> str:
         f"host-to-device ceiling (one large pinned copy): {results['copy_ceiling_GBps']:.1f} GB/s",
     ]
     ceiling = results["copy_ceiling_GBps"]
+    complete = results.get("complete", True)
     for name, title in (
         ("main", f"{video['frames']} frames at {video['height']}x{video['width']} ({video['tokens']} tokens), "
                  "per denoising step:"),
@@ -58,7 +78,10 @@ def table(results: dict) -> str:
         ("hooks", "hook overhead, host time per block per step ({layers} near-empty blocks):"),
         ("pack_GBps", "host packing:"),
     ):
-        section = results.get(name, {"failed": "not run"})
+        if name not in results:
+            out += ["", f"{name}: not run" + ("" if complete else " yet")]
+            continue
+        section = results[name]
         if "failed" in section:
             out += ["", f"{name}: failed: {section['failed']}"]
             if "modes" not in section:
@@ -66,6 +89,7 @@ def table(results: dict) -> str:
         out += ["", title.format(**section)]
         if name in ("main", "short_clip"):
             out += _mode_table(section["modes"], ceiling)
+            out.append(_resident_line(section))
         elif name == "wan22":
             out.append(
                 f"  switch stall {section['switch_stall_ms']:.1f} ms (one block's copy at the ceiling: "
@@ -75,9 +99,9 @@ def table(results: dict) -> str:
         elif name == "hooks":
             for mode, row in section["modes"].items():
                 if "skipped" in row:
-                    out.append(f"  {mode:<16}skipped: {row['skipped']}")
+                    out.append(f"  {mode:<22}skipped: {row['skipped']}")
                 elif "us_per_block" in row:
-                    out.append(f"  {mode:<16}{row['us_per_block']:>8.1f} us")
+                    out.append(f"  {mode:<22}{row['us_per_block']:>8.1f} us")
         else:
             out[-1] += " " + ", ".join(f"{k.replace('_', ' ')}: {v:.2f} GB/s" for k, v in section.items())
     judged = results.get("targets", [])
@@ -87,7 +111,16 @@ def table(results: dict) -> str:
     elif judged:
         out += ["", "targets (set for an H100 at the 14B block shape, 480x832x81):"]
         out += [_target_line(t) for t in judged]
+    if not m.get("gpu"):
+        out += ["", CPU_CAVEAT]
+    if not complete:
+        out += ["", "(run not finished: what is missing was not measured yet)"]
     return "\n".join(out)
+
+
+def write_table(results: dict, path: str) -> None:
+    with open(path, "w") as f:
+        f.write(table(results) + "\n")
 
 
 def write_json(results: dict, path: str) -> None:
@@ -109,9 +142,14 @@ def plot(results: dict, path: str) -> None:
     fig, axes = plt.subplots(3, 1, figsize=(10, 11), gridspec_kw={"height_ratios": [1, 1, 1.2]})
     names = list(rows)
     overhead = [rows[n].get("overhead_pct") or 0.0 for n in names]
-    axes[0].bar(names, overhead, color=["#888" if n == "resident" else "#2a7" if n.startswith("ours") else "#c64" for n in names])
+    colors = ["#888" if n.startswith("resident") else "#2a7" if n.startswith("ours") else "#c64" for n in names]
+    axes[0].bar(names, overhead, color=colors)
     axes[0].axhline(0, color="black", linewidth=0.8)
-    axes[0].set_ylabel("time per step vs resident (%)")
+    reference = results.get("main", {}).get("resident", {})
+    label = f"time per step vs {reference.get('reference', 'resident')} (%)"
+    if reference.get("spread_pct") is not None:
+        label += f"\nresident runs {reference['spread_pct']:.1f}% apart"
+    axes[0].set_ylabel(label)
     axes[0].set_title(f"{results['machine'].get('gpu') or 'CPU'}: {results['video']['tokens']} tokens, "
                       f"{results['shape']['layers']} blocks")
     memory = [(rows[n].get("peak_device_bytes") or 0) / GiB for n in names]
@@ -122,6 +160,8 @@ def plot(results: dict, path: str) -> None:
         host = [(rows[n].get("host_bytes") or 0) / GiB for n in names]
         axes[1].bar(names, host, color="#47a")
         axes[1].set_ylabel("host store (GiB, ours)")
+    for ax in axes[:2]:  # mode names are long: slanted, they do not run into each other
+        plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
     timeline = rows.get("ours p1", {}).get("timeline")
     if timeline:
         axes[2].broken_barh(timeline["compute"], (10, 8), color="#2a7")

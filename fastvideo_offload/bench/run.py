@@ -21,7 +21,8 @@ from .modes import Mode, all_modes
 HOOK_SHAPE = WanShape(dim=16, heads=1, ffn=16, layers=64)
 HOOK_STEPS = 200
 #: This engine's modes and the reference they are measured against.
-OWN_MODES = ("resident", "ours p1", "ours p2")
+OWN_MODES = ("resident", "ours p1", "ours p2", "ours p1 async")
+RESIDENT = "resident"
 
 logger = logging.getLogger("fastvideo_offload.bench")
 
@@ -44,6 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                    help="start no mode or section after this many seconds; what is left is reported as skipped")
     p.add_argument("--json", dest="json_path", default=None, help="write every number here")
+    p.add_argument("--table", dest="table_path", default=None,
+                   help="write the printed table and the targets' verdicts here (after every mode, like --json)")
     p.add_argument("--plot", dest="plot_path", default=None, help="write a PNG here")
     args = p.parse_args(argv)
     if args.steps < 2 or args.warmup < 1:
@@ -67,9 +70,10 @@ def machine(device: torch.device) -> dict:
 
 
 class Bench:
-    """What every section shares: the arguments, the results so far (written to --json after
-    each mode and section, so a run cut off keeps what it measured), the resident outputs that
-    the other modes must match, the progress bar and the time limit."""
+    """What every section shares: the arguments, the results so far (judged and written to
+    --json and --table after each mode and section, so a run cut off keeps what it measured
+    and the verdicts on it), the resident outputs that the other modes must match, the progress
+    bar and the time limit."""
 
     def __init__(self, args: argparse.Namespace, results: dict, bar):
         self.args, self.results, self.bar = args, results, bar
@@ -80,8 +84,11 @@ class Bench:
         return self.deadline is not None and time.monotonic() > self.deadline
 
     def save(self) -> None:
+        self.results["targets"] = targets.judge(self.results)
         if self.args.json_path:
             report.write_json(self.results, self.args.json_path)
+        if self.args.table_path:
+            report.write_table(self.results, self.args.table_path)
 
     def section(self, name: str, measure_it, by_mode: bool = False) -> None:
         """Runs one section, unless the time limit has passed (a section of modes runs and skips
@@ -110,8 +117,11 @@ def run(args: argparse.Namespace) -> dict:
     modes = [m for m in all_modes() if wanted is None or m.name in wanted]
     # Ours and the resident reference first: the targets need them, and peers' offloaders
     # (accelerate's above all) are slow enough that a time limit should cut them, not ours.
+    # The resident reference runs again after each pass of offloaded modes, so that a machine
+    # whose speed drifts shows it (the spread) instead of passing it off as overhead.
     own = [m for m in modes if m.name in OWN_MODES]
     peers = [m for m in modes if m.name not in OWN_MODES]
+    resident = next((m for m in own if m.name == RESIDENT), None)
     tokens, short_tokens = shape.tokens(frames, height, width), shape.tokens(short_frames, height, width)
 
     results: dict = {
@@ -121,27 +131,32 @@ def run(args: argparse.Namespace) -> dict:
         "video": {"frames": frames, "height": height, "width": width, "tokens": tokens},
         "weight_bytes": weight_bytes(shape, dtype),
         "time_limit_s": args.time_limit,
+        "complete": False,
     }
     results["copy_ceiling_GBps"] = measure.copy_ceiling(device)
 
     per_mode = args.warmup + args.steps
-    total = (len(modes) + len(own) + 2) * per_mode + 1  # main, short clip, Wan2.2 (+1 warm-up), hooks
+    reruns = 3 if resident else 0  # after ours in main and the short clip, after the peers
+    # main, short clip, Wan2.2 (+1 warm-up), hooks
+    total = (len(modes) + len(own) + reruns + 2) * per_mode + 1
     with tqdm(total=total, desc="bench", unit="step", disable=None) as bar:
         bench = Bench(args, results, bar)
-        bench.section("main", lambda: scenario(bench, "main", shape, dtype, device, own, tokens, timeline=True),
-                      by_mode=True)
+        bench.section("main", lambda: scenario(bench, "main", shape, dtype, device, own, tokens, timeline=True,
+                                               rerun=resident, after="ours"), by_mode=True)
         bench.section("short_clip", lambda: scenario(bench, "short_clip", shape, dtype, device, own, short_tokens,
-                                                     frames=short_frames), by_mode=True)
+                                                     rerun=resident, after="ours", frames=short_frames),
+                      by_mode=True)
         bench.section("wan22", lambda: wan22(bench, shape, dtype, device, short_tokens))
         if peers:
-            bench.section("main", lambda: scenario(bench, "main", shape, dtype, device, peers, tokens), by_mode=True)
+            bench.section("main", lambda: scenario(bench, "main", shape, dtype, device, peers, tokens,
+                                                   rerun=resident, after="peers"), by_mode=True)
         bench.section("hooks", lambda: hook_overhead(bench, device, dtype, modes))
     params = [p.detach() for p in build(CPU_SMALL, torch.float32).blocks[0].parameters()]
     bench.section("pack_GBps", lambda: {
         "threads_1": measure.pack_throughput(params, 1),
         f"threads_{torch.get_num_threads()}": measure.pack_throughput(params, torch.get_num_threads()),
     })
-    results["targets"] = targets.judge(results)
+    results["complete"] = True
     bench.save()
     return results
 
@@ -168,9 +183,11 @@ def _inputs(shape: WanShape, tokens: int, dtype: torch.dtype, device: torch.devi
 
 
 def scenario(bench: Bench, name: str, shape, dtype, device, modes: list[Mode], tokens: int,
-             timeline: bool = False, **about) -> dict:
+             timeline: bool = False, rerun: Mode | None = None, after: str = "", **about) -> dict:
     """Runs `modes` one after another on fresh copies of the model, adding a row each to the
-    section `name` (a later call adds more rows to the same section)."""
+    section `name` (a later call adds more rows to the same section); then, when an offloaded
+    mode that can run here was among them, `rerun` (the resident reference) again as the row "resident after
+    `after`"."""
     section = bench.results.get(name, {})
     if "modes" not in section:  # a first pass's failure, if any, stays on record
         section = bench.results[name] = {**section, "tokens": tokens, **about, "modes": {}}
@@ -178,10 +195,13 @@ def scenario(bench: Bench, name: str, shape, dtype, device, modes: list[Mode], t
     make_model = _factory(shape, dtype, device)
     make_inputs = _inputs(shape, tokens, dtype, device)
     steps = bench.args.warmup + bench.args.steps
-    for mode in modes:
+    runs = [(mode.name, mode) for mode in modes]
+    if rerun is not None and any(m.name != RESIDENT and m.unavailable(device) is None for m in modes):
+        runs.append((f"{RESIDENT} after {after}", rerun))
+    for row_name, mode in runs:
         reason = "time limit" if bench.out_of_time() else mode.unavailable(device)
         if reason:
-            rows[mode.name] = {"skipped": reason}
+            rows[row_name] = {"skipped": reason}
             bench.bar.update(steps)
             continue
         try:
@@ -190,33 +210,45 @@ def scenario(bench: Bench, name: str, shape, dtype, device, modes: list[Mode], t
                 lambda: bench.bar.update(1),
             )
         except torch.OutOfMemoryError:
-            rows[mode.name] = {"skipped": "out of device memory"}
+            rows[row_name] = {"skipped": "out of device memory"}
             measure.free_memory(device)
             continue
         except Exception as exc:  # noqa: BLE001  (a peer's offloader failing must not stop ours)
-            logger.exception("bench: mode %s failed", mode.name)
-            rows[mode.name] = {"skipped": f"failed: {type(exc).__name__}: {exc}"[:300]}
+            logger.exception("bench: mode %s failed", row_name)
+            rows[row_name] = {"skipped": f"failed: {type(exc).__name__}: {exc}"[:300]}
             measure.free_memory(device)
             continue
-        if mode.name == "resident":
+        if row_name == RESIDENT:
             bench.references[name] = output
         reference = bench.references.get(name)
         row["bit_identical"] = None if reference is None else bool(torch.equal(output, reference))
-        if timeline and mode.name == "ours p1":
+        if timeline and row_name == "ours p1":
             with torch.inference_mode():
                 row["timeline"] = measure.engine_timeline(model, make_inputs(0), device)
-        rows[mode.name] = row
+        rows[row_name] = row
         del model, output
-        _overheads(rows)
+        _overheads(section)
         bench.save()
     return section
 
 
-def _overheads(rows: dict) -> None:
-    resident = rows.get("resident", {}).get("median_ms")
+def _overheads(section: dict) -> None:
+    """Every row's overhead against the mean of the resident runs (before and after the
+    offloaded modes), and how far those runs are apart: (slowest - fastest) / fastest."""
+    rows = section["modes"]
+    runs = {n: r["median_ms"] for n, r in rows.items() if n.startswith(RESIDENT) and "median_ms" in r}
+    if not runs:
+        return
+    reference = statistics.mean(runs.values())
+    section["resident"] = {
+        "runs_ms": runs,
+        "reference": f"mean of {len(runs)} resident run" + ("s" if len(runs) > 1 else ""),
+        "reference_ms": reference,
+        "spread_pct": (max(runs.values()) / min(runs.values()) - 1) * 100 if len(runs) > 1 else None,
+    }
     for row in rows.values():
-        if resident and "median_ms" in row:
-            row["overhead_pct"] = (row["median_ms"] / resident - 1) * 100
+        if "median_ms" in row:
+            row["overhead_pct"] = (row["median_ms"] / reference - 1) * 100
 
 
 def wan22(bench: Bench, shape, dtype, device, tokens: int) -> dict:
@@ -296,9 +328,9 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     results = run(args)
     print(report.table(results))
-    if args.json_path:
-        report.write_json(results, args.json_path)
-        print(f"wrote {args.json_path}")
+    for path in (args.json_path, args.table_path):
+        if path:
+            print(f"wrote {path}")
     if args.plot_path:
         report.plot(results, args.plot_path)
         print(f"wrote {args.plot_path}")
