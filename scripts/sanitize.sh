@@ -26,8 +26,9 @@ case $kind in
     flags=thread
     runtime="$(gcc -print-file-name=libtsan.so)"
     tests+=(tests/test_async_device.py)
-    # Injected faults are real races, which TSan would rightly report.
-    deselect+=(--deselect tests/test_async_device.py::test_the_suite_fails_with_each_fault)
+    # Injected faults are real races, which TSan rightly reports (a copy that skips its release
+    # wait races with the release's poisoning): those tests run in the other builds.
+    deselect+=(-k "not checker_catches and not suite_fails_with_each_fault")
     # Only our threads are judged: torch's OpenMP pool is invisible to TSan (libgomp is not
     # instrumented) and would only report false races inside torch's own kernels.
     export OMP_NUM_THREADS=1 FASTVIDEO_OFFLOAD_CPU_TRANSFER=async
