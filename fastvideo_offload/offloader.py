@@ -171,7 +171,7 @@ class OffloadHandle:
                     raise _out_of_host_memory(exc, path, pinned, total, obtained) from exc
                 _ops.engine_add_block(self._engine, store.buffer, params, store.offsets)
                 self._stores.append(store)
-                self._hooks += attach_block_hooks(block, self._engine, index)
+                self._hooks += attach_block_hooks(block, self._engine, index, self.device.type)
                 progress.update(store.buffer.numel())
 
     def _weights_changed(self) -> None:
@@ -182,6 +182,10 @@ class OffloadHandle:
         # No block can be running when the whole model starts: one still entered was left by an
         # interrupted forward (KeyboardInterrupt skips torch's always-called post-hooks).
         _ops.engine_reset(self._engine)
+        if torch.is_autocast_enabled(self.device.type):
+            # Low-precision copies cast outside a block (inside `mutate`, or by a block whose
+            # post-hook a KeyboardInterrupt skipped) must not stand in for the weights now.
+            torch.clear_autocast_cache()
         if self.group is not None:
             # The other models of the group give their device slots back (Wan2.2's idle expert).
             for other in group_handles(self.group):
