@@ -10,6 +10,7 @@ import torch
 
 import fastvideo_offload as fo
 from models import TinyDiT, tiny_input
+from snapshot import assert_unchanged, snapshot
 
 
 def run(model, x):
@@ -151,35 +152,6 @@ def test_deleting_the_model_frees_its_engine_without_a_gc_pass():
         gc.enable()
 
 
-def _hook_count(model):
-    return sum(
-        len(m._forward_pre_hooks) + len(m._forward_hooks) + len(m._state_dict_hooks)
-        + len(m._load_state_dict_pre_hooks) + len(m._load_state_dict_post_hooks)
-        for m in model.modules()
-    )
-
-
-def _snapshot(model):
-    params = {n: (p, p.data_ptr(), p.device, p.dtype, p.stride(), p.requires_grad, p.detach().clone())
-              for n, p in model.named_parameters()}
-    return params, dict(model.named_buffers())
-
-
-def _assert_unchanged(model, snapshot, moved=()):
-    """Every parameter and buffer as `snapshot` saw it; the parameters of `moved` (packed host
-    weights, copied back out of their store) may sit at another address."""
-    params, buffers = snapshot
-    assert fo.handle_of(model) is None and _hook_count(model) == 0
-    for name, p in model.named_parameters():
-        obj, ptr, device, dtype, stride, grad, values = params[name]
-        assert p is obj and p.device == device and p.dtype == dtype and p.stride() == stride
-        assert p.requires_grad == grad and torch.equal(p.detach(), values), name
-        if not any(name.startswith(prefix) for prefix in moved):
-            assert p.data_ptr() == ptr, name
-    assert {n: b for n, b in model.named_buffers()}.keys() == buffers.keys()
-    assert all(model.get_buffer(n) is b for n, b in buffers.items())
-
-
 @pytest.mark.parametrize("error", [torch.OutOfMemoryError, RuntimeError])
 @pytest.mark.parametrize("fail_at", [0, 2])
 def test_failed_enable_leaves_every_tensor_where_it_was(monkeypatch, error, fail_at):
@@ -187,7 +159,7 @@ def test_failed_enable_leaves_every_tensor_where_it_was(monkeypatch, error, fail
     how many bytes enable asked for and had obtained."""
     model = TinyDiT(layers=4)
     reference = copy.deepcopy(model)
-    snapshot = _snapshot(model)
+    before = snapshot(model)
     sizes = [fo.store.BlockStore.nbytes(list(b.parameters())) for b in model.blocks]
     real_pack, calls = fo._ops.pack, []
 
@@ -203,7 +175,7 @@ def test_failed_enable_leaves_every_tensor_where_it_was(monkeypatch, error, fail
     message = str(info.value)
     assert f"packing block blocks.{fail_at} failed after obtaining {sum(sizes[:fail_at])} of the {sum(sizes)} bytes" in message
     assert "of host memory" in message and "Free host memory" in message and "out of memory" in message
-    _assert_unchanged(model, snapshot, moved=[f"blocks.{i}." for i in range(fail_at)])
+    assert_unchanged(model, before, moved=[f"blocks.{i}." for i in range(fail_at)])
     monkeypatch.undo()
     fo.enable(model, device="cpu")
     x = tiny_input()
@@ -212,17 +184,17 @@ def test_failed_enable_leaves_every_tensor_where_it_was(monkeypatch, error, fail
 
 def test_failure_that_is_not_an_allocation_keeps_its_message(monkeypatch):
     model = TinyDiT()
-    snapshot = _snapshot(model)
+    before = snapshot(model)
     monkeypatch.setattr(fo._ops, "pack", lambda *args: (_ for _ in ()).throw(ValueError("pack: bad layout")))
     with pytest.raises(ValueError, match=r"^pack: bad layout$"):
         fo.enable(model, device="cpu")
-    _assert_unchanged(model, snapshot)
+    assert_unchanged(model, before)
 
 
 def test_failure_after_every_block_was_packed_restores_them_all(monkeypatch):
     """The last step of enable fails: every block was packed and hooked, and comes back."""
     model = TinyDiT()
-    snapshot = _snapshot(model)
+    before = snapshot(model)
 
     def fail(*args):
         raise RuntimeError("injected")
@@ -230,4 +202,4 @@ def test_failure_after_every_block_was_packed_restores_them_all(monkeypatch):
     monkeypatch.setattr(fo.offloader, "attach_state_dict_hooks", fail)
     with pytest.raises(RuntimeError, match="injected"):
         fo.enable(model, device="cpu")
-    _assert_unchanged(model, snapshot, moved=["blocks."])
+    assert_unchanged(model, before, moved=["blocks."])
