@@ -311,12 +311,11 @@ class _Undo:
     def restore(self, stores: list[BlockStore]) -> None:
         with torch.no_grad():
             while stores:
-                # Packed host parameters come back before their store is freed: one block extra at most.
+                # Each store is dropped once its host parameters are copied out: one block extra at most.
                 store = stores.pop()
                 for p, view in zip(store.params, store.views):
                     if self.params[id(p)][1] is None:
                         p.data = _on_device(view, torch.device("cpu"))
-                del store
             for p, data in self.params.values():
                 if data is not None:
                     p.data = data
@@ -327,7 +326,7 @@ class _Undo:
 def _is_allocation_failure(exc: Exception) -> bool:
     # cudaHostAlloc fails as "CUDA error: out of memory", posix_memalign as "could not allocate".
     text = str(exc).lower()
-    return isinstance(exc, MemoryError) or "out of memory" in text or "could not allocate" in text
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in text or "could not allocate" in text
 
 
 def _out_of_host_memory(exc: Exception, block: str, pinned: bool, total: int, obtained: int) -> Exception:
