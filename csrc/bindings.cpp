@@ -15,7 +15,7 @@ namespace fastvideo_offload {
 TORCH_LIBRARY(fastvideo_offload, m) {
   // Host store: where each tensor goes in a block buffer, and the packing into it.
   m.def("layout(Tensor[] tensors, int alignment=256) -> int[]");
-  m.def("pack(Tensor[] tensors, int[] offsets, int nbytes, bool pinned) -> Tensor");
+  m.def("pack(Tensor[] tensors, int[] offsets, int nbytes, bool pinned, Device? device=None) -> Tensor");
   // The engine of one model, named by a handle. Eager only: hooks call these between kernels.
   m.def("engine_create(Device device, int prefetch) -> int", &engine_create);
   m.def("engine_add_block(int engine, Tensor host, Tensor(a!)[] params, int[] offsets) -> int", &engine_add_block);

@@ -57,15 +57,18 @@ int64_t span_bytes(const at::Tensor& t) {
   return (last + 1) * static_cast<int64_t>(t.element_size());
 }
 
-at::Tensor alloc_host(int64_t nbytes, bool pinned) {
+at::Tensor alloc_host(int64_t nbytes, bool pinned, std::optional<c10::Device> device) {
   TORCH_CHECK_VALUE(nbytes >= 0, "host buffer size must be >= 0, got ", nbytes);
+  TORCH_CHECK_VALUE(!pinned || !device.has_value() || device->is_cuda(), "pinned host memory is for a CUDA device, got ",
+                    *device);
   const auto options = at::TensorOptions().dtype(at::kByte).device(at::kCPU);
   if (nbytes == 0) {
     return at::empty({0}, options);
   }
   if (pinned) {
 #ifdef FVO_WITH_CUDA
-    void* ptr = cuda::pinned_alloc(static_cast<size_t>(nbytes));
+    const c10::DeviceIndex index = device.has_value() && device->has_index() ? device->index() : -1;
+    void* ptr = cuda::pinned_alloc(static_cast<size_t>(nbytes), index);
     return at::from_blob(ptr, {nbytes}, [](void* p) { cuda::pinned_free(p); }, options);
 #else
     TORCH_CHECK(false, "pinned host memory needs the CUDA build of fastvideo_offload; this one was built "
@@ -135,13 +138,14 @@ std::vector<int64_t> layout(at::TensorList tensors, int64_t alignment) {
   return result;
 }
 
-at::Tensor pack_cpu(at::TensorList tensors, at::IntArrayRef offsets, int64_t nbytes, bool pinned) {
+at::Tensor pack_cpu(at::TensorList tensors, at::IntArrayRef offsets, int64_t nbytes, bool pinned,
+                    std::optional<c10::Device> device) {
   check_layout(tensors, offsets, nbytes, "pack");
   for (size_t i = 0; i < tensors.size(); ++i) {
     TORCH_CHECK_VALUE(tensors[i].device().is_cpu(), "pack: tensor ", i, " is on ", tensors[i].device(),
                       "; all tensors of one block must be on the same device");
   }
-  at::Tensor buffer = alloc_host(nbytes, pinned);
+  at::Tensor buffer = alloc_host(nbytes, pinned, device);
   zero_padding(buffer, tensors, offsets);
   auto* base = static_cast<char*>(buffer.data_ptr());
   for (size_t i = 0; i < tensors.size(); ++i) {

@@ -2,6 +2,9 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
+
+#include <optional>
 
 namespace fastvideo_offload {
 
@@ -13,7 +16,8 @@ constexpr int64_t kMinAlignment = 256;
 int64_t span_bytes(const at::Tensor& t);
 
 // A uint8 CPU tensor of exactly `nbytes`: pinned (cudaHostAlloc) or page-aligned pageable.
-at::Tensor alloc_host(int64_t nbytes, bool pinned);
+// `device` is the CUDA device a pinned buffer is for (none: the current one); unused when pageable.
+at::Tensor alloc_host(int64_t nbytes, bool pinned, std::optional<c10::Device> device = std::nullopt);
 
 // memcpy spread over ATen's intra-op threads in large pieces; small copies run inline.
 void parallel_memcpy(void* dst, const void* src, int64_t nbytes);

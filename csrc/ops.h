@@ -12,10 +12,13 @@ namespace fastvideo_offload {
 
 // host_store.cpp
 std::vector<int64_t> layout(at::TensorList tensors, int64_t alignment);
-at::Tensor pack_cpu(at::TensorList tensors, at::IntArrayRef offsets, int64_t nbytes, bool pinned);
+// `device`: the CUDA device a pinned buffer is for (None: the current one).
+at::Tensor pack_cpu(at::TensorList tensors, at::IntArrayRef offsets, int64_t nbytes, bool pinned,
+                    std::optional<c10::Device> device);
 #ifdef FVO_WITH_CUDA
 // cuda/pack.cpp
-at::Tensor pack_cuda(at::TensorList tensors, at::IntArrayRef offsets, int64_t nbytes, bool pinned);
+at::Tensor pack_cuda(at::TensorList tensors, at::IntArrayRef offsets, int64_t nbytes, bool pinned,
+                     std::optional<c10::Device> device);
 #endif
 
 // engine.cpp

@@ -29,13 +29,17 @@ def layout(tensors: list[torch.Tensor], alignment: int = ALIGNMENT) -> tuple[lis
     return result[:-1], result[-1]
 
 
-def pack(tensors: list[torch.Tensor], offsets: list[int], nbytes: int, pinned: bool) -> torch.Tensor:
-    """One exact-size uint8 host buffer holding every tensor's bytes at its offset."""
-    return _ops.pack.default(tensors, offsets, nbytes, pinned)
+def pack(
+    tensors: list[torch.Tensor], offsets: list[int], nbytes: int, pinned: bool, device: torch.device | None = None
+) -> torch.Tensor:
+    """One exact-size uint8 host buffer holding every tensor's bytes at its offset. A pinned
+    buffer is pinned in the context of CUDA `device`, the one its copies go to (None: the
+    tensors' device, or else the current one)."""
+    return _ops.pack.default(tensors, offsets, nbytes, pinned, device)
 
 
 @torch.library.register_fake("fastvideo_offload::pack")
-def _pack_fake(tensors, offsets, nbytes, pinned):
+def _pack_fake(tensors, offsets, nbytes, pinned, device=None):
     return torch.empty(nbytes, dtype=torch.uint8, device="cpu")
 
 

@@ -1,4 +1,4 @@
-"""The forward pre-hook and post-hook of an offloaded block: one C++ call each, nothing else."""
+"""The forward pre-hook and post-hook of an offloaded block: one C++ call each, and one check."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from torch.utils.hooks import RemovableHandle
 from . import _ops
 
 
-def attach_block_hooks(block: nn.Module, engine: int, index: int) -> list[RemovableHandle]:
+def attach_block_hooks(block: nn.Module, engine: int, index: int, device_type: str) -> list[RemovableHandle]:
     enter, exit_ = _ops.engine_enter, _ops.engine_exit
+    autocast_on, drop_casts = torch.is_autocast_enabled, torch.clear_autocast_cache
 
     # Disabled for the compiler: the swap must stay eager, outside any compiled graph.
     @torch.compiler.disable
@@ -20,6 +21,12 @@ def attach_block_hooks(block: nn.Module, engine: int, index: int) -> list[Remova
     @torch.compiler.disable
     def post_forward(module, args, output):
         exit_(engine, index)
+        # autocast caches the low-precision copy of every fp32 parameter that requires grad, keyed
+        # by the parameter, until its region ends: kept, those copies would hold every block on the
+        # device (offload defeated) and go on serving the old weights after a change. Dropped here,
+        # a block's copies live no longer than its slot, and the next forward casts afresh.
+        if autocast_on(device_type):
+            drop_casts()
 
     return [
         block.register_forward_pre_hook(pre_forward),

@@ -110,21 +110,27 @@ class OffloadHandle:
         if shared:
             logger.info("%d parameter(s) shared outside a single block stay resident on %s", len(shared), device)
 
-        self._move_resident(offloaded)
         self._engine = _ops.engine_create(device, prefetch)
         self._finalizer = weakref.finalize(self, _ops.engine_destroy, self._engine)
         self._stores: list[BlockStore] = []
         self._hooks = []
+        undo = _Undo(model, offloaded)
         try:
             self._pack_blocks(blocks, block_params, names)
+            self._move_resident(offloaded)
+            host_views = {
+                n: view for store in self._stores for p, view in zip(store.params, store.views) for n in names[id(p)]
+            }
+            self._hooks += attach_state_dict_hooks(model, host_views, self._weights_changed)
+            self._hooks.append(model.register_forward_pre_hook(self._before_forward))
         except BaseException:
-            self._restore()
+            self._destroy_engine()
+            self._remove_hooks()
+            undo.restore(self._stores)
+            self._stores.clear()
             raise
-        host_views = {n: view for store in self._stores for p, view in zip(store.params, store.views) for n in names[id(p)]}
-        self._hooks += attach_state_dict_hooks(model, host_views, self._weights_changed)
         if group is not None:
             _GROUPS.setdefault(group, weakref.WeakSet()).add(self)
-        self._hooks.append(model.register_forward_pre_hook(self._before_forward))
         setattr(model, _HANDLE_ATTR, self)
         stats = self.stats()
         logger.info(
@@ -151,15 +157,22 @@ class OffloadHandle:
 
     def _pack_blocks(self, blocks, block_params, names) -> None:
         pinned = self.device.type == "cuda"
-        total = sum(p.numel() * p.element_size() for params in block_params for p in params)
+        target = self.device if pinned else None
+        total = sum(BlockStore.nbytes(params) for params in block_params)
         with tqdm(total=total, unit="B", unit_scale=True, desc="fastvideo_offload: packing blocks", leave=False,
                   disable=None) as progress:
-            for index, ((_, block), params) in enumerate(zip(blocks, block_params)):
-                store = BlockStore.pack([names[id(p)][0] for p in params], params, pinned)
+            for index, ((path, block), params) in enumerate(zip(blocks, block_params)):
+                try:
+                    store = BlockStore.pack([names[id(p)][0] for p in params], params, pinned, target)
+                except Exception as exc:
+                    if not _is_allocation_failure(exc):
+                        raise
+                    obtained = sum(s.buffer.numel() for s in self._stores)
+                    raise _out_of_host_memory(exc, path, pinned, total, obtained) from exc
                 _ops.engine_add_block(self._engine, store.buffer, params, store.offsets)
                 self._stores.append(store)
-                self._hooks += attach_block_hooks(block, self._engine, index)
-                progress.update(sum(v.numel() * v.element_size() for v in store.views))
+                self._hooks += attach_block_hooks(block, self._engine, index, self.device.type)
+                progress.update(store.buffer.numel())
 
     def _weights_changed(self) -> None:
         _ops.engine_invalidate(self._engine)
@@ -169,6 +182,10 @@ class OffloadHandle:
         # No block can be running when the whole model starts: one still entered was left by an
         # interrupted forward (KeyboardInterrupt skips torch's always-called post-hooks).
         _ops.engine_reset(self._engine)
+        if torch.is_autocast_enabled(self.device.type):
+            # Low-precision copies cast outside a block (inside `mutate`, or by a block whose
+            # post-hook a KeyboardInterrupt skipped) must not stand in for the weights now.
+            torch.clear_autocast_cache()
         if self.group is not None:
             # The other models of the group give their device slots back (Wan2.2's idle expert).
             for other in group_handles(self.group):
@@ -257,19 +274,75 @@ class OffloadHandle:
             _ops.engine_destroy(self._engine)  # refuses while a block is running
             self._finalizer.detach()
 
+    def _remove_hooks(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+
     def _restore(self) -> None:
         with torch.no_grad():
             for store in self._stores:
                 for p, view in zip(store.params, store.views):
                     p.data = _on_device(view, self.device)
         self._destroy_engine()
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks.clear()
+        self._remove_hooks()
         self._stores.clear()
         model = self._model
         if model is not None and getattr(model, _HANDLE_ATTR, None) is self:
             delattr(model, _HANDLE_ATTR)
+
+
+class _Undo:
+    """What a failed `enable` needs to leave the model exactly as it found it.
+
+    Tensors on a device are kept until enable has succeeded: they are restored as the very same
+    storage, with no copy, and keeping them costs nothing that was not already in use. Block
+    parameters in host memory are not kept: holding them beside their host store would need the
+    model's size twice in host memory, the very resource enable is short of. They are copied
+    back out of their store, one block at a time."""
+
+    def __init__(self, model: nn.Module, offloaded: set[int]):
+        self.params: dict[int, tuple[nn.Parameter, torch.Tensor | None]] = {}
+        for p in model.parameters():
+            keep = id(p) not in offloaded or p.device.type != "cpu"
+            self.params[id(p)] = (p, p.data if keep else None)
+        self.buffers = [(m, name, buf) for m in model.modules() for name, buf in m._buffers.items()]
+
+    def restore(self, stores: list[BlockStore]) -> None:
+        with torch.no_grad():
+            while stores:
+                # Each store is dropped once its host parameters are copied out: one block extra at most.
+                store = stores.pop()
+                for p, view in zip(store.params, store.views):
+                    if self.params[id(p)][1] is None:
+                        p.data = _on_device(view, torch.device("cpu"))
+            for p, data in self.params.values():
+                if data is not None:
+                    p.data = data
+            for module, name, buf in self.buffers:
+                module._buffers[name] = buf
+
+
+def _is_allocation_failure(exc: Exception) -> bool:
+    # cudaHostAlloc fails as "CUDA error: out of memory", posix_memalign as "could not allocate".
+    text = str(exc).lower()
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in text or "could not allocate" in text
+
+
+def _out_of_host_memory(exc: Exception, block: str, pinned: bool, total: int, obtained: int) -> Exception:
+    """`exc` (a failed host allocation for `block`) with how much enable asked for and got."""
+    kind = "pinned host" if pinned else "host"
+    message = (
+        f"enable: packing block {block} failed after obtaining {obtained} of the {total} bytes "
+        f"({obtained / 2**30:.2f} of {total / 2**30:.2f} GiB) of {kind} memory that offloading this model needs; "
+        "the model was left as it was. Free host memory (another model, another process), offload a smaller "
+        "model, or raise the limit on this process's memory (a container's memory limit; for pinned memory "
+        f"also `ulimit -l`). Cause: {exc}"
+    )
+    try:
+        return type(exc)(message)
+    except Exception:  # an exception type that does not take a bare message
+        return RuntimeError(message)
 
 
 def group_handles(group: str) -> list[OffloadHandle]:

@@ -17,12 +17,21 @@ class BlockStore:
     offsets: list[int]
     views: list[torch.Tensor]  # each parameter's bytes in `buffer`, with its dtype, shape and strides
 
+    @staticmethod
+    def nbytes(params: list[torch.nn.Parameter]) -> int:
+        """The exact size of the host buffer `pack` allocates for `params`."""
+        return _ops.layout([p.detach() for p in params])[1]
+
     @classmethod
-    def pack(cls, names: list[str], params: list[torch.nn.Parameter], pinned: bool) -> BlockStore:
+    def pack(
+        cls, names: list[str], params: list[torch.nn.Parameter], pinned: bool, device: torch.device | None = None
+    ) -> BlockStore:
+        """`device`: the CUDA device a pinned buffer is for, so its context (not the current
+        device's) owns the pinning."""
         tensors = [p.detach() for p in params]
         offsets, nbytes = _ops.layout(tensors)
         if tensors:
-            buffer = _ops.pack(tensors, offsets, nbytes, pinned)
+            buffer = _ops.pack(tensors, offsets, nbytes, pinned, device)
         else:
             buffer = torch.empty(0, dtype=torch.uint8)
         views = [_view(buffer, off, t) for off, t in zip(offsets, tensors)]

@@ -3,6 +3,10 @@ memory bound. Skipped without a GPU; scripts/gpu_check.sh runs them on one."""
 
 import copy
 import gc
+import os
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -11,6 +15,7 @@ from torch import nn
 import fastvideo_offload as fo
 from fastvideo_offload import _ops
 from models import TinyDiT, tiny_input
+from snapshot import assert_unchanged, snapshot
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -227,3 +232,311 @@ def test_a_thousand_forwards_hold_device_memory():
         torch.cuda.synchronize()
     gc.collect()
     assert torch.cuda.memory_allocated() == start
+
+
+# ---- the first GPU run's known risks ----
+
+# About a millisecond of GPU time on an H100 or H200 (torch.cuda._sleep spins for clock cycles).
+_SLEEP_CYCLES = 2_000_000
+
+
+def _gpu_sleep(block):
+    torch.cuda._sleep(_SLEEP_CYCLES)
+
+
+def _lag(model):
+    """Every block's kernels start a millisecond late, so the GPU falls far behind the host. (A
+    function, so that no loop variable keeps a block, and through its hooks the handle, alive.)"""
+    for block in model.blocks:
+        block.probe = _gpu_sleep
+
+
+@pytest.fixture
+def memory_fraction():
+    """Sets this process's share of the device memory; always put back to all of it."""
+    try:
+        yield lambda fraction: torch.cuda.set_per_process_memory_fraction(fraction)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+@pytest.fixture(scope="module")
+def pinned_gib():
+    """1 GiB of pinned host memory, for a copy that keeps the host-to-device link busy."""
+    return torch.empty(1 << 30, dtype=torch.uint8, pin_memory=True)
+
+
+def test_pinned_memory_for_a_missing_device_is_refused():
+    count = torch.cuda.device_count()
+    with pytest.raises(ValueError, match="no such device"):
+        _ops.pack([torch.zeros(4)], [0], 16, True, torch.device("cuda", count))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_offloading_to_the_second_gpu_creates_no_context_on_the_first():
+    """cudaHostAlloc works in the current device's context: pinning for cuda:1 without a guard
+    would create a context (hundreds of MiB) on cuda:0. A fresh process, so no test before it made one."""
+    code = (
+        "import torch, fastvideo_offload as fo\n"
+        "from models import TinyDiT\n"
+        "handle = fo.enable(TinyDiT(), device='cuda:1')\n"
+        "contexts = torch._C._cuda_hasPrimaryContext(0), torch._C._cuda_hasPrimaryContext(1)\n"
+        "assert all(s.buffer.is_pinned() for s in handle._stores)\n"
+        "print(*contexts)\n"
+    )
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[-2:] == ["False", "True"]
+
+
+def test_failed_enable_leaves_a_host_model_on_the_host(monkeypatch):
+    """cudaHostAlloc failing part-way (a cgroup limit): nothing moved to the GPU stays there."""
+    model = TinyDiT(layers=4)
+    before = snapshot(model)
+    allocated = torch.cuda.memory_allocated()
+    real_pack, packed = _ops.pack, []
+
+    def pack(*args):
+        if len(packed) == 2:
+            raise RuntimeError("CUDA error: out of memory")  # what cudaHostAlloc's failure says
+        packed.append(args[2])
+        return real_pack(*args)
+
+    monkeypatch.setattr(_ops, "pack", pack)
+    with pytest.raises(RuntimeError, match=r"packing block blocks\.2 failed after obtaining \d+ of the \d+ bytes"
+                       r" .* of pinned host memory"):
+        fo.enable(model, device="cuda")
+    assert_unchanged(model, before, moved=["blocks.0.", "blocks.1."])
+    assert torch.cuda.memory_allocated() == allocated
+
+
+@pytest.mark.parametrize("on_gpu", [False, True])
+def test_failed_enable_after_every_block_was_packed(monkeypatch, on_gpu):
+    """The last step fails, after resident weights and buffers moved: all come back. A model on
+    the GPU gets back its very tensors, without a copy."""
+    model = TinyDiT()
+    if on_gpu:
+        model.cuda()
+    before = snapshot(model)
+
+    def fail(*args):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(fo.offloader, "attach_state_dict_hooks", fail)
+    with pytest.raises(RuntimeError, match="injected"):
+        fo.enable(model, device="cuda")
+    assert_unchanged(model, before, moved=() if on_gpu else ["blocks."])
+
+
+def test_autocast_keeps_no_copy_of_the_blocks_on_the_gpu():
+    """An fp32 model whose parameters require grad, under CUDA autocast: the cast cache would keep
+    a bf16 copy of every block on the device; the device holds the slots and nothing more."""
+    with torch.device("cuda"):
+        model = TinyDiT(dim=512, layers=8)
+    reference = copy.deepcopy(model)
+    x = tiny_input().cuda()
+    handle = fo.enable(model, device="cuda", prefetch=1)
+    with torch.no_grad():
+        model(x)  # the slots, allocated outside autocast
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            expected = reference(x)
+    del reference
+    gc.collect()
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_allocated()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        for _ in range(3):
+            assert torch.equal(model(x), expected)
+        torch.cuda.synchronize()
+        # Still inside the region: a cache keeping the blocks' bf16 copies would hold 4 MiB per
+        # block; what may stay is the head's copy, cast after the last block.
+        assert torch.cuda.memory_allocated() <= held + (1 << 20)
+    assert handle.stats()["device_bytes"] == 2 * handle.stats()["slot_bytes"]
+
+
+class _SideStreamBlock(nn.Module):
+    """Reads its weight on a side stream, late, and joins the calling stream back to that
+    stream before returning: the rule the post-hook relies on (README, "Side streams")."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.linear = nn.Linear(dim, dim)
+        self.side = None  # created at the first forward: a stream cannot be deep-copied
+
+    def forward(self, x):
+        caller = torch.cuda.current_stream()
+        if self.side is None:
+            self.side = torch.cuda.Stream()
+        self.side.wait_stream(caller)  # the input, and the weights the pre-hook waited for
+        with torch.cuda.stream(self.side):
+            torch.cuda._sleep(_SLEEP_CYCLES)
+            y = self.linear(x)
+        caller.wait_stream(self.side)  # the join: the slot is released only after the side stream read it
+        y.record_stream(caller)
+        return x + y
+
+
+class _SideStreamModel(nn.Module):
+    def __init__(self, dim=2048, layers=8):
+        super().__init__()
+        self.blocks = nn.ModuleList(_SideStreamBlock(dim) for _ in range(layers))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+@pytest.mark.parametrize("prefetch", [1, 2])
+def test_work_on_a_side_stream_joined_back_is_exact(prefetch):
+    """Each block reads its weight a millisecond late on another stream; the copies into its slot
+    for later blocks are queued meanwhile. Joined back before returning, every read is exact."""
+    with torch.device("cuda"):
+        model = _SideStreamModel().half()
+    reference = copy.deepcopy(model)
+    fo.enable(model, device="cuda", prefetch=prefetch)
+    inputs = [0.5 * torch.randn(256, 2048, device="cuda", dtype=torch.half) for _ in range(3)]
+    with torch.no_grad():
+        expected = [reference(x) for x in inputs]
+        torch.cuda.synchronize()
+        got = [model(x) for x in inputs]
+    assert all(torch.equal(g, e) for g, e in zip(got, expected))
+
+
+@pytest.mark.parametrize("prefetch", [0, 1, 2])
+def test_outputs_exact_when_compute_lags_far_behind(prefetch):
+    """Every block starts a millisecond late on the GPU, so the host runs whole forwards ahead and
+    every copy into a slot is queued long before the block that last used the slot has run: a copy
+    not ordered after that block's release overwrites weights it has yet to read."""
+    with torch.device("cuda"):
+        model = TinyDiT(dim=256, layers=8)
+    reference = copy.deepcopy(model)
+    handle = fo.enable(model, device="cuda", prefetch=prefetch)
+    _lag(model)
+    inputs = [tiny_input().cuda() for _ in range(4)]
+    with torch.no_grad():
+        expected = [reference(x) for x in inputs]
+        torch.cuda.synchronize()
+        got = [model(x) for x in inputs]
+    assert all(torch.equal(g, e) for g, e in zip(got, expected))
+    assert handle.stats()["max_resident_blocks"] <= 1 + prefetch
+
+
+@pytest.mark.parametrize("prefetch", [0, 1, 2])
+def test_outputs_exact_while_another_stream_floods_the_copy_link(prefetch, pinned_gib):
+    """Gigabytes copied host-to-device on another stream at the same time: each block's copy takes
+    several times longer, and a block that ran before its copy landed would read the bytes of the
+    block that held its slot before."""
+    with torch.device("cuda"):
+        model = Wide(dim=1024, layers=6).half()
+    reference = copy.deepcopy(model)
+    fo.enable(model, device="cuda", prefetch=prefetch)
+    x = 0.5 * torch.randn(64, 1024, device="cuda", dtype=torch.half)
+    with torch.no_grad():
+        expected = reference(x)
+        model(x)  # slots allocated, cuBLAS ready
+    target = torch.empty_like(pinned_gib, device="cuda")
+    flood = torch.cuda.Stream()
+    flood.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(flood):
+        for _ in range(4):
+            target.copy_(pinned_gib, non_blocking=True)
+    with torch.no_grad():
+        got = [model(x) for _ in range(3)]
+    torch.cuda.synchronize()
+    assert all(torch.equal(g, expected) for g in got)
+
+
+@pytest.mark.parametrize("how", ["trim", "disable", "del model"])
+def test_memory_freed_right_after_an_unsynchronized_forward(how):
+    """The forward returns while the GPU is still blocks behind (each block starts a millisecond
+    late) and copies into the slots are still queued. Its slots are freed at once, and tensors of a
+    slot's size allocated and filled right away (the caching allocator hands them the freed memory).
+    The forward's output, the new tensors and the restored weights must all come out exact."""
+    with torch.device("cuda"):
+        model = TinyDiT(dim=256, layers=8)
+    reference = copy.deepcopy(model)
+    x = tiny_input().cuda()
+    with torch.no_grad():
+        expected = reference(x)
+    handle = fo.enable(model, device="cuda", prefetch=2)
+    _lag(model)
+    slot_bytes, engine = handle.stats()["slot_bytes"], handle._engine
+    with torch.no_grad():
+        model(x)  # slots allocated
+        torch.cuda.synchronize()
+        out = model(x)
+    if how == "trim":
+        handle.trim()
+    elif how == "disable":
+        handle.disable()
+    else:
+        del handle, model
+        with pytest.raises(ValueError, match="no offload engine"):
+            _ops.engine_stats(engine)  # freed with the model, not at a later GC pass
+    reused = [torch.full((slot_bytes,), 0xA5, dtype=torch.uint8, device="cuda") for _ in range(4)]
+    torch.cuda.synchronize()
+    assert all(bool((t == 0xA5).all()) for t in reused)  # no late copy landed in freed slot memory
+    assert torch.equal(out, expected)
+    if how == "disable":
+        for a, b in zip(model.parameters(), reference.parameters()):
+            assert a.is_cuda and torch.equal(a, b)
+    if how == "trim":
+        with torch.no_grad():
+            assert torch.equal(model(x), expected)
+
+
+def _step_times(model, x, expected, steps):
+    times = []
+    with torch.no_grad():
+        for _ in range(steps):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            out = model(x)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+            assert torch.equal(out, expected)
+    return sorted(times)[len(times) // 2]
+
+
+def test_real_out_of_memory_on_prefetch(memory_fraction):
+    """The process may hold what a forward with one slot needs and half a slot more: each prefetch
+    of a second and third slot fails for real. The forward stays exact, as fast as prefetch 0, and
+    the allocator's out-of-memory path (free every cached segment, synchronize, retry) is not run
+    again at every block of every step."""
+    with torch.device("cuda"):
+        model = Wide(dim=2048, layers=4).half()
+    x = 0.5 * torch.randn(16, 2048, device="cuda", dtype=torch.half)
+    with torch.no_grad():
+        expected = model(x)  # also sets up cuBLAS, whose workspace stays reserved
+    handle = fo.enable(model, device="cuda", prefetch=0)
+    slot = handle.stats()["slot_bytes"]
+    _step_times(model, x, expected, 2)
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    one_slot_step = _step_times(model, x, expected, 5)
+    needed = torch.cuda.max_memory_reserved()  # this process, running with one slot
+
+    handle.disable()
+    handle = fo.enable(model, device="cuda", prefetch=2)
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    memory_fraction((needed + slot // 2) / total)
+    retries = torch.cuda.memory_stats().get("num_alloc_retries", 0)
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
+    torch.cuda.synchronize()
+    after_first = torch.cuda.memory_stats().get("num_alloc_retries", 0)
+    step = _step_times(model, x, expected, 5)
+    stats = handle.stats()
+    assert stats["prefetch_skipped_oom"] > 0
+    assert stats["device_bytes"] == slot  # the ring never got its second slot
+    assert torch.cuda.memory_stats().get("num_alloc_retries", 0) == after_first, (retries, after_first)
+    assert step <= 1.5 * one_slot_step + 0.005, (step, one_slot_step)

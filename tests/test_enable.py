@@ -7,6 +7,7 @@ import io
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastvideo_offload as fo
 from models import (
@@ -401,6 +402,70 @@ def test_mutate_that_raises_changes_nothing():
             raise KeyError("half-way")
     assert all(is_placeholder(p) for p in model.blocks.parameters())
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+class _Casts(TorchDispatchMode):
+    """Counts autocast's casts to bfloat16 (each is an aten._to_copy below autocast)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.count += func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == torch.bfloat16
+        return func(*args, **kwargs)
+
+
+def _bf16_autocast():
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_autocast_keeps_no_copy_of_the_blocks_and_sees_changes(prefetch):
+    """autocast caches the bf16 copy of an fp32 parameter that requires grad for its whole region,
+    keyed by the parameter: under offload it would keep every block's weights and go on using
+    them after a change. The post-hooks drop those copies with the block."""
+    model = TinyDiT()
+    assert all(p.requires_grad and p.dtype == torch.float32 for p in model.parameters())
+    reference = copy.deepcopy(model)
+    handle = fo.enable(model, device="cpu", prefetch=prefetch)
+    x = tiny_input()
+    with torch.no_grad(), _bf16_autocast():
+        with _Casts() as first:
+            expected = reference(x)
+            assert torch.equal(model(x), expected)
+        for _ in range(2):
+            with _Casts() as again:
+                assert torch.equal(model(x), expected)
+            # Every weight cast anew: no copy of any block outlived the forward that made it.
+            assert 2 * again.count == first.count
+        with handle.mutate(model.blocks[1]):
+            model.blocks[1].proj.weight.mul_(-1)
+        changed = model(x)
+    with torch.no_grad():
+        reference.blocks[1].proj.weight.mul_(-1)
+    with torch.no_grad(), _bf16_autocast():
+        # A fresh region for the reference: its own cache would hold the old weight.
+        assert torch.equal(changed, reference(x)) and not torch.equal(changed, expected)
+
+
+def test_autocast_copy_made_outside_a_block_is_not_used():
+    """A cast made while `mutate` held real weights (or left by an interrupted block) is dropped
+    when the next forward starts."""
+    model = TinyDiT()
+    reference = copy.deepcopy(model)
+    handle = fo.enable(model, device="cpu")
+    x = tiny_input()
+    with torch.no_grad(), _bf16_autocast():
+        with handle.mutate(model.blocks[0]):
+            model.blocks[0].proj(torch.zeros(1, 32))  # caches a bf16 copy of the old weight
+            model.blocks[0].proj.weight.zero_()
+        got = model(x)
+    with torch.no_grad():
+        reference.blocks[0].proj.weight.zero_()
+    with torch.no_grad(), _bf16_autocast():
+        assert torch.equal(got, reference(x))
 
 
 def test_mutate_refuses_shape_changes_and_foreign_blocks():

@@ -128,6 +128,17 @@ def test_pinned_memory_needs_cuda():
         _ops.pack([torch.zeros(4)], [0], 16, True)
 
 
+def test_pinned_memory_is_for_a_cuda_device():
+    with pytest.raises(ValueError, match="pinned host memory is for a CUDA device, got cpu"):
+        _ops.pack([torch.zeros(4)], [0], 16, True, torch.device("cpu"))
+
+
+def test_pack_ignores_the_device_of_a_pageable_buffer():
+    a = torch.arange(4.0)
+    buffer = _ops.pack([a], [0], 16, False, torch.device("cpu"))
+    assert torch.equal(buffer.view(torch.float32), a)
+
+
 def test_opcheck_layout():
     tensors = [torch.randn(3, 5), torch.randn(4, dtype=torch.bfloat16)]
     torch.library.opcheck(ops.layout.default, (tensors, 256), test_utils=("test_schema", "test_faketensor"))
@@ -137,6 +148,7 @@ def test_opcheck_pack():
     tensors = [torch.randn(3, 5), torch.randn(7, 2).t(), torch.randn(4, dtype=torch.bfloat16)]
     offsets, total = _ops.layout(tensors)
     torch.library.opcheck(ops.pack.default, (tensors, offsets, total, False))
+    torch.library.opcheck(ops.pack.default, (tensors, offsets, total, False, torch.device("cpu")))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -144,3 +156,4 @@ def test_opcheck_pack_cuda():
     tensors = [torch.randn(3, 5, device="cuda"), torch.randn(4, dtype=torch.bfloat16, device="cuda")]
     offsets, total = _ops.layout(tensors)
     torch.library.opcheck(ops.pack.default, (tensors, offsets, total, True))
+    torch.library.opcheck(ops.pack.default, (tensors, offsets, total, True, torch.device("cuda")))

@@ -10,6 +10,7 @@ import torch
 
 import fastvideo_offload as fo
 from models import TinyDiT, tiny_input
+from snapshot import assert_unchanged, snapshot
 
 
 def run(model, x):
@@ -173,3 +174,56 @@ def test_trim_disable_and_del_right_after_a_forward():
         fo.enable(model, device="cpu")
         assert torch.equal(run(model, x), expected)
         del model
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError, RuntimeError])
+@pytest.mark.parametrize("fail_at", [0, 2])
+def test_failed_enable_leaves_every_tensor_where_it_was(monkeypatch, error, fail_at):
+    """A host allocation that fails part-way (a cgroup limit) leaves the model as it was and says
+    how many bytes enable asked for and had obtained."""
+    model = TinyDiT(layers=4)
+    reference = copy.deepcopy(model)
+    before = snapshot(model)
+    sizes = [fo.store.BlockStore.nbytes(list(b.parameters())) for b in model.blocks]
+    real_pack, packed = fo._ops.pack, []
+
+    def pack(*args):
+        if len(packed) == fail_at:
+            raise error("could not allocate 123 bytes: out of memory")
+        packed.append(args[2])
+        return real_pack(*args)
+
+    monkeypatch.setattr(fo._ops, "pack", pack)
+    with pytest.raises(error) as info:
+        fo.enable(model, device="cpu")
+    message = str(info.value)
+    assert f"packing block blocks.{fail_at} failed after obtaining {sum(sizes[:fail_at])} of the {sum(sizes)} bytes" in message
+    assert "of host memory" in message and "Free host memory" in message and "out of memory" in message
+    assert_unchanged(model, before, moved=[f"blocks.{i}." for i in range(fail_at)])
+    monkeypatch.undo()
+    fo.enable(model, device="cpu")
+    x = tiny_input()
+    assert torch.equal(run(model, x), run(reference, x))
+
+
+def test_failure_that_is_not_an_allocation_keeps_its_message(monkeypatch):
+    model = TinyDiT()
+    before = snapshot(model)
+    monkeypatch.setattr(fo._ops, "pack", lambda *args: (_ for _ in ()).throw(ValueError("pack: bad layout")))
+    with pytest.raises(ValueError, match=r"^pack: bad layout$"):
+        fo.enable(model, device="cpu")
+    assert_unchanged(model, before)
+
+
+def test_failure_after_every_block_was_packed_restores_them_all(monkeypatch):
+    """The last step of enable fails: every block was packed and hooked, and comes back."""
+    model = TinyDiT()
+    before = snapshot(model)
+
+    def fail(*args):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(fo.offloader, "attach_state_dict_hooks", fail)
+    with pytest.raises(RuntimeError, match="injected"):
+        fo.enable(model, device="cpu")
+    assert_unchanged(model, before, moved=["blocks."])

@@ -11,7 +11,8 @@
 
 namespace fastvideo_offload {
 
-at::Tensor pack_cuda(at::TensorList tensors, at::IntArrayRef offsets, int64_t nbytes, bool pinned) {
+at::Tensor pack_cuda(at::TensorList tensors, at::IntArrayRef offsets, int64_t nbytes, bool pinned,
+                     std::optional<c10::Device> target) {
   check_layout(tensors, offsets, nbytes, "pack");
   TORCH_CHECK_VALUE(!tensors.empty(), "pack: no tensors");
   const c10::Device device = tensors[0].device();
@@ -19,7 +20,8 @@ at::Tensor pack_cuda(at::TensorList tensors, at::IntArrayRef offsets, int64_t nb
     TORCH_CHECK_VALUE(tensors[i].device() == device, "pack: tensor ", i, " is on ", tensors[i].device(),
                       " but tensor 0 is on ", device, "; all tensors of one block must be on the same device");
   }
-  at::Tensor buffer = alloc_host(nbytes, pinned);
+  // Pinned for the target device, or else for the device the tensors are on.
+  at::Tensor buffer = alloc_host(nbytes, pinned, target.has_value() ? target : device);
   zero_padding(buffer, tensors, offsets);
   c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();

@@ -3,11 +3,23 @@
 #include "pinned.h"
 
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/util/Exception.h>
 #include <cuda_runtime_api.h>
 
 namespace fastvideo_offload::cuda {
 
-void* pinned_alloc(size_t nbytes) {
+void* pinned_alloc(size_t nbytes, c10::DeviceIndex device) {
+  const c10::DeviceIndex count = c10::cuda::device_count();
+  TORCH_CHECK_VALUE(device >= -1 && device < count, "pinned host memory for CUDA device ", device,
+                    ": no such device (", count, " CUDA device(s) visible)");
+  // cudaHostAlloc works in the current device's context and creates it if needed: without the
+  // guard, offloading to cuda:1 would create a context (hundreds of MiB) on cuda:0.
+  c10::cuda::OptionalCUDAGuard guard;
+  if (device >= 0) {
+    guard.set_index(device);
+  }
   void* ptr = nullptr;
   C10_CUDA_CHECK(cudaHostAlloc(&ptr, nbytes, cudaHostAllocDefault));
   return ptr;

@@ -1,11 +1,14 @@
 // Page-locked host memory from the CUDA runtime, at exactly the size asked for.
 #pragma once
 
+#include <c10/core/Device.h>
+
 #include <cstddef>
 
 namespace fastvideo_offload::cuda {
 
-void* pinned_alloc(size_t nbytes);
+// Pinned in the context of CUDA device `device` (the one its copies go to); -1: the current one.
+void* pinned_alloc(size_t nbytes, c10::DeviceIndex device);
 void pinned_free(void* ptr);
 
 }  // namespace fastvideo_offload::cuda
