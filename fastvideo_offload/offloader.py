@@ -233,13 +233,19 @@ class OffloadHandle:
                 for name, p, view in zip(store.names, store.params, store.views):
                     if p.shape != view.shape or p.dtype != view.dtype:
                         problems.append(f"{name}: {view.dtype} {tuple(view.shape)} became {p.dtype} {tuple(p.shape)}")
+                    elif p.stride() == view.stride():
+                        _flat(view).copy_(_flat(p.detach()))
+                    elif _overlaps(view):
+                        # Values laid out otherwise need not fit strides whose elements share memory.
+                        problems.append(f"{name}: its strides {view.stride()} overlap and became {p.stride()}")
                     else:
                         view.copy_(p.detach())
                 _ops.engine_park(self._engine, i)
         _ops.engine_invalidate(self._engine)
         if problems:
             raise ValueError(
-                "mutate: offloaded parameters must keep their shape and dtype; these kept their old weights: "
+                "mutate: offloaded parameters must keep their shape and dtype (and strides that overlap, as an "
+                "expanded parameter's do); these kept their old weights: "
                 + "; ".join(problems)
             )
 
@@ -351,10 +357,23 @@ def group_handles(group: str) -> list[OffloadHandle]:
 
 
 def _on_device(view: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A device copy of a host-store view with the same strides (a plain .to() would not keep
-    the strides of a tensor with gaps)."""
+    """A device copy of a host-store view with the same shape, strides and values. The span its
+    strides reach is copied as one run of elements: a plain .to() would not keep strides with
+    gaps, and an element-wise copy_ refuses overlapping ones (an expanded, stride-0 parameter)."""
     data = torch.empty_strided(view.shape, view.stride(), dtype=view.dtype, device=device)
-    return data.copy_(view)
+    _flat(data).copy_(_flat(view))
+    return data
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """The elements from `t`'s first to its last in memory, gaps and shared elements included."""
+    span = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) if t.numel() else 0
+    return t.as_strided((span,), (1,))
+
+
+def _overlaps(t: torch.Tensor) -> bool:
+    """Whether some elements of `t` share memory (expanded, or fewer elements in its span than it has)."""
+    return any(size > 1 and stride == 0 for size, stride in zip(t.shape, t.stride())) or _flat(t).numel() < t.numel()
 
 
 def enable(

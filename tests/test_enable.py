@@ -1,6 +1,7 @@
 """enable() on CPU: the whole engine but streams and pinned memory, against the same model
 without offload."""
 
+import contextlib
 import copy
 import io
 
@@ -479,6 +480,35 @@ def test_mutate_refuses_shape_changes_and_foreign_blocks():
     with pytest.raises(ValueError, match="not one of this model's offloaded blocks"):
         with handle.mutate(model.head):
             pass
+
+
+def _with_overlapping_parameters():
+    """TinyDiT with two block weights whose elements share memory: an expanded (stride-0) one and
+    a sliding window over 127 floats."""
+    torch.manual_seed(0)
+    model = TinyDiT()
+    model.blocks[1].proj.weight = nn.Parameter(torch.randn(1, 32).expand(32, 32))
+    model.blocks[2].qkv.weight = nn.Parameter(torch.randn(127).as_strided((96, 32), (1, 1)))
+    return model
+
+
+def test_overlapping_strides_survive_mutate_and_disable():
+    model, reference = _with_overlapping_parameters(), _with_overlapping_parameters()
+    x = tiny_input()
+    handle = fo.enable(model, device="cpu")
+    assert torch.equal(run_passes(model, [x])[0], run_passes(reference, [x])[0])
+    for m in (model, reference):
+        with handle.mutate() if m is model else contextlib.nullcontext():
+            m.blocks[1].proj.weight.data = torch.full((1, 32), 0.5).expand(32, 32)
+            assert m.blocks[2].qkv.weight.stride() == (1, 1)
+    assert torch.equal(run_passes(model, [x])[0], run_passes(reference, [x])[0])
+    with pytest.raises(ValueError, match=r"blocks\.1\.proj\.weight: its strides \(0, 1\) overlap and became \(32, 1\)"):
+        with handle.mutate(model.blocks[1]):
+            model.blocks[1].proj.weight.data = torch.zeros(32, 32)
+    handle.disable()
+    for (name, p), r in zip(model.named_parameters(), reference.parameters()):
+        assert p.shape == r.shape and p.stride() == r.stride() and p.dtype == r.dtype and torch.equal(p, r), name
+    assert torch.equal(run_passes(model, [x])[0], run_passes(reference, [x])[0])
 
 
 def test_group_members_take_turns_on_the_device():
