@@ -272,8 +272,27 @@ class OffloadHandle:
         """Removes the hooks and puts every parameter back on the device, bit-exact."""
         if not self.enabled:
             raise RuntimeError("offload is already disabled for this model")
+        # Refuses while a block is running, and gives the slots' memory to the copies below.
+        self.trim()
+        # Every copy is made before anything changes: one that fails (out of device memory)
+        # leaves the model offloaded and working.
+        try:
+            with torch.no_grad():
+                restored = [
+                    (p, _on_device(view, self.device))
+                    for store in self._stores
+                    for p, view in zip(store.params, store.views)
+                ]
+        except Exception as exc:
+            raise _disable_failed(exc) from exc
         self._destroy_engine()
-        self._restore()
+        for p, data in restored:
+            p.data = data
+        self._remove_hooks()
+        self._stores.clear()
+        model = self._model
+        if model is not None and getattr(model, _HANDLE_ATTR, None) is self:
+            delattr(model, _HANDLE_ATTR)
 
     def _destroy_engine(self) -> None:
         if self._finalizer.alive:
@@ -284,18 +303,6 @@ class OffloadHandle:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
-
-    def _restore(self) -> None:
-        with torch.no_grad():
-            for store in self._stores:
-                for p, view in zip(store.params, store.views):
-                    p.data = _on_device(view, self.device)
-        self._destroy_engine()
-        self._remove_hooks()
-        self._stores.clear()
-        model = self._model
-        if model is not None and getattr(model, _HANDLE_ATTR, None) is self:
-            delattr(model, _HANDLE_ATTR)
 
 
 class _Undo:
@@ -344,6 +351,18 @@ def _out_of_host_memory(exc: Exception, block: str, pinned: bool, total: int, ob
         "the model was left as it was. Free host memory (another model, another process), offload a smaller "
         "model, or raise the limit on this process's memory (a container's memory limit; for pinned memory "
         f"also `ulimit -l`). Cause: {exc}"
+    )
+    try:
+        return type(exc)(message)
+    except Exception:  # an exception type that does not take a bare message
+        return RuntimeError(message)
+
+
+def _disable_failed(exc: Exception) -> Exception:
+    """`exc` (raised while copying the weights back) saying that nothing was changed."""
+    message = (
+        "disable failed while copying the weights back to the device; the model is still offloaded and works; "
+        f"free device memory and call disable() again. Cause: {exc}"
     )
     try:
         return type(exc)(message)

@@ -227,3 +227,36 @@ def test_failure_after_every_block_was_packed_restores_them_all(monkeypatch):
     with pytest.raises(RuntimeError, match="injected"):
         fo.enable(model, device="cpu")
     assert_unchanged(model, before, moved=["blocks."])
+
+
+@pytest.mark.parametrize("fail_at", [0, 7])
+def test_failed_disable_leaves_the_model_offloaded_and_working(monkeypatch, fail_at):
+    """Copying the weights back runs out of device memory on the Nth parameter: nothing changed,
+    the model still runs offloaded, bit-identical, and a later disable restores every weight."""
+    model = TinyDiT()
+    reference = copy.deepcopy(model)
+    x = tiny_input()
+    expected = run(reference, x)
+    handle = fo.enable(model, device="cpu")
+    assert torch.equal(run(model, x), expected)
+    real, copies = fo.offloader._on_device, []
+
+    def on_device(view, device):
+        if len(copies) == fail_at:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 12.00 KiB")
+        copies.append(real(view, device))
+        return copies[-1]
+
+    monkeypatch.setattr(fo.offloader, "_on_device", on_device)
+    with pytest.raises(torch.OutOfMemoryError, match=r"^disable failed .*; the model is still offloaded and works; "
+                       r".*Cause: CUDA out of memory"):
+        handle.disable()
+    monkeypatch.undo()
+    assert len(copies) == fail_at
+    assert handle.enabled and fo.handle_of(model) is handle and materialized(model) == []
+    assert torch.equal(run(model, x), expected)
+    handle.disable()
+    assert fo.handle_of(model) is None
+    for (name, p), r in zip(model.named_parameters(), reference.parameters()):
+        assert p.stride() == r.stride() and torch.equal(p, r), name
+    assert torch.equal(run(model, x), expected)
