@@ -1,4 +1,4 @@
-"""The forward pre-hook and post-hook of an offloaded block: one C++ call each, and one check."""
+"""The forward pre-hook and post-hook of an offloaded block: one C++ call each, and two checks."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from . import _ops
 def attach_block_hooks(block: nn.Module, engine: int, index: int, device_type: str) -> list[RemovableHandle]:
     enter, exit_ = _ops.engine_enter, _ops.engine_exit
     autocast_on, drop_casts = torch.is_autocast_enabled, torch.clear_autocast_cache
+    grad_on = torch.is_grad_enabled
 
     # Disabled for the compiler: the swap must stay eager, outside any compiled graph.
     @torch.compiler.disable
@@ -27,9 +28,29 @@ def attach_block_hooks(block: nn.Module, engine: int, index: int, device_type: s
         # a block's copies live no longer than its slot, and the next forward casts afresh.
         if autocast_on(device_type):
             drop_casts()
+        # Backward would read weights that are gone by then (placeholders, or a slot holding another
+        # block): it fails with a shape error that names nothing, or reads the wrong bytes. A hook on
+        # the output refuses first, where the gradient reaches the block. Under no_grad or
+        # inference_mode this check is all it costs.
+        if grad_on():
+            _refuse_backward(output)
 
     return [
         block.register_forward_pre_hook(pre_forward),
         # always_call: the block is released also when its forward raised.
         block.register_forward_hook(post_forward, always_call=True),
     ]
+
+
+def _refuse_backward(output) -> None:
+    for t in output if isinstance(output, (tuple, list)) else (output,):
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            t.register_hook(_backward_unsupported)
+
+
+def _backward_unsupported(grad: torch.Tensor) -> None:
+    raise RuntimeError(
+        "fastvideo_offload: backward through offloaded blocks is not supported (inference only): their weights "
+        "live in host memory and are on the device only while each block's forward runs. Run the model under "
+        "torch.no_grad() or torch.inference_mode(), or call disable() before training."
+    )

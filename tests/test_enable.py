@@ -511,6 +511,27 @@ def test_overlapping_strides_survive_mutate_and_disable():
     assert torch.equal(run_passes(model, [x])[0], run_passes(reference, [x])[0])
 
 
+@pytest.mark.parametrize("frozen", [False, True])
+def test_backward_through_offloaded_blocks_is_refused_by_name(frozen):
+    """A forward under grad mode (no_grad forgotten) still works; backward, needed for the weights'
+    gradients or, with frozen weights, for the input's, raises naming offload before any block's
+    backward runs on weights that are gone."""
+    model = TinyDiT()
+    model.requires_grad_(not frozen)
+    reference = copy.deepcopy(model)
+    x = tiny_input().requires_grad_(frozen)
+    handle = fo.enable(model, device="cpu")
+    y = model(x)
+    assert torch.equal(y, reference(x))
+    with pytest.raises(RuntimeError, match=r"^fastvideo_offload: backward through offloaded blocks is not supported "
+                       r"\(inference only\)"):
+        y.sum().backward()
+    assert all(p.grad is None for p in model.blocks.parameters())
+    assert torch.equal(run_passes(model, [x])[0], run_passes(reference, [x])[0])
+    handle.disable()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters()))
+
+
 def test_group_members_take_turns_on_the_device():
     a, b = TinyDiT(), TinyDiT()
     ha = fo.enable(a, device="cpu", group="pair")
