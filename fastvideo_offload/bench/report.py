@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 GiB = 2**30
 
@@ -118,13 +119,19 @@ def table(results: dict) -> str:
     return "\n".join(out)
 
 
+def _make_parent(path: str) -> str:
+    # `--json out/bench.json` into a folder that does not exist yet is what a user types first.
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    return path
+
+
 def write_table(results: dict, path: str) -> None:
-    with open(path, "w") as f:
+    with open(_make_parent(path), "w") as f:
         f.write(table(results) + "\n")
 
 
 def write_json(results: dict, path: str) -> None:
-    with open(path, "w") as f:
+    with open(_make_parent(path), "w") as f:
         json.dump(results, f, indent=1)
 
 
@@ -171,5 +178,5 @@ def plot(results: dict, path: str) -> None:
     else:
         axes[2].axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(_make_parent(path), dpi=110)
     plt.close(fig)
