@@ -12,8 +12,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import _ops
-from .blocks import find_block_lists
+from .blocks import BlockList, find_block_lists
 from .hooks import attach_block_hooks
+from .report import OffloadReport
 from .state_dict import attach_state_dict_hooks
 from .store import BlockStore
 
@@ -54,8 +55,8 @@ def _param_names(model: nn.Module) -> dict[int, list[str]]:
     return names
 
 
-def _check_blocks_registered_once(model: nn.Module, lists: list[tuple[str, nn.ModuleList]]) -> None:
-    home = {id(block): f"{path}.{i}" if path else str(i) for path, blocks in lists for i, block in enumerate(blocks)}
+def _check_blocks_registered_once(model: nn.Module, lists: list[BlockList]) -> None:
+    home = {id(block): name for _, blocks in lists for name, block in blocks}
     for name, module in model.named_modules(remove_duplicate=False):
         expected = home.get(id(module))
         if expected is not None and name != expected:
@@ -73,7 +74,7 @@ class OffloadHandle:
         model: nn.Module,
         device: torch.device,
         prefetch: int,
-        lists: list[tuple[str, nn.ModuleList]],
+        lists: list[BlockList],
         group: str | None = None,
     ):
         # Weak: the model holds the handle (attribute, hooks), so a strong reference back would make
@@ -92,7 +93,7 @@ class OffloadHandle:
                 f"parameters {meta[:3]}{'...' if len(meta) > 3 else ''} are on the meta device; load real weights "
                 "(for example with load_state_dict(..., assign=True)) before enabling offload"
             )
-        blocks = [(f"{path}.{i}" if path else str(i), b) for path, blist in lists for i, b in enumerate(blist)]
+        blocks = [named for _, named_blocks in lists for named in named_blocks]
         self._block_index = {id(block): index for index, (_, block) in enumerate(blocks)}
         names = _param_names(model)
         # A parameter is offloaded with its block only if every name it has lies inside that block;
@@ -109,6 +110,7 @@ class OffloadHandle:
         shared = {id(p) for _, block in blocks for p in block.parameters()} - offloaded
         if shared:
             logger.info("%d parameter(s) shared outside a single block stay resident on %s", len(shared), device)
+        report = OffloadReport.measure(model, lists, offloaded)
 
         self._engine = _ops.engine_create(device, prefetch)
         self._finalizer = weakref.finalize(self, _ops.engine_destroy, self._engine)
@@ -138,6 +140,7 @@ class OffloadHandle:
             stats["blocks"], ", ".join(self.block_paths) or "<root>", type(model).__name__,
             stats["host_bytes"] / 2**20, prefetch + 1, stats["slot_bytes"] / 2**20, device,
         )
+        report.log(type(model).__name__, device)
 
     @property
     def _model(self) -> nn.Module | None:

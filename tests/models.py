@@ -151,3 +151,78 @@ class TiedBlocks(nn.Module):
 
 def tiny_input(batch: int = 2, tokens: int = 6, dtype=torch.float32) -> torch.Tensor:
     return torch.randn(batch, tokens, 8, dtype=dtype)
+
+
+class OtherBlock(nn.Module):
+    """A second kind of block, to mix with `Block` in one list."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return x + self.fc(self.norm(x))
+
+
+class ListOf(nn.Module):
+    """`layers`, a ModuleList of the given modules, called in order between an embedding and a head."""
+
+    def __init__(self, layers, dim: int = 32):
+        super().__init__()
+        self.embed = nn.Linear(8, dim)
+        self.layers = nn.ModuleList(layers)
+        self.head = nn.Linear(dim, 8)
+
+    def forward(self, x):
+        x = self.embed(x)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+class PairList(nn.Module):
+    """ConsisID's `local_facial_extractor.layers`: a ModuleList of [attention, feed-forward]
+    ModuleLists, which are never called themselves; their members are."""
+
+    def __init__(self, dim: int = 32, depth: int = 3):
+        super().__init__()
+        self.embed = nn.Linear(8, dim)
+        self.layers = nn.ModuleList(
+            nn.ModuleList([Block(dim), nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU())])
+            for _ in range(depth)
+        )
+        self.head = nn.Linear(dim, 8)
+
+    def forward(self, x):
+        x = self.embed(x)
+        for attn, ff in self.layers:
+            x = ff(attn(x)) + x
+        return self.head(x)
+
+
+class ConvNeXtBlock(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dwconv = nn.Conv1d(dim, dim, kernel_size=3, padding=1, groups=dim)
+        self.norm = nn.LayerNorm(dim)
+        self.pwconv = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return x + self.pwconv(self.norm(self.dwconv(x.transpose(1, 2)).transpose(1, 2)))
+
+
+class SequentialStack(TinyDiT):
+    """LongCat audio DiT's shape: beside the block list, `text_conv`, an nn.Sequential of
+    ConvNeXt blocks, and an MLP head that is a Sequential of plain layers."""
+
+    def __init__(self, dim: int = 32):
+        super().__init__(dim, layers=2)
+        self.text_conv = nn.Sequential(*[ConvNeXtBlock(dim) for _ in range(3)])
+        self.head = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, 8))
+
+    def forward(self, x):
+        x = self.text_conv(self.embed(x))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)

@@ -8,6 +8,7 @@ import torch
 
 import fastvideo_offload as fo
 from conftest import integration
+from offloaded import enable_and_check
 
 diffusers = integration("diffusers")
 
@@ -100,3 +101,60 @@ def test_wan22_experts_take_turns():
             assert handles[1 - i].stats()["device_bytes"] == 0
     assert handles[0].stats()["device_bytes"] == 0
     assert handles[1].stats()["sync_loads"] == 1  # the switch waited for one block's copy, no more
+
+
+def consisid():
+    model = diffusers.ConsisIDTransformer3DModel(
+        num_attention_heads=3, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=8,
+        text_embed_dim=16, num_layers=2, sample_width=8, sample_height=8, sample_frames=8, patch_size=2,
+        temporal_compression_ratio=4, max_text_seq_length=8, is_train_face=True, cross_attn_interval=1,
+        cross_attn_dim_head=8, cross_attn_num_heads=2, LFE_id_dim=16, LFE_vit_dim=16, LFE_depth=10, LFE_dim_head=8,
+        LFE_num_heads=2, LFE_num_id_token=2, LFE_num_querie=4, LFE_output_dim=32, LFE_ff_mult=2, LFE_num_scale=5,
+    )
+    inputs = dict(hidden_states=torch.randn(1, 2, 4, 8, 8), encoder_hidden_states=torch.randn(1, 8, 16),
+                  timestep=torch.tensor([10]), id_cond=torch.randn(1, 16),
+                  id_vit_hidden=[torch.randn(1, 6, 16) for _ in range(5)])
+    # local_facial_extractor.layers: 10 [attention, feed-forward] ModuleLists, never called themselves
+    extractor = [f"local_facial_extractor.layers.{i}.{j}" for i in range(10) for j in range(2)]
+    blocks = ([f"transformer_blocks.{i}" for i in range(2)] + extractor
+              + [f"perceiver_cross_attention.{i}" for i in range(2)])
+    lists = ["transformer_blocks", "local_facial_extractor.layers", "perceiver_cross_attention"]
+    return model, inputs, lists, blocks, extractor[-1]
+
+
+def longcat_audio():
+    model = diffusers.LongCatAudioDiTTransformer(dit_dim=16, dit_depth=2, dit_heads=2, dit_text_dim=8, latent_dim=4)
+    with torch.no_grad():
+        for p in model.parameters():  # the output layers start at zero: the output would not depend on the blocks
+            if not p.any():
+                p.normal_()
+    inputs = dict(hidden_states=torch.randn(1, 6, 4), encoder_hidden_states=torch.randn(1, 5, 8),
+                  encoder_attention_mask=torch.tensor([[1, 1, 1, 1, 0]], dtype=torch.bool),
+                  timestep=torch.tensor([0.5]))
+    # text_conv_layer: an nn.Sequential of four ConvNeXt blocks
+    blocks = [f"blocks.{i}" for i in range(2)] + [f"text_conv_layer.{i}" for i in range(4)]
+    return model, inputs, ["blocks", "text_conv_layer"], blocks, "text_conv_layer.3"
+
+
+@pytest.mark.parametrize("make", [consisid, longcat_audio], ids=["consisid", "longcat_audio"])
+def test_nested_and_sequential_block_lists_are_found(make):
+    model, inputs, lists, blocks, probe = make()
+    model.eval()
+
+    def run(m):
+        return m(**inputs, return_dict=False)[0]
+
+    # the output depends on the blocks only discovery of nested lists and Sequentials finds
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        next(changed.get_submodule(probe).parameters()).mul_(2)
+        assert not torch.equal(run(changed), run(model))
+    handle = enable_and_check(model, blocks, run)
+    assert handle.block_paths == lists
+
+
+def test_naming_consisid_pairs_is_refused():
+    model, _, _, _, _ = consisid()
+    with pytest.raises(ValueError, match="'local_facial_extractor.layers' .* are ModuleList modules, which are "
+                                         "never called"):
+        fo.enable(model, device="cpu", blocks=["local_facial_extractor.layers"])
