@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from . import _ops
 from .blocks import BlockList, find_block_lists
 from .hooks import attach_block_hooks
-from .report import OffloadReport
+from .placement import OffloadReport
 from .state_dict import attach_state_dict_hooks
 from .store import BlockStore
 
