@@ -166,8 +166,12 @@ bool Engine::allocate(int index, bool required) {
   if (!required) {
     // A prefetch only takes memory that is there: asking the allocator for more than the device
     // has makes it free its whole cache and synchronize the device before it throws.
-    const int64_t free = transfer_->free_bytes();
-    if (prefetch_alloc_blocked_ || !fits_budget() || (free >= 0 && free < slot_bytes_)) {
+    // Short-circuit: once blocked, no prefetch of this forward asks the driver again (hot path).
+    const auto no_room = [&] {
+      const int64_t free = transfer_->free_bytes();
+      return free >= 0 && free < slot_bytes_;
+    };
+    if (prefetch_alloc_blocked_ || !fits_budget() || no_room()) {
       prefetch_alloc_blocked_ = true;
       ++prefetch_skipped_oom_;
       return false;

@@ -355,10 +355,7 @@ def _out_of_host_memory(exc: Exception, block: str, pinned: bool, total: int, ob
         "model, or raise the limit on this process's memory (a container's memory limit; for pinned memory "
         f"also `ulimit -l`). Cause: {exc}"
     )
-    try:
-        return type(exc)(message)
-    except Exception:  # an exception type that does not take a bare message
-        return RuntimeError(message)
+    return _retold(exc, message)
 
 
 def _disable_failed(exc: Exception) -> Exception:
@@ -367,6 +364,11 @@ def _disable_failed(exc: Exception) -> Exception:
         "disable failed while copying the weights back to the device; the model is still offloaded and works; "
         f"free device memory and call disable() again. Cause: {exc}"
     )
+    return _retold(exc, message)
+
+
+def _retold(exc: Exception, message: str) -> Exception:
+    """An exception of `exc`'s type (so `except torch.OutOfMemoryError` still catches it) saying `message`."""
     try:
         return type(exc)(message)
     except Exception:  # an exception type that does not take a bare message
