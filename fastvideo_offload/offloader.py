@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from . import _ops
 from .blocks import BlockList, find_block_lists
 from .hooks import attach_block_hooks
+from .outside import OutsideCalls
 from .placement import OffloadReport
 from .state_dict import attach_state_dict_hooks
 from .store import BlockStore
@@ -116,6 +117,7 @@ class OffloadHandle:
         self._finalizer = weakref.finalize(self, _ops.engine_destroy, self._engine)
         self._stores: list[BlockStore] = []
         self._hooks = []
+        self._outside: OutsideCalls | None = None
         undo = _Undo(model, offloaded)
         try:
             self._pack_blocks(blocks, block_params, names)
@@ -124,6 +126,10 @@ class OffloadHandle:
                 n: view for store in self._stores for p, view in zip(store.params, store.views) for n in names[id(p)]
             }
             self._hooks += attach_state_dict_hooks(model, host_views, self._weights_changed)
+            self._outside = OutsideCalls(
+                blocks, {id(p): view for s in self._stores for p, view in zip(s.params, s.views)},
+                lambda view: _on_device(view, device),
+            )
             self._hooks.append(model.register_forward_pre_hook(self._before_forward))
         except BaseException:
             self._destroy_engine()
@@ -179,6 +185,7 @@ class OffloadHandle:
 
     def _weights_changed(self) -> None:
         _ops.engine_invalidate(self._engine)
+        self._outside.refresh()
 
     @torch.compiler.disable
     def _before_forward(self, module, args) -> None:
@@ -244,7 +251,7 @@ class OffloadHandle:
                     else:
                         view.copy_(p.detach())
                 _ops.engine_park(self._engine, i)
-        _ops.engine_invalidate(self._engine)
+        self._weights_changed()
         if problems:
             raise ValueError(
                 "mutate: offloaded parameters must keep their shape and dtype (and strides that overlap, as an "
@@ -260,8 +267,11 @@ class OffloadHandle:
 
     def stats(self) -> dict[str, int]:
         """Counters of the engine: blocks, host_bytes, h2d_bytes, uploads, prefetches,
-        sync_loads, max_resident_blocks, device_bytes and more."""
-        return _ops.engine_stats(self._engine)
+        sync_loads, max_resident_blocks, device_bytes and more; `outside_resident_bytes`: the weights
+        of block submodules kept on the device because they also run outside their block."""
+        stats = _ops.engine_stats(self._engine)
+        stats["outside_resident_bytes"] = self._outside.nbytes() if self._outside else 0
+        return stats
 
     def trim(self) -> None:
         """Frees this model's device slots until its next forward (an idle Wan2.2 expert)."""
@@ -306,6 +316,8 @@ class OffloadHandle:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+        if self._outside is not None:
+            self._outside.remove()
 
 
 class _Undo:
