@@ -16,6 +16,7 @@ from .blocks import BlockList, find_block_lists
 from .hooks import attach_block_hooks
 from .outside import OutsideCalls
 from .placement import OffloadReport
+from .retained import RetainedCheck
 from .state_dict import attach_state_dict_hooks
 from .store import BlockStore
 
@@ -112,6 +113,7 @@ class OffloadHandle:
         if shared:
             logger.info("%d parameter(s) shared outside a single block stay resident on %s", len(shared), device)
         report = OffloadReport.measure(model, lists, offloaded)
+        retained = RetainedCheck([(names[id(p)][0], p) for params in block_params for p in params])
 
         self._engine = _ops.engine_create(device, prefetch)
         self._finalizer = weakref.finalize(self, _ops.engine_destroy, self._engine)
@@ -137,6 +139,8 @@ class OffloadHandle:
             undo.restore(self._stores)
             self._stores.clear()
             raise
+        del undo  # it holds device tensors until here; the check below sees what else does
+        self._retained_bytes = retained.measure(blocks)
         if group is not None:
             _GROUPS.setdefault(group, weakref.WeakSet()).add(self)
         setattr(model, _HANDLE_ATTR, self)
@@ -225,10 +229,17 @@ class OffloadHandle:
         this scope's own copies until it ends."""
         indices = [self._index_of(b) for b in blocks] if blocks else range(len(self._stores))
         _ops.engine_invalidate(self._engine)  # refuses while a block is running
+        # Every copy is made before any parameter changes: one that fails (out of device memory)
+        # leaves the model offloaded as it was.
         with torch.no_grad():
-            for i in indices:
-                for p, view in zip(self._stores[i].params, self._stores[i].views):
-                    p.data = _on_device(view, self.device)
+            copies = [
+                (p, _on_device(view, self.device))
+                for i in indices
+                for p, view in zip(self._stores[i].params, self._stores[i].views)
+            ]
+        for p, data in copies:
+            p.data = data
+        del copies
         try:
             yield
         except BaseException:
@@ -268,9 +279,11 @@ class OffloadHandle:
     def stats(self) -> dict[str, int]:
         """Counters of the engine: blocks, host_bytes, h2d_bytes, uploads, prefetches,
         sync_loads, max_resident_blocks, device_bytes and more; `outside_resident_bytes`: the weights
-        of block submodules kept on the device because they also run outside their block."""
+        of block submodules kept on the device because they also run outside their block;
+        `retained_bytes`: block memory that offloading could not free (see retained.py)."""
         stats = _ops.engine_stats(self._engine)
         stats["outside_resident_bytes"] = self._outside.nbytes() if self._outside else 0
+        stats["retained_bytes"] = self._retained_bytes
         return stats
 
     def trim(self) -> None:
