@@ -203,7 +203,7 @@ class CheckpointWeights:
     def resident(self, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
         entry = self._by_tensor.get(id(tensor))
         if entry is None:  # a real tensor the checkpoint does not hold (a non-persistent buffer)
-            return tensor.detach().to(device)
+            return tensor.to(device)
         with _Files([entry]) as files:
             value = _read(files, entry)
         return value.to(device=device, dtype=tensor.dtype)
@@ -274,7 +274,7 @@ def _named_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def _threads(blocks: int) -> int:
-    return max(1, min(blocks, os.cpu_count() or 1, _MAX_THREADS))
+    return max(1, min(blocks, len(os.sched_getaffinity(0)), _MAX_THREADS))
 
 
 def _few(names: list[str]) -> str:

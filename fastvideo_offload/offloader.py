@@ -153,7 +153,9 @@ class OffloadHandle:
             for module in self._model.modules():
                 for p in module._parameters.values():
                     if p is not None and id(p) not in offloaded:
-                        assign(p, source.resident(p, self.device))
+                        data = source.resident(p, self.device)
+                        if data is not p:
+                            assign(p, data)
                 for name, buf in module._buffers.items():
                     if buf is not None:
                         module._buffers[name] = source.resident(buf, self.device)

@@ -4,7 +4,8 @@ model and loading one straight from a checkpoint (checkpoint.py). A source
 - `check(model)`: refuses, before anything changes, a model it cannot give every weight;
 - `host_stores(blocks, pinned, device)`: yields each block's filled host store in order, given
   `(names, params)` per block; a parameter leaves it holding real bytes (the engine refuses meta);
-- `resident(tensor, device)`: a parameter or buffer that stays out of the blocks, on `device`.
+- `resident(tensor, device)`: a parameter or buffer that stays out of the blocks, on `device`
+  (`tensor` itself where nothing changes).
 
 `label` names the work on the progress bar."""
 
@@ -49,5 +50,5 @@ class LiveWeights:
             yield BlockStore.pack(names, params, pinned, device)
 
     def resident(self, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-        # Already on the device: the same storage, no copy.
-        return tensor.detach().to(device)
+        # Already on the device: the tensor itself, so a buffer keeps its object and a parameter its data.
+        return tensor.to(device)

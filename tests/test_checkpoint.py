@@ -65,7 +65,9 @@ def test_a_sharded_save_has_an_index_and_several_files(saved):
 def test_loads_bit_identical_to_from_pretrained(saved, where):
     reference = diffusers.WanTransformer3DModel.from_pretrained(saved / where.split("/")[0]).eval()
     model = empty_wan()
+    params = list(model.parameters())
     handle = fo.enable(model, device="cpu", checkpoint=saved / where)
+    assert all(a is b for a, b in zip(model.parameters(), params, strict=True))  # off meta, the same objects
     inputs = wan_inputs()
     with torch.no_grad():
         for _ in range(2):
