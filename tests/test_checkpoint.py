@@ -77,6 +77,7 @@ def test_loads_bit_identical_to_from_pretrained(saved, where):
     assert all(torch.equal(got[k], expected[k]) for k in expected)
     assert all(p.numel() == 0 for p in model.blocks.parameters())
     assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    assert handle.stats()["retained_bytes"] == 0  # the meta tensors swapped out hold nothing
     # The host store is the one packing the loaded model gives, byte for byte (padding included).
     packed = fo.enable(reference, device="cpu")
     assert handle.stats()["host_bytes"] == packed.stats()["host_bytes"]
