@@ -16,6 +16,8 @@ TORCH_LIBRARY(fastvideo_offload, m) {
   // Host store: where each tensor goes in a block buffer, and the packing into it.
   m.def("layout(Tensor[] tensors, int alignment=256) -> int[]");
   m.def("pack(Tensor[] tensors, int[] offsets, int nbytes, bool pinned, Device? device=None) -> Tensor");
+  // An exact-size host buffer left unfilled, for a caller that writes it (a checkpoint read into it).
+  m.def("alloc_host(int nbytes, bool pinned, Device? device=None) -> Tensor");
   // The engine of one model, named by a handle. Eager only: hooks call these between kernels.
   m.def("engine_create(Device device, int prefetch) -> int", &engine_create);
   m.def("engine_add_block(int engine, Tensor host, Tensor(a!)[] params, int[] offsets) -> int", &engine_add_block);
@@ -34,6 +36,8 @@ TORCH_LIBRARY(fastvideo_offload, m) {
 TORCH_LIBRARY_IMPL(fastvideo_offload, CompositeExplicitAutograd, m) {
   // Reads only sizes, strides and dtypes, so it also runs on meta and fake tensors.
   m.impl("layout", &layout);
+  // Takes no tensor, so no backend key picks it; Explicit (not a catch-all) lets it have a fake.
+  m.impl("alloc_host", &alloc_host);
 }
 
 TORCH_LIBRARY_IMPL(fastvideo_offload, CPU, m) { m.impl("pack", &pack_cpu); }

@@ -15,6 +15,8 @@ std::vector<int64_t> layout(at::TensorList tensors, int64_t alignment);
 // `device`: the CUDA device a pinned buffer is for (None: the current one).
 at::Tensor pack_cpu(at::TensorList tensors, at::IntArrayRef offsets, int64_t nbytes, bool pinned,
                     std::optional<c10::Device> device);
+// An uninitialized buffer, page-aligned or pinned for CUDA `device` (declared in host_store.h too).
+at::Tensor alloc_host(int64_t nbytes, bool pinned, std::optional<c10::Device> device);
 #ifdef FVO_WITH_CUDA
 // cuda/pack.cpp
 at::Tensor pack_cuda(at::TensorList tensors, at::IntArrayRef offsets, int64_t nbytes, bool pinned,

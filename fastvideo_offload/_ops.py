@@ -1,7 +1,7 @@
 """Loads the C++ op library and gives each op a thin, typed Python face.
 
 Every schema is in csrc/bindings.cpp; this module adds nothing but loading, types and the
-fake (meta) implementation of the one op that returns a tensor.
+fake (meta) implementations of the ops that return a tensor.
 """
 
 from __future__ import annotations
@@ -40,6 +40,17 @@ def pack(
 
 @torch.library.register_fake("fastvideo_offload::pack")
 def _pack_fake(tensors, offsets, nbytes, pinned, device=None):
+    return torch.empty(nbytes, dtype=torch.uint8, device="cpu")
+
+
+def alloc_host(nbytes: int, pinned: bool, device: torch.device | None = None) -> torch.Tensor:
+    """An exact-size uint8 host buffer with its bytes left as they are, for the caller to fill
+    (pinned for CUDA `device` when `pinned`)."""
+    return _ops.alloc_host.default(nbytes, pinned, device)
+
+
+@torch.library.register_fake("fastvideo_offload::alloc_host")
+def _alloc_host_fake(nbytes, pinned, device=None):
     return torch.empty(nbytes, dtype=torch.uint8, device="cpu")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import weakref
 from collections.abc import Iterator, Sequence
 
@@ -14,10 +15,12 @@ from tqdm.auto import tqdm
 from . import _ops
 from .budget import DeviceBudget, check_budget
 from .blocks import BlockList, find_block_lists
+from .checkpoint import CheckpointWeights
 from .hooks import attach_block_hooks
 from .outside import OutsideCalls
 from .placement import OffloadReport
 from .retained import RetainedCheck
+from .sources import LiveWeights, assign
 from .state_dict import attach_state_dict_hooks
 from .store import BlockStore
 
@@ -80,6 +83,7 @@ class OffloadHandle:
         lists: list[BlockList],
         group: str | None = None,
         device_budget: int | str | None = None,
+        source: LiveWeights | CheckpointWeights | None = None,
     ):
         # Weak: the model holds the handle (attribute, hooks), so a strong reference back would make
         # a cycle, and `del model` would free neither slots nor host memory until a GC pass.
@@ -91,12 +95,8 @@ class OffloadHandle:
 
         # Everything is checked before anything changes: a refused model is left as it was.
         _check_blocks_registered_once(model, lists)
-        meta = [n for n, p in model.named_parameters() if p.is_meta]
-        if meta:
-            raise ValueError(
-                f"parameters {meta[:3]}{'...' if len(meta) > 3 else ''} are on the meta device; load real weights "
-                "(for example with load_state_dict(..., assign=True)) before enabling offload"
-            )
+        source = source or LiveWeights()
+        source.check(model)
         self._budget: DeviceBudget | None = None
         blocks = [named for _, named_blocks in lists for named in named_blocks]
         self._block_index = {id(block): index for index, (_, block) in enumerate(blocks)}
@@ -128,8 +128,8 @@ class OffloadHandle:
         self._outside: OutsideCalls | None = None
         undo = _Undo(model, offloaded)
         try:
-            self._pack_blocks(blocks, block_params, names)
-            self._move_resident(offloaded)
+            self._pack_blocks(blocks, block_params, names, source)
+            self._move_resident(offloaded, source)
             host_views = {
                 n: view for store in self._stores for p, view in zip(store.params, store.views) for n in names[id(p)]
             }
@@ -164,27 +164,31 @@ class OffloadHandle:
     def _model(self) -> nn.Module | None:
         return self._model_ref()
 
-    def _move_resident(self, offloaded: set[int]) -> None:
+    def _move_resident(self, offloaded: set[int], source) -> None:
         """Everything that is not a block parameter goes to the device and stays: embeddings,
         norms, heads, shared weights, and every buffer (RoPE caches included)."""
         with torch.no_grad():
             for module in self._model.modules():
                 for p in module._parameters.values():
-                    if p is not None and id(p) not in offloaded and p.device != self.device:
-                        p.data = p.data.to(self.device)
+                    if p is not None and id(p) not in offloaded:
+                        data = source.resident(p, self.device)
+                        if data is not p:
+                            assign(p, data)
                 for name, buf in module._buffers.items():
-                    if buf is not None and buf.device != self.device:
-                        module._buffers[name] = buf.to(self.device)
+                    if buf is not None:
+                        module._buffers[name] = source.resident(buf, self.device)
 
-    def _pack_blocks(self, blocks, block_params, names) -> None:
+    def _pack_blocks(self, blocks, block_params, names, source) -> None:
         pinned = self.device.type == "cuda"
         target = self.device if pinned else None
         total = sum(BlockStore.nbytes(params) for params in block_params)
-        with tqdm(total=total, unit="B", unit_scale=True, desc="fastvideo_offload: packing blocks", leave=False,
-                  disable=None) as progress:
+        stores = source.host_stores([([names[id(p)][0] for p in params], params) for params in block_params],
+                                    pinned, target)
+        with contextlib.closing(stores), tqdm(total=total, unit="B", unit_scale=True, leave=False, disable=None,
+                                              desc=f"fastvideo_offload: {source.label}") as progress:
             for index, ((path, block), params) in enumerate(zip(blocks, block_params)):
                 try:
-                    store = BlockStore.pack([names[id(p)][0] for p in params], params, pinned, target)
+                    store = next(stores)
                 except Exception as exc:
                     if not _is_allocation_failure(exc):
                         raise
@@ -375,7 +379,7 @@ class _Undo:
                         p.data = _on_device(view, torch.device("cpu"))
             for p, data in self.params.values():
                 if data is not None:
-                    p.data = data
+                    assign(p, data)
             for module, name, buf in self.buffers:
                 module._buffers[name] = buf
 
@@ -456,9 +460,14 @@ def enable(
     blocks: Sequence[str] | None = None,
     group: str | None = None,
     device_budget: int | str | None = None,
+    checkpoint: str | os.PathLike | None = None,
 ) -> OffloadHandle:
     """Offloads `model`'s transformer blocks to host memory and streams each one to `device`
     just before it runs, `prefetch` blocks ahead. Everything else moves to `device`.
+
+    `checkpoint`: a safetensors file, a sharded checkpoint's index json, or a directory holding
+    either. The weights are read from it straight into the host store and onto the device, so a
+    model built on the meta device is offloaded without ever being whole in host memory.
 
     Models enabled with the same `group` take turns: when one starts a forward, the others
     free their device slots (Wan2.2's experts: the idle one holds no block on the GPU).
@@ -477,7 +486,8 @@ def enable(
         raise TypeError(f"group must be a string, got {type(group).__name__}")
     check_budget(device_budget)
     device = resolve_device(device)
-    return OffloadHandle(model, device, prefetch, find_block_lists(model, blocks), group, device_budget)
+    source = CheckpointWeights(checkpoint) if checkpoint is not None else None
+    return OffloadHandle(model, device, prefetch, find_block_lists(model, blocks), group, device_budget, source)
 
 
 def disable(model: nn.Module) -> None:

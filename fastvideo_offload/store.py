@@ -37,6 +37,31 @@ class BlockStore:
         views = [_view(buffer, off, t) for off, t in zip(offsets, tensors)]
         return cls(names, params, buffer, offsets, views)
 
+    @classmethod
+    def allocate(
+        cls, names: list[str], params: list[torch.nn.Parameter], pinned: bool, device: torch.device | None = None
+    ) -> BlockStore:
+        """A store laid out as `pack` lays it out whose views the caller fills (the parameters
+        may be on the meta device). Only the padding between them is written here, so that the
+        buffer's bytes depend on its tensors alone, as a packed one's do."""
+        tensors = [p.detach() for p in params]
+        offsets, nbytes = _ops.layout(tensors)
+        buffer = _ops.alloc_host(nbytes, pinned, device)
+        views = [_view(buffer, off, t) for off, t in zip(offsets, tensors)]
+        end = 0
+        for off, view in sorted(zip(offsets, views), key=lambda item: item[0]):
+            buffer[end:off].zero_()
+            end = off + _span_bytes(view)
+        buffer[end:].zero_()
+        return cls(names, params, buffer, offsets, views)
+
+
+def _span_bytes(t: torch.Tensor) -> int:
+    """Bytes from `t`'s first element to the end of its last, as the layout counts them."""
+    if t.numel() == 0:
+        return 0
+    return (1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))) * t.element_size()
+
 
 def _view(buffer: torch.Tensor, offset: int, like: torch.Tensor) -> torch.Tensor:
     # Offsets are 256-aligned, so they are a whole number of elements of any dtype.

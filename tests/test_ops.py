@@ -157,3 +157,23 @@ def test_opcheck_pack_cuda():
     offsets, total = _ops.layout(tensors)
     torch.library.opcheck(ops.pack.default, (tensors, offsets, total, True))
     torch.library.opcheck(ops.pack.default, (tensors, offsets, total, True, torch.device("cuda")))
+
+
+def test_alloc_host_gives_an_exact_size_page_aligned_buffer():
+    buffer = _ops.alloc_host(1000, False)
+    assert buffer.dtype == torch.uint8 and buffer.shape == (1000,) and buffer.data_ptr() % 4096 == 0
+    assert _ops.alloc_host(0, False).numel() == 0
+
+
+def test_alloc_host_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="host buffer size must be >= 0, got -1"):
+        _ops.alloc_host(-1, False)
+    with pytest.raises(ValueError, match="pinned host memory is for a CUDA device, got cpu"):
+        _ops.alloc_host(16, True, torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="could not allocate"):
+        _ops.alloc_host(2**62, False)
+
+
+def test_opcheck_alloc_host():
+    # Its bytes are left as they were, so only the schema and the fake implementation can be compared.
+    torch.library.opcheck(ops.alloc_host.default, (1000, False), test_utils=("test_schema", "test_faketensor"))

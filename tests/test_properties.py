@@ -74,6 +74,18 @@ def test_pack(ts, data):
 
 
 @SETTINGS
+@given(st.one_of(st.integers(-(2**63), 1 << 20), st.integers(2**62, 2**63 - 1)), st.booleans(),
+       st.sampled_from([None, torch.device("cpu"), torch.device("cuda", 7)]))
+def test_alloc_host(nbytes, pinned, device):
+    try:
+        buffer = _ops.alloc_host(nbytes, pinned, device)
+    except EXPECTED as exc:
+        assert str(exc)
+        return
+    assert buffer.numel() == nbytes and buffer.dtype == torch.uint8 and not buffer.is_cuda
+
+
+@SETTINGS
 @given(st.lists(tensors(), min_size=1, max_size=4), st.data())
 def test_engine_add_block_enter_exit(ts, data):
     params = [torch.nn.Parameter(t, requires_grad=False) for t in ts]

@@ -1,0 +1,268 @@
+"""`enable(model, checkpoint=...)`: a model built on the meta device, loaded from safetensors files
+straight into an offloaded model: the same outputs and state_dict as diffusers' from_pretrained,
+casts, every bad checkpoint refused with the model left on meta, and the host memory it takes."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file, save_model
+
+import fastvideo_offload as fo
+from conftest import integration
+from fastvideo_offload import checkpoint as ckpt
+from models import TiedBlocks, TinyDiT, tiny_input
+
+diffusers = integration("diffusers")
+accelerate = integration("accelerate")
+
+WAN = dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=16, in_channels=16, out_channels=16,
+           text_dim=64, freq_dim=64, ffn_dim=128, num_layers=3, rope_max_seq_len=64)
+
+
+def wan_inputs(dtype=torch.float32):
+    return dict(hidden_states=torch.randn(1, 16, 4, 8, 8, dtype=dtype), timestep=torch.tensor([10]),
+                encoder_hidden_states=torch.randn(1, 8, 64, dtype=dtype))
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """One random Wan model saved by diffusers twice: sharded (an index and several files) and as one file."""
+    torch.manual_seed(0)
+    model = diffusers.WanTransformer3DModel(**WAN)
+    root = tmp_path_factory.mktemp("wan")
+    model.save_pretrained(root / "sharded", max_shard_size="200KB")
+    model.save_pretrained(root / "single")
+    return root
+
+
+def empty_wan(dtype=torch.float32):
+    with accelerate.init_empty_weights():
+        model = diffusers.WanTransformer3DModel(**WAN)
+    return model.to(dtype).eval()
+
+
+def assert_on_meta(model):
+    assert fo.handle_of(model) is None
+    assert all(p.is_meta for p in model.parameters())
+
+
+def test_a_sharded_save_has_an_index_and_several_files(saved):
+    files = sorted(p.name for p in (saved / "sharded").iterdir())
+    assert "diffusion_pytorch_model.safetensors.index.json" in files
+    assert sum(f.endswith(".safetensors") for f in files) > 3
+
+
+@pytest.mark.parametrize("where", [
+    "sharded", "sharded/diffusion_pytorch_model.safetensors.index.json",
+    "single", "single/diffusion_pytorch_model.safetensors",
+])
+def test_loads_bit_identical_to_from_pretrained(saved, where):
+    reference = diffusers.WanTransformer3DModel.from_pretrained(saved / where.split("/")[0]).eval()
+    model = empty_wan()
+    params = list(model.parameters())
+    handle = fo.enable(model, device="cpu", checkpoint=saved / where)
+    assert all(a is b for a, b in zip(model.parameters(), params, strict=True))  # off meta, the same objects
+    inputs = wan_inputs()
+    with torch.no_grad():
+        for _ in range(2):
+            assert torch.equal(model(**inputs, return_dict=False)[0], reference(**inputs, return_dict=False)[0])
+    got, expected = model.state_dict(), reference.state_dict()
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    assert all(p.numel() == 0 for p in model.blocks.parameters())
+    assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    assert handle.stats()["retained_bytes"] == 0  # the meta tensors swapped out hold nothing
+    # The host store is the one packing the loaded model gives, byte for byte (padding included).
+    packed = fo.enable(reference, device="cpu")
+    assert handle.stats()["host_bytes"] == packed.stats()["host_bytes"]
+    for ours, theirs in zip(handle._stores, packed._stores):
+        assert torch.equal(ours.buffer, theirs.buffer)
+    handle.disable()
+    with torch.no_grad():
+        assert torch.equal(model(**inputs, return_dict=False)[0], reference(**inputs, return_dict=False)[0])
+
+
+@pytest.mark.parametrize("saved_dtype,model_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)])
+def test_casts_to_the_models_dtype(tmp_path, saved_dtype, model_dtype):
+    diffusers.WanTransformer3DModel(**WAN).to(saved_dtype).save_pretrained(tmp_path, max_shard_size="200KB")
+    # Each tensor cast on its own (from_pretrained's torch_dtype would keep some modules in fp32).
+    reference = diffusers.WanTransformer3DModel.from_pretrained(tmp_path).to(model_dtype).eval()
+    model = empty_wan(model_dtype)
+    fo.enable(model, device="cpu", checkpoint=tmp_path)
+    assert model.dtype == model_dtype
+    inputs = wan_inputs(model_dtype)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs, return_dict=False)[0], reference(**inputs, return_dict=False)[0])
+    got, expected = model.state_dict(), reference.state_dict()
+    assert all(got[k].dtype == expected[k].dtype and torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_a_model_built_under_torch_device_meta_with_tied_weights(tmp_path):
+    source = TiedBlocks()
+    save_model(source, str(tmp_path / "tied.safetensors"))  # saves each tied weight once
+    with torch.device("meta"):
+        model = TiedBlocks()
+    handle = fo.enable(model, device="cpu", checkpoint=tmp_path / "tied.safetensors")
+    x = tiny_input()
+    with torch.no_grad():
+        assert torch.equal(model(x), source(x))
+    assert model.head.weight is model.blocks[1].proj.weight
+    # Its 64-byte norms leave padding in each buffer: zeroed, as packing zeroes it.
+    packed = fo.enable(source, device="cpu")
+    assert handle.stats()["host_bytes"] == packed.stats()["host_bytes"]
+    for ours, theirs in zip(handle._stores, packed._stores):
+        assert torch.equal(ours.buffer, theirs.buffer)
+
+
+def test_a_non_persistent_buffer_left_on_meta_is_named(tmp_path):
+    save_file(TinyDiT().state_dict(), str(tmp_path / "m.safetensors"))
+    with torch.device("meta"):
+        model = TinyDiT()
+    with pytest.raises(ValueError, match=r"freqs on the meta device .*init_empty_weights"):
+        fo.enable(model, device="cpu", checkpoint=tmp_path / "m.safetensors")
+    assert_on_meta(model)
+
+
+def test_a_model_with_real_weights_is_refused(saved):
+    model = diffusers.WanTransformer3DModel(**WAN)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="must be built on the meta device"):
+        fo.enable(model, device="cpu", checkpoint=saved / "single")
+    assert fo.handle_of(model) is None
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def rewrite(saved, tmp_path, change):
+    """A copy of the sharded checkpoint with `change(tensors)` applied to the shard that holds blocks.1's
+    first weight; returns that copy's directory and the changed file's path."""
+    target = tmp_path / "ckpt"
+    shutil.copytree(saved / "sharded", target)
+    index = json.loads((target / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    file = target / index["weight_map"]["blocks.1.attn1.to_q.weight"]
+    tensors = load_file(file)
+    change(tensors, index)
+    save_file(tensors, str(file))
+    (target / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    return target, file
+
+
+def drop(tensors, index):
+    del tensors["blocks.1.attn1.to_q.weight"]
+    del index["weight_map"]["blocks.1.attn1.to_q.weight"]
+
+
+def add(tensors, index):
+    tensors["blocks.1.extra"] = torch.zeros(3)
+    index["weight_map"]["blocks.1.extra"] = index["weight_map"]["blocks.1.attn1.to_q.weight"]
+
+
+def reshape(tensors, index):
+    tensors["blocks.1.attn1.to_q.weight"] = tensors["blocks.1.attn1.to_q.weight"][:, :8].contiguous()
+
+
+def to_int(tensors, index):
+    tensors["blocks.1.attn1.to_q.weight"] = tensors["blocks.1.attn1.to_q.weight"].to(torch.int32)
+
+
+@pytest.mark.parametrize("change,message", [
+    (drop, r"missing from the checkpoint: blocks\.1\.attn1\.to_q\.weight"),
+    (add, r"not in the model: blocks\.1\.extra in .*\.safetensors"),
+    (reshape, r"blocks\.1\.attn1\.to_q\.weight in .*\.safetensors: shape \[64, 8\], the model's is \[64, 64\]"),
+    (to_int, r"blocks\.1\.attn1\.to_q\.weight in .*\.safetensors: dtype torch\.int32 cannot be cast to the "
+             r"model's torch\.float32"),
+], ids=["missing", "unexpected", "shape", "dtype"])
+def test_a_checkpoint_that_does_not_fit_is_refused(saved, tmp_path, change, message):
+    target, _ = rewrite(saved, tmp_path, change)
+    model = empty_wan()
+    with pytest.raises(ValueError, match=message):
+        fo.enable(model, device="cpu", checkpoint=target)
+    assert_on_meta(model)
+
+
+def test_a_truncated_file_is_named_with_its_tensor(saved, tmp_path):
+    target, file = rewrite(saved, tmp_path, lambda tensors, index: None)
+    os.truncate(file, os.path.getsize(file) - 100)
+    model = empty_wan()
+    with pytest.raises(ValueError, match=rf"{file}: truncated: tensor \S+ ends at byte \d+, the file has \d+"):
+        fo.enable(model, device="cpu", checkpoint=target)
+    assert_on_meta(model)
+    os.truncate(file, 5)
+    with pytest.raises(ValueError, match=rf"{file}: truncated or not a safetensors file"):
+        fo.enable(model, device="cpu", checkpoint=target)
+    assert_on_meta(model)
+
+
+@pytest.mark.parametrize("contents,message", [
+    (None, "holds no .safetensors file"), (["a.safetensors", "b.safetensors"], "holds several checkpoints"),
+])
+def test_a_directory_without_one_checkpoint_is_refused(tmp_path, contents, message):
+    for name in contents or ():
+        save_file({"x": torch.zeros(1)}, str(tmp_path / name))
+    with pytest.raises(ValueError, match=message):
+        fo.enable(empty_wan(), device="cpu", checkpoint=tmp_path)
+
+
+@pytest.mark.parametrize("key", ["blocks.2.ffn.net.2.weight", "proj_out.weight"], ids=["last-block", "resident"])
+def test_a_read_that_fails_midway_leaves_the_model_on_meta(saved, monkeypatch, key):
+    """Failing in the last block (the others are in their stores and the engine by then) or in a
+    weight outside the blocks (read after every block)."""
+    read = ckpt._read_into
+
+    def failing(files, entry, buffer, offset):
+        if entry.key == key:
+            raise ckpt.CheckpointError(f"{entry.file}: reading tensor {entry.key} failed (injected)")
+        read(files, entry, buffer, offset)
+
+    monkeypatch.setattr(ckpt, "_read_into", failing)
+    model = empty_wan()
+    buffers = dict(model.named_buffers())
+    with pytest.raises(ValueError, match=rf"reading tensor {key} failed \(injected\)"):
+        fo.enable(model, device="cpu", checkpoint=saved / "sharded")
+    assert_on_meta(model)
+    assert all(b is buffers[k] for k, b in model.named_buffers())
+    monkeypatch.undo()
+    fo.enable(model, device="cpu", checkpoint=saved / "sharded")  # and it loads once the files read
+    assert not any(p.is_meta for p in model.parameters())
+
+
+RSS_SCRIPT = textwrap.dedent("""
+    import json, sys, time
+    import torch, accelerate, diffusers
+    import fastvideo_offload as fo
+
+    def kib(field):
+        for line in open("/proc/self/status"):
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+
+    with accelerate.init_empty_weights():
+        model = diffusers.WanTransformer3DModel(**json.loads(sys.argv[2]))
+    before = kib("VmRSS:")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    start = time.perf_counter()
+    handle = fo.enable(model, device="cpu", checkpoint=sys.argv[1])
+    seconds = time.perf_counter() - start
+    resident = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    print(json.dumps(dict(before=before, peak=kib("VmHWM:"), host=handle.stats()["host_bytes"],
+                          resident=resident, seconds=seconds)))
+""")
+
+
+def test_peak_host_memory_while_loading_is_the_host_store(tmp_path):
+    """~200 MB of blocks, measured by the OS in a fresh process: the load adds at most the host
+    store + 5% (scratch for casts, thread stacks, malloc arenas) + the resident weights (on a CPU
+    device they live in host memory too) + 8 MiB for the Python objects it makes."""
+    config = dict(WAN, num_attention_heads=8, attention_head_dim=64, ffn_dim=2048, num_layers=12)
+    diffusers.WanTransformer3DModel(**config).save_pretrained(tmp_path, max_shard_size="50MB")
+    out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(tmp_path), json.dumps(config)],
+                         capture_output=True, text=True, check=True, timeout=300)
+    m = json.loads(out.stdout.strip().splitlines()[-1])
+    assert m["host"] > 190e6
+    assert m["peak"] - m["before"] <= 1.05 * m["host"] + m["resident"] + 8 * 2**20, m
