@@ -174,7 +174,7 @@ class OffloadHandle:
                     raise _out_of_host_memory(exc, path, pinned, total, obtained) from exc
                 _ops.engine_add_block(self._engine, store.buffer, params, store.offsets)
                 self._stores.append(store)
-                self._hooks += attach_block_hooks(block, self._engine, index, self.device.type)
+                self._hooks += attach_block_hooks(block, path, self._engine, index, self.device.type)
                 progress.update(store.buffer.numel())
 
     def _weights_changed(self) -> None:
