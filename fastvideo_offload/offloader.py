@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import _ops
+from . import _ops, formats
 from .blocks import BlockList, find_block_lists
 from .hooks import attach_block_hooks
 from .placement import OffloadReport
@@ -110,6 +110,7 @@ class OffloadHandle:
         shared = {id(p) for _, block in blocks for p in block.parameters()} - offloaded
         if shared:
             logger.info("%d parameter(s) shared outside a single block stay resident on %s", len(shared), device)
+        formats.check(((names[id(p)][0], p) for params in block_params for p in params), device)
         report = OffloadReport.measure(model, lists, offloaded)
 
         self._engine = _ops.engine_create(device, prefetch)
@@ -121,7 +122,7 @@ class OffloadHandle:
             self._pack_blocks(blocks, block_params, names)
             self._move_resident(offloaded)
             host_views = {
-                n: view for store in self._stores for p, view in zip(store.params, store.views) for n in names[id(p)]
+                n: host for store in self._stores for p, host in store.host_weights() for n in names[id(p)]
             }
             self._hooks += attach_state_dict_hooks(model, host_views, self._weights_changed)
             self._hooks.append(model.register_forward_pre_hook(self._before_forward))
@@ -172,7 +173,7 @@ class OffloadHandle:
                         raise
                     obtained = sum(s.buffer.numel() for s in self._stores)
                     raise _out_of_host_memory(exc, path, pinned, total, obtained) from exc
-                _ops.engine_add_block(self._engine, store.buffer, params, store.offsets)
+                _ops.engine_add_block(self._engine, store.buffer, store.params, store.offsets)
                 self._stores.append(store)
                 self._hooks += attach_block_hooks(block, path, self._engine, index, self.device.type)
                 progress.update(store.buffer.numel())
@@ -321,7 +322,9 @@ class _Undo:
         self.params: dict[int, tuple[nn.Parameter, torch.Tensor | None]] = {}
         for p in model.parameters():
             keep = id(p) not in offloaded or p.device.type != "cpu"
-            self.params[id(p)] = (p, p.data if keep else None)
+            # What the engine swaps: an offloaded wrapper subclass's inner tensors.
+            for _, h in formats.holders("", p) if id(p) in offloaded else [("", p)]:
+                self.params[id(h)] = (h, h.data if keep else None)
         self.buffers = [(m, name, buf) for m in model.modules() for name, buf in m._buffers.items()]
 
     def restore(self, stores: list[BlockStore]) -> None:
