@@ -33,7 +33,24 @@ def check(named: Iterable[tuple[str, torch.Tensor]], device: torch.device) -> No
                 f"tensor subclass reporting {p.device}; quantize the model on {device}, or offload to {p.device}; "
                 "the model was left as it was"
             )
-        holders(name, p)  # refuses a wrapper whose bytes are not all in its flattened inner tensors
+        _refuse_hidden_tensors(name, p)
+
+
+def _refuse_hidden_tensors(name: str, p: torch.Tensor) -> None:
+    """A wrapper's bytes must all be in the inner tensors it flattens to: a cached copy (a
+    dequantized or transposed weight) would stay where it is, and be read."""
+    if not is_traceable_wrapper_subclass(p):
+        return
+    attrs, _ = p.__tensor_flatten__()
+    held = {id(getattr(p, a)) for a in attrs}
+    for attr, value in vars(p).items():
+        if isinstance(value, torch.Tensor) and id(value) not in held:
+            raise ValueError(
+                f"enable: {name} is a {type(p).__name__} holding a tensor ({attr}) outside the inner tensors its "
+                "__tensor_flatten__ names; offload could not free or restore it, so it refuses this tensor subclass"
+            )
+    for a in attrs:
+        _refuse_hidden_tensors(f"{name}.{a}", getattr(p, a))
 
 
 def holders(name: str, p: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
@@ -41,16 +58,12 @@ def holders(name: str, p: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
     or a wrapper's inner tensors, recursively flattened."""
     if not is_traceable_wrapper_subclass(p):
         return [(name, p)]
-    attrs, _ = p.__tensor_flatten__()
-    held = {id(getattr(p, a)) for a in attrs}
-    for attr, value in vars(p).items():
-        # A cached copy (a dequantized or transposed weight) would stay where it is, and be read.
-        if isinstance(value, torch.Tensor) and id(value) not in held:
-            raise ValueError(
-                f"enable: {name} is a {type(p).__name__} holding a tensor ({attr}) outside the inner tensors its "
-                "__tensor_flatten__ names; offload could not free or restore it, so it refuses this tensor subclass"
-            )
-    return [h for a in attrs for h in holders(f"{name}.{a}", getattr(p, a))]
+    return [h for a in p.__tensor_flatten__()[0] for h in holders(f"{name}.{a}", getattr(p, a))]
+
+
+def nbytes(p: torch.Tensor) -> int:
+    """The bytes that hold `p` (a wrapper's `element_size` is its logical dtype's, not its storage's)."""
+    return sum(h.numel() * h.element_size() for _, h in holders("", p))
 
 
 def plain(t: torch.Tensor) -> torch.Tensor:

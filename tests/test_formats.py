@@ -133,6 +133,24 @@ def test_failed_enable_leaves_torchao_inner_tensors_where_they_were(monkeypatch)
         assert torch.equal(model(X), reference(X))
 
 
+def test_enable_reports_a_wrappers_stored_bytes():
+    """The log's MiB and share count a torchao weight's int8 bytes, not its logical float32 size."""
+    from fastvideo_offload.blocks import find_block_lists
+    from fastvideo_offload.placement import OffloadReport
+
+    model = _int8_dit()
+    lists = find_block_lists(model, None)
+    offloaded = {id(p) for p in model.blocks.parameters()}
+    report = OffloadReport.measure(model, lists, offloaded)
+
+    def stored(params):
+        return sum(u.numel() * u.element_size() for p in params for u in _plain_parts(p))
+
+    assert report.lists == [("blocks", 3, stored(model.blocks.parameters()))]
+    assert report.total_bytes == stored(model.parameters())
+    assert stored(model.blocks.parameters()) < sum(p.numel() for p in model.blocks.parameters()) * 2
+
+
 def test_loading_another_format_writes_nothing():
     model, reference = _int8_dit(), _int8_dit()
     other = _tiny(1)
