@@ -29,9 +29,9 @@ def attach_state_dict_hooks(
         lent: list[tuple[torch.Tensor, torch.Tensor]] = []
 
         def save_pre(module, prefix, keep_vars):
-            # torch's own save detaches each parameter first, and a wrapper subclass (torchao's)
-            # rebuilds itself from its inner tensors there, which refuse to be empty placeholders:
-            # they hold their host views until `save`.
+            # torch's own save detaches each parameter first, and a wrapper subclass rebuilds itself
+            # from its inner tensors there: empty placeholders, which some refuse (torchao's Intx
+            # asserts on their rank). They hold their host views until `save`.
             for local, host in entries.items():
                 param = module._parameters[local]
                 if param is not None and is_traceable_wrapper_subclass(param):
