@@ -133,6 +133,23 @@ def test_failed_enable_leaves_torchao_inner_tensors_where_they_were(monkeypatch)
         assert torch.equal(model(X), reference(X))
 
 
+def test_mutate_reaches_a_wrappers_inner_tensors():
+    """Inside mutate a torchao weight's inner tensors hold real data; a change there is written back."""
+    model, reference = _int8_dit(), _int8_dit()
+    with torch.no_grad():
+        before = reference(X)
+    handle = fo.enable(model, device="cpu")
+    with handle.mutate(model.blocks[2]):
+        model.blocks[2].mlp[0].weight.qdata.neg_()
+    reference.blocks[2].mlp[0].weight.qdata.neg_()
+    with torch.no_grad():
+        expected = reference(X)
+        assert not torch.equal(expected, before)
+        assert torch.equal(model(X), expected)
+    handle.disable()
+    assert _same(model.blocks[2].mlp[0].weight, reference.blocks[2].mlp[0].weight)
+
+
 def test_enable_reports_a_wrappers_stored_bytes():
     """The log's MiB and share count a torchao weight's int8 bytes, not its logical float32 size."""
     from fastvideo_offload.blocks import find_block_lists
