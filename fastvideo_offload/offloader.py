@@ -14,7 +14,9 @@ from tqdm.auto import tqdm
 from . import _ops, formats
 from .blocks import BlockList, find_block_lists
 from .hooks import attach_block_hooks
+from .outside import OutsideCalls
 from .placement import OffloadReport
+from .retained import RetainedCheck
 from .state_dict import attach_state_dict_hooks
 from .store import BlockStore
 
@@ -112,11 +114,13 @@ class OffloadHandle:
             logger.info("%d parameter(s) shared outside a single block stay resident on %s", len(shared), device)
         formats.check(((names[id(p)][0], p) for params in block_params for p in params), device)
         report = OffloadReport.measure(model, lists, offloaded)
+        retained = RetainedCheck([(names[id(p)][0], p) for params in block_params for p in params])
 
         self._engine = _ops.engine_create(device, prefetch)
         self._finalizer = weakref.finalize(self, _ops.engine_destroy, self._engine)
         self._stores: list[BlockStore] = []
         self._hooks = []
+        self._outside: OutsideCalls | None = None
         undo = _Undo(model, offloaded)
         try:
             self._pack_blocks(blocks, block_params, names)
@@ -125,6 +129,10 @@ class OffloadHandle:
                 n: host for store in self._stores for p, host in store.host_weights() for n in names[id(p)]
             }
             self._hooks += attach_state_dict_hooks(model, host_views, self._weights_changed)
+            self._outside = OutsideCalls(
+                blocks, {id(p): view for s in self._stores for p, view in zip(s.params, s.views)},
+                lambda view: _on_device(view, device),
+            )
             self._hooks.append(model.register_forward_pre_hook(self._before_forward))
         except BaseException:
             self._destroy_engine()
@@ -132,6 +140,8 @@ class OffloadHandle:
             undo.restore(self._stores)
             self._stores.clear()
             raise
+        del undo  # it holds device tensors until here; the check below sees what else does
+        self._retained_bytes = retained.measure(blocks)
         if group is not None:
             _GROUPS.setdefault(group, weakref.WeakSet()).add(self)
         setattr(model, _HANDLE_ATTR, self)
@@ -180,6 +190,7 @@ class OffloadHandle:
 
     def _weights_changed(self) -> None:
         _ops.engine_invalidate(self._engine)
+        self._outside.refresh()
 
     @torch.compiler.disable
     def _before_forward(self, module, args) -> None:
@@ -219,10 +230,17 @@ class OffloadHandle:
         this scope's own copies until it ends."""
         indices = [self._index_of(b) for b in blocks] if blocks else range(len(self._stores))
         _ops.engine_invalidate(self._engine)  # refuses while a block is running
+        # Every copy is made before any parameter changes: one that fails (out of device memory)
+        # leaves the model offloaded as it was.
         with torch.no_grad():
-            for i in indices:
-                for p, view in zip(self._stores[i].params, self._stores[i].views):
-                    p.data = _on_device(view, self.device)
+            copies = [
+                (p, _on_device(view, self.device))
+                for i in indices
+                for p, view in zip(self._stores[i].params, self._stores[i].views)
+            ]
+        for p, data in copies:
+            p.data = data
+        del copies
         try:
             yield
         except BaseException:
@@ -245,7 +263,7 @@ class OffloadHandle:
                     else:
                         view.copy_(p.detach())
                 _ops.engine_park(self._engine, i)
-        _ops.engine_invalidate(self._engine)
+        self._weights_changed()
         if problems:
             raise ValueError(
                 "mutate: offloaded parameters must keep their shape and dtype (and strides that overlap, as an "
@@ -261,8 +279,13 @@ class OffloadHandle:
 
     def stats(self) -> dict[str, int]:
         """Counters of the engine: blocks, host_bytes, h2d_bytes, uploads, prefetches,
-        sync_loads, max_resident_blocks, device_bytes and more."""
-        return _ops.engine_stats(self._engine)
+        sync_loads, max_resident_blocks, device_bytes and more; `outside_resident_bytes`: the weights
+        of block submodules kept on the device because they also run outside their block;
+        `retained_bytes`: block memory that offloading could not free (see retained.py)."""
+        stats = _ops.engine_stats(self._engine)
+        stats["outside_resident_bytes"] = self._outside.nbytes() if self._outside else 0
+        stats["retained_bytes"] = self._retained_bytes
+        return stats
 
     def trim(self) -> None:
         """Frees this model's device slots until its next forward (an idle Wan2.2 expert)."""
@@ -307,6 +330,8 @@ class OffloadHandle:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+        if self._outside is not None:
+            self._outside.remove()
 
 
 class _Undo:

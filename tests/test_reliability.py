@@ -260,3 +260,25 @@ def test_failed_disable_leaves_the_model_offloaded_and_working(monkeypatch, fail
     for (name, p), r in zip(model.named_parameters(), reference.parameters()):
         assert p.stride() == r.stride() and torch.equal(p, r), name
     assert torch.equal(run(model, x), expected)
+
+
+def test_mutate_that_cannot_copy_a_weight_to_the_device_changes_nothing(monkeypatch):
+    model = TinyDiT()
+    reference = copy.deepcopy(model)
+    x = tiny_input()
+    expected = run(reference, x)
+    handle = fo.enable(model, device="cpu")
+    real, copies = fo.offloader._on_device, []
+
+    def on_device(view, device):
+        if len(copies) == 7:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 12.00 KiB")
+        copies.append(real(view, device))
+        return copies[-1]
+
+    monkeypatch.setattr(fo.offloader, "_on_device", on_device)
+    with pytest.raises(torch.OutOfMemoryError), handle.mutate():
+        pytest.fail("the scope must not be entered")
+    monkeypatch.undo()
+    assert len(copies) == 7 and materialized(model) == []
+    assert torch.equal(run(model, x), expected)
