@@ -114,7 +114,9 @@ class OffloadHandle:
             logger.info("%d parameter(s) shared outside a single block stay resident on %s", len(shared), device)
         formats.check(((names[id(p)][0], p) for params in block_params for p in params), device)
         report = OffloadReport.measure(model, lists, offloaded)
-        retained = RetainedCheck([(names[id(p)][0], p) for params in block_params for p in params])
+        retained = RetainedCheck(
+            [held for params in block_params for p in params for held in formats.holders(names[id(p)][0], p)]
+        )
 
         self._engine = _ops.engine_create(device, prefetch)
         self._finalizer = weakref.finalize(self, _ops.engine_destroy, self._engine)

@@ -62,13 +62,16 @@ def _roundtrip(make, prefetch: int = 1) -> None:
         expected, changed = reference(X), other(X)
     assert not torch.equal(expected, changed)
     block_parts = [[u for p in block.parameters() for u in _plain_parts(p)] for block in model.blocks]
+    block_sizes = [[torch.empty_like(u, device="meta") for u in parts] for parts in block_parts]
     # Non-trivial weights: each parameter's largest part (its quantized data) is not constant.
     largest = [max(_plain_parts(p), key=torch.numel) for p in model.blocks.parameters()]
     assert all(u.numel() > 1 and u.float().std() > 0 for u in largest)
     params = dict(model.named_parameters())
 
+    del block_parts, largest  # only the model may hold the blocks' bytes now, so that they are freed
     handle = fo.enable(model, device="cpu", prefetch=prefetch)
-    assert handle.stats()["host_bytes"] == sum(packed_bytes(parts) for parts in block_parts)
+    assert handle.stats()["host_bytes"] == sum(packed_bytes(parts) for parts in block_sizes)
+    assert handle.stats()["retained_bytes"] == 0
     for name, p in model.named_parameters():
         assert p is params[name]
         assert all(u.numel() == 0 for u in _plain_parts(p)) == name.startswith("blocks."), name
@@ -148,6 +151,34 @@ def test_mutate_reaches_a_wrappers_inner_tensors():
         assert torch.equal(model(X), expected)
     handle.disable()
     assert _same(model.blocks[2].mlp[0].weight, reference.blocks[2].mlp[0].weight)
+
+
+def test_torchao_submodule_called_outside_its_block():
+    """DiT's head calls into block 0: that submodule's torchao weights (their inner tensors) are kept
+    resident for those calls, and the output stays exact."""
+    from test_outside import HeadReachesIn
+
+    torch.manual_seed(0)
+    model = HeadReachesIn()
+    integration("torchao").quantization.quantize_(model, _torchao_config("int8"))
+    reference = copy.deepcopy(model)
+    x, t = torch.randn(2, 5, 8), torch.randn(2, 4)
+    emb = list(reference.blocks[0].emb.parameters())
+    assert all(is_traceable_wrapper_subclass(p) for p in emb if p.dim() == 2)
+    handle = fo.enable(model, device="cpu")
+    with torch.no_grad():
+        expected = reference(x, t)
+        for _ in range(2):
+            assert torch.equal(model(x, t), expected)
+    assert handle.stats()["outside_resident_bytes"] == sum(u.numel() * u.element_size() for p in emb
+                                                           for u in _plain_parts(p))
+
+
+def test_a_wrappers_inner_bytes_held_elsewhere_are_reported():
+    model = _int8_dit()
+    kept = model.blocks[1].proj.weight.qdata.view(-1)  # a reference offload cannot free
+    handle = fo.enable(model, device="cpu")
+    assert handle.stats()["retained_bytes"] == kept.numel() * kept.element_size()
 
 
 def test_enable_reports_a_wrappers_stored_bytes():
