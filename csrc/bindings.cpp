@@ -26,6 +26,7 @@ TORCH_LIBRARY(fastvideo_offload, m) {
   m.def("engine_set_slot_budget(int engine, int nbytes) -> ()", &engine_set_slot_budget);
   m.def("engine_invalidate(int engine) -> ()", &engine_invalidate);
   m.def("engine_trim(int engine) -> ()", &engine_trim);
+  m.def("engine_set_resident(int engine, int[] blocks) -> ()", &engine_set_resident);
   m.def("engine_stats(int engine) -> Dict(str, int)", &engine_stats);
   m.def("engine_destroy(int engine) -> ()", &engine_destroy);
 }

@@ -46,7 +46,11 @@ std::unique_ptr<Transfer> make_transfer(const c10::Device& device, const Faults&
 }  // namespace
 
 Engine::Engine(c10::Device device, int64_t prefetch)
-    : device_(device), prefetch_(prefetch), faults_(Faults::from_env()), transfer_(make_transfer(device, faults_)) {
+    : device_(device),
+      prefetch_(prefetch),
+      faults_(Faults::from_env()),
+      ring_(static_cast<int>(prefetch + 1)),
+      transfer_(make_transfer(device, faults_)) {
   TORCH_CHECK_VALUE(prefetch >= 0, "prefetch must be >= 0, got ", prefetch);
   TORCH_CHECK_VALUE(!device.is_cuda() || device.has_index(), "the CUDA device needs an index, got ", device);
 }
@@ -113,23 +117,52 @@ int64_t Engine::add_block(const at::Tensor& host, at::TensorList params, at::Int
 std::vector<int64_t> Engine::window(int64_t block) const {
   std::vector<int64_t> keep{block};
   int64_t b = block;
-  for (int64_t k = 0; k < prefetch_; ++k) {
+  // A resident block already on the device needs no copy: the lookahead counts the others.
+  for (size_t k = 0, steps = 0; k < static_cast<size_t>(prefetch_) && steps < blocks_.size(); ++steps) {
     b = blocks_[b].next;
     if (b < 0 || std::find(keep.begin(), keep.end(), b) != keep.end()) {
       break;
     }
+    if (blocks_[b].home >= 0 && blocks_[b].slot >= 0) {
+      continue;
+    }
     keep.push_back(b);
+    ++k;
   }
   return keep;
 }
 
-bool Engine::fits_budget() const {
-  const auto allocated = std::count_if(slots_.begin(), slots_.end(), [](const Slot& s) { return s.buffer.defined(); });
-  return slot_budget_ < 0 || (allocated + 1) * slot_bytes_ <= slot_budget_;
+int64_t Engine::allocated_bytes() const {
+  int64_t total = 0;
+  for (const Slot& slot : slots_) {
+    total += slot.buffer.defined() ? slot.bytes : 0;
+  }
+  return total;
+}
+
+bool Engine::fits_budget(int index) const {
+  return slot_budget_ < 0 || allocated_bytes() + slots_[index].bytes <= slot_budget_;
+}
+
+void Engine::make_slots() {
+  if (!slots_.empty()) {
+    return;
+  }
+  slots_.resize(static_cast<size_t>(ring_));
+  for (Slot& slot : slots_) {
+    slot.bytes = slot_bytes_;
+  }
+  for (const Block& blk : blocks_) {
+    if (blk.home >= 0) {
+      slots_.resize(std::max<size_t>(slots_.size(), static_cast<size_t>(blk.home) + 1));
+      slots_[blk.home].bytes = blk.nbytes;
+    }
+  }
+  transfer_->set_slot_count(static_cast<int>(slots_.size()));
 }
 
 void Engine::allocate_slot(int index) {
-  slots_[index].buffer = at::empty({slot_bytes_}, at::TensorOptions().dtype(at::kByte).device(device_));
+  slots_[index].buffer = at::empty({slots_[index].bytes}, at::TensorOptions().dtype(at::kByte).device(device_));
   // The allocator may hand back memory that kernels queued on the compute stream still use:
   // the first copy into it waits until the compute stream has passed this point.
   transfer_->release(index);
@@ -150,7 +183,9 @@ void Engine::free_slots_except(int keep) {
     if (other.block >= 0) {
       blocks_[other.block].slot = -1;
     }
+    const int64_t bytes = other.bytes;
     other = Slot{};
+    other.bytes = bytes;
     for (Block& blk : blocks_) {
       if (s < blk.views.size()) {
         blk.views[s].clear();
@@ -169,9 +204,9 @@ bool Engine::allocate(int index, bool required) {
     // Short-circuit: once blocked, no prefetch of this forward asks the driver again (hot path).
     const auto no_room = [&] {
       const int64_t free = transfer_->free_bytes();
-      return free >= 0 && free < slot_bytes_;
+      return free >= 0 && free < slots_[index].bytes;
     };
-    if (prefetch_alloc_blocked_ || !fits_budget() || no_room()) {
+    if (prefetch_alloc_blocked_ || !fits_budget(index) || no_room()) {
       prefetch_alloc_blocked_ = true;
       ++prefetch_skipped_oom_;
       return false;
@@ -186,7 +221,7 @@ bool Engine::allocate(int index, bool required) {
       return false;
     }
   }
-  if (fits_budget()) {
+  if (fits_budget(index)) {
     try {
       allocate_slot(index);
       return true;
@@ -196,23 +231,25 @@ bool Engine::allocate(int index, bool required) {
   }
   // The block must run: give back every slot that no running block needs, then try once more.
   free_slots_except(index);
-  TORCH_CHECK_WITH(OutOfMemoryError, fits_budget(), "fastvideo_offload: no device memory for one block (", slot_bytes_,
-                   " bytes): the slot budget is ", slot_budget_, " bytes");
+  TORCH_CHECK_WITH(OutOfMemoryError, fits_budget(index), "fastvideo_offload: no device memory for one block (",
+                   slots_[index].bytes, " bytes): the slot budget is ", slot_budget_, " bytes");
   try {
     allocate_slot(index);
   } catch (const c10::OutOfMemoryError& e) {
     ++slot_alloc_failures_;
-    TORCH_CHECK_WITH(OutOfMemoryError, false, "fastvideo_offload: no device memory for one block (", slot_bytes_,
+    TORCH_CHECK_WITH(OutOfMemoryError, false, "fastvideo_offload: no device memory for one block (", slots_[index].bytes,
                      " bytes on ", device_, ") even after freeing every prefetched block: ", e.what_without_backtrace());
   }
   return true;
 }
 
+int Engine::claim_home(const Block& blk, bool required) {
+  make_slots();
+  return allocate(blk.home, required) ? blk.home : -1;
+}
+
 int Engine::claim_slot(const std::vector<int64_t>& keep, bool required) {
-  if (slots_.empty()) {
-    slots_.resize(static_cast<size_t>(prefetch_ + 1));
-    transfer_->set_slot_count(static_cast<int>(slots_.size()));
-  }
+  make_slots();
   // Cheapest first: an allocated empty slot, then the least recently used allocated slot whose
   // block is neither running nor about to run, and only then memory not allocated yet.
   int best = -1;
@@ -223,7 +260,7 @@ int Engine::claim_slot(const std::vector<int64_t>& keep, bool required) {
     }
     return slot.block < 0 ? 0 : 1;
   };
-  for (int s = 0; s < static_cast<int>(slots_.size()); ++s) {
+  for (int s = 0; s < ring_; ++s) {
     const Slot& slot = slots_[s];
     if (slot.block >= 0 &&
         (blocks_[slot.block].held || std::find(keep.begin(), keep.end(), slot.block) != keep.end())) {
@@ -252,8 +289,8 @@ void Engine::upload(int64_t block, int slot_index) {
   blk.slot = slot_index;
   ++uploads_;
   h2d_bytes_ += blk.nbytes;
-  const auto resident = std::count_if(slots_.begin(), slots_.end(), [](const Slot& s) { return s.block >= 0; });
-  max_resident_ = std::max<int64_t>(max_resident_, resident);
+  const auto streamed = std::count_if(slots_.begin(), slots_.begin() + ring_, [](const Slot& s) { return s.block >= 0; });
+  max_resident_ = std::max<int64_t>(max_resident_, streamed);
 }
 
 void Engine::prefetch_after(const std::vector<int64_t>& keep) {
@@ -262,7 +299,7 @@ void Engine::prefetch_after(const std::vector<int64_t>& keep) {
     if (blk.slot >= 0 || blk.nbytes == 0) {
       continue;
     }
-    const int s = claim_slot(keep, /*required=*/false);
+    const int s = blk.home >= 0 ? claim_home(blk, /*required=*/false) : claim_slot(keep, /*required=*/false);
     if (s < 0) {
       return;
     }
@@ -286,7 +323,7 @@ void Engine::enter(int64_t block) {
   const std::vector<int64_t> keep = window(block);
   if (blk.nbytes > 0) {
     if (blk.slot < 0) {
-      const int s = claim_slot(keep, /*required=*/true);
+      const int s = blk.home >= 0 ? claim_home(blk, /*required=*/true) : claim_slot(keep, /*required=*/true);
       TORCH_CHECK(s >= 0, "enter: all ", slots_.size(), " device slots hold running blocks; block ", block,
                   " cannot run inside another offloaded block");
       upload(block, s);
@@ -368,6 +405,7 @@ void Engine::park(int64_t block) {
 void Engine::reset() {
   std::lock_guard<std::mutex> lock(mutex_);
   prefetch_alloc_blocked_ = false;
+  h2d_at_forward_ = h2d_bytes_;
   for (Block& blk : blocks_) {
     if (blk.held) {
       release(blk);
@@ -395,6 +433,10 @@ void Engine::invalidate() {
 void Engine::trim() {
   std::lock_guard<std::mutex> lock(mutex_);
   check_idle("trim");
+  free_all_slots();
+}
+
+void Engine::free_all_slots() {
   prefetch_alloc_blocked_ = false;
   if (slots_.empty()) {
     return;
@@ -407,6 +449,27 @@ void Engine::trim() {
   }
 }
 
+void Engine::set_resident(at::IntArrayRef blocks) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  check_idle("set_resident");
+  std::vector<bool> chosen(blocks_.size(), false);
+  for (const int64_t b : blocks) {
+    block_at(b, "set_resident");
+    TORCH_CHECK_VALUE(!chosen[b], "set_resident: block ", b, " is named twice");
+    chosen[b] = true;
+  }
+  // Slot sizes change with residency: start from no slots, as after trim.
+  free_all_slots();
+  slot_bytes_ = 0;
+  int home = ring_;
+  for (size_t b = 0; b < blocks_.size(); ++b) {
+    blocks_[b].home = chosen[b] ? home++ : -1;
+    if (!chosen[b]) {
+      slot_bytes_ = std::max(slot_bytes_, blocks_[b].nbytes);
+    }
+  }
+}
+
 c10::Dict<std::string, int64_t> Engine::stats() {
   std::lock_guard<std::mutex> lock(mutex_);
   const auto allocated = std::count_if(slots_.begin(), slots_.end(), [](const Slot& s) { return s.buffer.defined(); });
@@ -415,7 +478,16 @@ c10::Dict<std::string, int64_t> Engine::stats() {
   out.insert("host_bytes", host_bytes_);
   out.insert("slot_bytes", slot_bytes_);
   out.insert("device_slots", allocated);
-  out.insert("device_bytes", allocated * slot_bytes_);
+  out.insert("device_bytes", allocated_bytes());
+  int64_t resident = 0;
+  int64_t resident_bytes = 0;
+  for (const Block& blk : blocks_) {
+    resident += blk.home >= 0 ? 1 : 0;
+    resident_bytes += blk.home >= 0 ? blk.nbytes : 0;
+  }
+  out.insert("resident_blocks", resident);
+  out.insert("resident_bytes", resident_bytes);
+  out.insert("streamed_blocks", static_cast<int64_t>(blocks_.size()) - resident);
   out.insert("enters", enters_);
   out.insert("uploads", uploads_);
   out.insert("prefetches", prefetches_);
@@ -423,6 +495,7 @@ c10::Dict<std::string, int64_t> Engine::stats() {
   out.insert("prefetch_skipped_oom", prefetch_skipped_oom_);
   out.insert("slot_alloc_failures", slot_alloc_failures_);
   out.insert("h2d_bytes", h2d_bytes_);
+  out.insert("forward_h2d_bytes", h2d_bytes_ - h2d_at_forward_);
   out.insert("max_resident_blocks", max_resident_);
   out.insert("max_materialized_blocks", max_materialized_);
   return out;
@@ -468,6 +541,7 @@ void engine_reset(int64_t engine) { lookup(engine)->reset(); }
 void engine_set_slot_budget(int64_t engine, int64_t nbytes) { lookup(engine)->set_slot_budget(nbytes); }
 void engine_invalidate(int64_t engine) { lookup(engine)->invalidate(); }
 void engine_trim(int64_t engine) { lookup(engine)->trim(); }
+void engine_set_resident(int64_t engine, at::IntArrayRef blocks) { lookup(engine)->set_resident(blocks); }
 c10::Dict<std::string, int64_t> engine_stats(int64_t engine) { return lookup(engine)->stats(); }
 
 void engine_destroy(int64_t engine) {

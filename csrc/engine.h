@@ -43,6 +43,10 @@ class Engine {
   void invalidate();
   // Frees the device slots (an idle model, such as the other Wan2.2 expert).
   void trim();
+  // These blocks stay on the device once copied (each in a slot of its own, never reused for
+  // another block); the others stream through the ring. Frees every slot, so the next forward
+  // copies the resident blocks once.
+  void set_resident(at::IntArrayRef blocks);
   c10::Dict<std::string, int64_t> stats();
   bool busy();
 
@@ -57,18 +61,24 @@ class Engine {
     int slot = -1;       // slot holding (or receiving) this block's bytes
     bool held = false;   // between enter and exit
     int64_t next = -1;   // block seen to run after this one; starts as registration order
+    int home = -1;       // a resident block's own slot (after the ring), -1 when it streams
   };
   struct Slot {
     at::Tensor buffer;   // undefined until first needed, and after trim
     int64_t block = -1;  // block whose bytes it holds
     uint64_t last_use = 0;
+    int64_t bytes = 0;   // its size: the largest streamed block, or its resident block's size
   };
 
   Block& block_at(int64_t block, const char* op);
   std::vector<int64_t> window(int64_t block) const;
   int claim_slot(const std::vector<int64_t>& keep, bool required);
   bool allocate(int index, bool required);
-  bool fits_budget() const;
+  bool fits_budget(int index) const;
+  int64_t allocated_bytes() const;
+  void make_slots();
+  void free_all_slots();
+  int claim_home(const Block& blk, bool required);
   void allocate_slot(int index);
   void free_slots_except(int keep);
   void upload(int64_t block, int slot);
@@ -82,7 +92,8 @@ class Engine {
   std::mutex mutex_;
   std::vector<Block> blocks_;
   std::vector<Slot> slots_;
-  int64_t slot_bytes_ = 0;
+  int64_t slot_bytes_ = 0;  // the largest streamed block
+  int ring_ = 0;            // slots_[0, ring_) stream blocks; each one after is a resident block's home
   int64_t slot_budget_ = -1;
   int64_t last_entered_ = -1;
   // A prefetch slot could not be allocated: no more tries until the next forward or trim, so a
@@ -96,6 +107,7 @@ class Engine {
   int64_t prefetches_ = 0;
   int64_t sync_loads_ = 0;
   int64_t h2d_bytes_ = 0;
+  int64_t h2d_at_forward_ = 0;  // h2d_bytes_ when the current (or last) forward started
   int64_t prefetch_skipped_oom_ = 0;
   int64_t slot_alloc_failures_ = 0;
   int64_t max_resident_ = 0;

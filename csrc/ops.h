@@ -31,6 +31,7 @@ void engine_reset(int64_t engine);
 void engine_set_slot_budget(int64_t engine, int64_t nbytes);
 void engine_invalidate(int64_t engine);
 void engine_trim(int64_t engine);
+void engine_set_resident(int64_t engine, at::IntArrayRef blocks);
 c10::Dict<std::string, int64_t> engine_stats(int64_t engine);
 void engine_destroy(int64_t engine);
 

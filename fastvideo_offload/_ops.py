@@ -78,3 +78,7 @@ def engine_stats(engine: int) -> dict[str, int]:
 
 def engine_destroy(engine: int) -> None:
     _ops.engine_destroy.default(engine)
+
+
+def engine_set_resident(engine: int, blocks: list[int]) -> None:
+    _ops.engine_set_resident.default(engine, blocks)

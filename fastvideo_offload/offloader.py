@@ -12,6 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import _ops, formats
+from .budget import DeviceBudget, check_budget
 from .blocks import BlockList, find_block_lists
 from .hooks import attach_block_hooks
 from .outside import OutsideCalls
@@ -78,6 +79,7 @@ class OffloadHandle:
         prefetch: int,
         lists: list[BlockList],
         group: str | None = None,
+        device_budget: int | str | None = None,
     ):
         # Weak: the model holds the handle (attribute, hooks), so a strong reference back would make
         # a cycle, and `del model` would free neither slots nor host memory until a GC pass.
@@ -95,6 +97,7 @@ class OffloadHandle:
                 f"parameters {meta[:3]}{'...' if len(meta) > 3 else ''} are on the meta device; load real weights "
                 "(for example with load_state_dict(..., assign=True)) before enabling offload"
             )
+        self._budget: DeviceBudget | None = None
         blocks = [named for _, named_blocks in lists for named in named_blocks]
         self._block_index = {id(block): index for index, (_, block) in enumerate(blocks)}
         names = _param_names(model)
@@ -114,6 +117,9 @@ class OffloadHandle:
             logger.info("%d parameter(s) shared outside a single block stay resident on %s", len(shared), device)
         formats.check(((names[id(p)][0], p) for params in block_params for p in params), device)
         report = OffloadReport.measure(model, lists, offloaded)
+        if device_budget is not None:
+            self._budget = DeviceBudget(model, device, [BlockStore.nbytes(params) for params in block_params], prefetch + 1,
+                                        _staying_bytes(model, offloaded), device_budget)
         retained = RetainedCheck(
             [held for params in block_params for p in params for held in formats.holders(names[id(p)][0], p)]
         )
@@ -135,6 +141,8 @@ class OffloadHandle:
                 blocks, {id(p): view for s in self._stores for p, view in zip(s.params, s.views)},
                 lambda view: _on_device(view, device),
             )
+            if self._budget is not None:
+                self._budget.attach(model, self._engine)
             self._hooks.append(model.register_forward_pre_hook(self._before_forward))
         except BaseException:
             self._destroy_engine()
@@ -216,6 +224,12 @@ class OffloadHandle:
         if nbytes is not None and (isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0):
             raise ValueError(f"limit_device_memory expects a byte count >= 0 or None, got {nbytes!r}")
         _ops.engine_set_slot_budget(self._engine, -1 if nbytes is None else nbytes)
+
+    def set_device_budget(self, nbytes: int) -> None:
+        """A new device budget (bytes) from the next forward on: residency is planned again."""
+        if self._budget is None:
+            raise RuntimeError("set_device_budget: this model was enabled without device_budget")
+        self._budget.set_budget(nbytes)
 
     def owns_block(self, module: nn.Module) -> bool:
         """Whether `module` is one of the blocks this handle offloads."""
@@ -334,6 +348,8 @@ class OffloadHandle:
         self._hooks.clear()
         if self._outside is not None:
             self._outside.remove()
+        if self._budget is not None:
+            self._budget.remove()
 
 
 class _Undo:
@@ -367,6 +383,13 @@ class _Undo:
                     p.data = data
             for module, name, buf in self.buffers:
                 module._buffers[name] = buf
+
+
+def _staying_bytes(model: nn.Module, offloaded: set[int]) -> int:
+    """Bytes of the weights and buffers that enable puts on the device to stay."""
+    tensors = {id(p): p for p in model.parameters() if id(p) not in offloaded}
+    tensors.update((id(b), b) for b in model.buffers())
+    return sum(map(formats.nbytes, tensors.values()))  # a tensor subclass by its inner tensors
 
 
 def _is_allocation_failure(exc: Exception) -> bool:
@@ -437,12 +460,16 @@ def enable(
     prefetch: int = 1,
     blocks: Sequence[str] | None = None,
     group: str | None = None,
+    device_budget: int | str | None = None,
 ) -> OffloadHandle:
     """Offloads `model`'s transformer blocks to host memory and streams each one to `device`
     just before it runs, `prefetch` blocks ahead. Everything else moves to `device`.
 
     Models enabled with the same `group` take turns: when one starts a forward, the others
-    free their device slots (Wan2.2's experts: the idle one holds no block on the GPU)."""
+    free their device slots (Wan2.2's experts: the idle one holds no block on the GPU).
+
+    `device_budget` (bytes, or "auto" on CUDA: free memory less headroom): the device memory the
+    whole model may take; the blocks that fit stay resident, the rest stream (see budget.py)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"enable expects an nn.Module, got {type(model).__name__}")
     if getattr(model, _HANDLE_ATTR, None) is not None:
@@ -453,8 +480,9 @@ def enable(
         raise ValueError(f"prefetch must be >= 0, got {prefetch}")
     if group is not None and not isinstance(group, str):
         raise TypeError(f"group must be a string, got {type(group).__name__}")
+    check_budget(device_budget)
     device = resolve_device(device)
-    return OffloadHandle(model, device, prefetch, find_block_lists(model, blocks), group)
+    return OffloadHandle(model, device, prefetch, find_block_lists(model, blocks), group, device_budget)
 
 
 def disable(model: nn.Module) -> None:

@@ -1,0 +1,136 @@
+"""`enable(..., device_budget=...)`: the blocks that fit stay on the device, the rest stream.
+
+The budget covers everything the model keeps on the device: its non-block weights and buffers,
+the resident blocks, the ring of slots for the streamed ones, and (on CUDA) the activations of the
+largest forward seen so far. Within it, planner.plan keeps as many blocks resident as fit and
+spreads the streamed ones through the execution order. The slot budget of the engine is set to the
+blocks' share, so the bound holds even while prefetching.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from . import _ops
+from .planner import Plan, plan
+
+logger = logging.getLogger("fastvideo_offload")
+
+#: "auto" leaves this much of the device free: for other processes, the CUDA context's growth
+#: and allocator fragmentation.
+AUTO_HEADROOM_BYTES = 1 << 30
+AUTO_HEADROOM_FRACTION = 0.05
+
+
+def check_budget(budget) -> None:
+    if budget is None or budget == "auto":
+        return
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
+        raise ValueError(f"device_budget must be a byte count >= 0, 'auto' or None, got {budget!r}")
+
+
+class DeviceBudget:
+    """Plans and re-plans residency for one model's engine."""
+
+    def __init__(self, model: nn.Module, device: torch.device, sizes: list[int], slots: int, fixed_bytes: int,
+                 budget: int | str):
+        """Plans at once, so that a budget that cannot work is refused before enable changes anything."""
+        self._engine: int | None = None
+        self._device, self._sizes, self._slots = device, sizes, slots
+        self._fixed = fixed_bytes  # non-block weights and buffers on the device, and resident copies
+        self._activations = 0
+        self._measuring = False
+        if budget == "auto":
+            if device.type != "cuda":
+                raise ValueError(f"device_budget='auto' reads free CUDA memory; on {device} give a byte count")
+            free, total = torch.cuda.mem_get_info(device)
+            # What the model holds on the device already is memory it may use.
+            tensors = {id(t): t for t in [*model.parameters(), *model.buffers()] if t.device == device}
+            held = sum(t.untyped_storage().nbytes() for t in tensors.values())
+            self._total = free + held - max(AUTO_HEADROOM_BYTES, int(AUTO_HEADROOM_FRACTION * total))
+        else:
+            self._total = budget
+        self.plan: Plan = self._plan()
+        self._hooks = []
+
+    def attach(self, model: nn.Module, engine: int) -> None:
+        """Applies the plan to the engine that now holds the blocks, and measures every forward."""
+        self._engine = engine
+        self._apply()
+        self._hooks = [model.register_forward_pre_hook(self._before), model.register_forward_hook(self._after)]
+
+    @property
+    def blocks_budget(self) -> int:
+        return self._total - self._fixed - self._activations
+
+    def _plan(self) -> Plan:
+        budget = self.blocks_budget
+        if budget < 0:
+            raise ValueError(
+                f"device_budget: {self._total} bytes do not hold what stays on the device ({self._fixed} bytes of "
+                f"non-block weights and buffers, {self._activations} bytes of activations)"
+            )
+        return plan(self._sizes, budget, self._slots)
+
+    def _replan(self) -> None:
+        self.plan = self._plan()
+        self._apply()
+
+    def _apply(self) -> None:
+        new = self.plan
+        _ops.engine_set_resident(self._engine, list(new.resident))
+        _ops.engine_set_slot_budget(self._engine, self.blocks_budget)
+        logger.info(
+            "device budget %.1f MiB: %d block(s) resident (%.1f MiB), %d streamed (%.1f MiB copied per step)",
+            self._total / 2**20, len(new.resident), (new.device_bytes - self._ring(new)) / 2**20,
+            len(new.streamed), new.streamed_bytes / 2**20,
+        )
+
+    def _ring(self, p: Plan) -> int:
+        return self._slots * max((self._sizes[i] for i in p.streamed), default=0)
+
+    def set_budget(self, budget: int) -> None:
+        """A new budget from the next forward on."""
+        check_budget(budget)
+        old = self._total
+        self._total = budget
+        try:
+            self._replan()
+        except ValueError:
+            self._total = old
+            raise
+
+    def _before(self, module, args) -> None:
+        # Activations are measured on CUDA: the peak of a forward above what it started with.
+        if self._device.type == "cuda" and not torch.compiler.is_compiling():
+            torch.cuda.reset_peak_memory_stats(self._device)
+            self._start = torch.cuda.memory_allocated(self._device)
+            self._slots_at_start = _ops.engine_stats(self._engine)["device_bytes"]
+            self._measuring = True
+
+    def _after(self, module, args, output) -> None:
+        if not self._measuring:
+            return
+        self._measuring = False
+        peak = torch.cuda.max_memory_allocated(self._device) - self._start
+        new_slots = _ops.engine_stats(self._engine)["device_bytes"] - self._slots_at_start
+        activations = max(0, peak - new_slots)
+        if activations > self._activations:
+            # A larger forward (a higher resolution): fewer resident blocks from the next one on.
+            # This one did not fail: a block that finds no memory frees the other slots first.
+            old = self._activations
+            self._activations = activations
+            try:
+                self._replan()
+            except ValueError as exc:
+                self._activations = old
+                logger.warning("the last forward's activations (%.1f MiB) leave no room to plan in: %s",
+                               activations / 2**20, exc)
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()

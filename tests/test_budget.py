@@ -1,0 +1,164 @@
+"""device_budget: the planner's choices, and an offloaded model that keeps exactly the planned
+blocks resident, copies exactly the streamed ones, and never holds more than the budget."""
+
+import copy
+import random
+
+import pytest
+import torch
+
+import fastvideo_offload as fo
+from fastvideo_offload.planner import plan, spread
+from models import TinyDiT, tiny_input
+from snapshot import assert_unchanged, snapshot
+
+
+def test_everything_resident_when_it_fits():
+    p = plan([10] * 8, 80, slots=2)
+    assert p.resident == tuple(range(8)) and p.streamed == () and p.device_bytes == 80 and p.streamed_bytes == 0
+
+
+def test_streamed_blocks_are_spread_through_the_order():
+    p = plan([10] * 8, 50, slots=2)
+    # 3 resident + a ring of 2: 5 blocks stream, never the last 5 back to back.
+    assert p.streamed == (0, 2, 4, 5, 7) and p.resident == (1, 3, 6) and p.device_bytes == 50
+    assert spread(12, 3) == [2, 6, 10]
+    assert plan([10] * 8, 20, slots=2).streamed == tuple(range(8))
+
+
+def test_the_plan_never_exceeds_the_budget_and_keeps_the_most_it_can():
+    rng = random.Random(0)
+    for _ in range(300):
+        sizes = [rng.randint(1, 100) for _ in range(rng.randint(1, 12))]
+        slots = rng.randint(1, 3)
+        budget = rng.randint(0, sum(sizes) + 100)
+        try:
+            p = plan(sizes, budget, slots)
+        except ValueError:
+            assert budget < slots * max(sizes)
+            continue
+        ring = slots * max((sizes[i] for i in p.streamed), default=0)
+        assert p.device_bytes == sum(sizes[i] for i in p.resident) + ring <= budget
+        assert sorted(p.resident + p.streamed) == list(range(len(sizes)))
+        assert p.streamed_bytes == sum(sizes[i] for i in p.streamed)
+
+
+def test_a_budget_below_the_ring_is_refused():
+    with pytest.raises(ValueError, match=r"device_budget: 19 bytes for the blocks is less than streaming needs: "
+                                         r"2 slot\(s\) of the largest block, 20 bytes"):
+        plan([10] * 8, 19, slots=2)
+
+
+def block_bytes(handle):
+    return handle.stats()["host_bytes"] // handle.stats()["blocks"]  # TinyDiT's blocks are all one size
+
+
+def fixed_bytes(model):
+    """What stays on the device: the weights outside the blocks, and every buffer."""
+    params = [p for name, p in model.named_parameters() if not name.startswith("blocks.")]
+    return sum(t.numel() * t.element_size() for t in params + list(model.buffers()))
+
+
+def enable_with_budget(resident: int, layers: int = 8, prefetch: int = 1):
+    """TinyDiT under a budget that holds `resident` blocks besides the ring and the other weights."""
+    model = TinyDiT(layers=layers)
+    reference = copy.deepcopy(model)
+    probe = fo.enable(copy.deepcopy(model), device="cpu")
+    block = block_bytes(probe)
+    budget = fixed_bytes(model) + (resident + prefetch + 1) * block
+    handle = fo.enable(model, device="cpu", prefetch=prefetch, device_budget=budget)
+    return model, reference, handle, budget, block
+
+
+@pytest.mark.parametrize("resident", [0, 3, 5])
+def test_resident_blocks_are_copied_once_and_streamed_ones_every_step(resident):
+    model, reference, handle, budget, block = enable_with_budget(resident)
+    stats = handle.stats()
+    assert (stats["resident_blocks"], stats["streamed_blocks"]) == (resident, 8 - resident)
+    assert stats["resident_bytes"] == resident * block
+    seen = []
+
+    def inside(b):  # the bound, from inside every block's forward
+        seen.append(handle.stats()["device_bytes"])
+        assert fixed_bytes(reference) + handle.stats()["device_bytes"] <= budget
+
+    for b in model.blocks:
+        b.probe = inside
+    with torch.no_grad():
+        for step in range(3):
+            x = tiny_input()
+            assert torch.equal(model(x), reference(x))
+            copied = handle.stats()["forward_h2d_bytes"]
+            if step == 0:
+                # Every block once, the resident ones included, and the next step's first streamed block.
+                assert copied == 9 * block
+            else:
+                assert copied == (8 - resident) * block  # only the streamed ones
+    assert len(seen) == 24 and max(seen) == (resident + 2) * block
+
+
+def test_everything_resident_copies_nothing_after_the_first_step():
+    model, reference, handle, budget, block = enable_with_budget(8, prefetch=1)
+    # 8 resident blocks and a ring of 2 are more than 8 blocks alone: all resident, no ring at all.
+    assert handle.stats()["resident_blocks"] == 8
+    with torch.no_grad():
+        for step in range(3):
+            x = tiny_input()
+            assert torch.equal(model(x), reference(x))
+            assert handle.stats()["forward_h2d_bytes"] == (8 * block if step == 0 else 0)
+    assert handle.stats()["device_bytes"] == 8 * block
+
+
+def test_a_budget_below_one_block_and_the_ring_is_refused_and_changes_nothing():
+    model = TinyDiT(layers=8)
+    before = snapshot(model)
+    budget = fixed_bytes(model) + 100
+    with pytest.raises(ValueError, match=r"device_budget: 100 bytes for the blocks is less than streaming needs"):
+        fo.enable(model, device="cpu", device_budget=budget)
+    assert_unchanged(model, before)
+    assert fo.handle_of(model) is None
+
+
+def test_the_budget_changes_between_forwards():
+    model, reference, handle, budget, block = enable_with_budget(0)
+    with torch.no_grad():
+        x = tiny_input()
+        assert torch.equal(model(x), reference(x))
+        handle.set_device_budget(budget + 4 * block)
+        assert handle.stats()["resident_blocks"] == 4
+        for _ in range(2):
+            assert torch.equal(model(x), reference(x))
+        assert handle.stats()["forward_h2d_bytes"] == 4 * block
+        with pytest.raises(ValueError, match=r"device_budget: 100 bytes do not hold what stays on the device \(2336 "
+                                             r"bytes of non-block weights and buffers"):
+            handle.set_device_budget(100)
+        assert handle.stats()["resident_blocks"] == 4  # the old plan stays
+        assert torch.equal(model(x), reference(x))
+
+
+def test_bad_budgets_are_refused():
+    for bad in (-1, 1.5, True, "lots"):
+        with pytest.raises(ValueError, match="device_budget must be a byte count"):
+            fo.enable(TinyDiT(), device="cpu", device_budget=bad)
+    with pytest.raises(ValueError, match="device_budget='auto' reads free CUDA memory"):
+        fo.enable(TinyDiT(), device="cpu", device_budget="auto")
+    with pytest.raises(RuntimeError, match="enabled without device_budget"):
+        fo.enable(TinyDiT(), device="cpu").set_device_budget(10)
+
+
+def test_experts_of_a_group_take_turns_holding_their_resident_blocks():
+    _, _, probe, budget, block = enable_with_budget(4)
+    probe.disable()
+    models = [TinyDiT(layers=8) for _ in range(2)]
+    references = [copy.deepcopy(m) for m in models]
+    handles = [fo.enable(m, device="cpu", group="wan22", device_budget=budget) for m in models]
+    assert [h.stats()["resident_blocks"] for h in handles] == [4, 4]
+    with torch.no_grad():
+        for step in range(4):
+            active = step // 2  # the high-noise expert for two steps, then the low-noise one
+            x = tiny_input()
+            assert torch.equal(models[active](x), references[active](x))
+            assert handles[1 - active].stats()["device_bytes"] == 0  # the idle expert holds nothing
+            # The switch costs the resident blocks once (all 8, and the next step's first streamed
+            # block); then 4 streamed blocks a step.
+            assert handles[active].stats()["forward_h2d_bytes"] == (9 if step % 2 == 0 else 4) * block
