@@ -25,8 +25,13 @@ $(VENV)/.torch:
 FASTVIDEO_DEPS := numpy==2.4.6 cloudpickle==3.1.3 imageio==2.38.1 torchvision==0.29.1 PyYAML==6.0.4 \
 	diffusers==0.42.1 einops==0.8.2 remote-pdb==2.1.0 ftfy==6.3.1 transformers==5.24.0 scipy==1.17.1 psutil==7.2.2
 
+# The weight formats the tests offload (tests/test_formats.py): torchao's tensor subclasses, GGUF files
+# read by diffusers, and bitsandbytes, which enable refuses.
+FORMAT_DEPS := torchao==0.18.0 gguf==0.19.0 bitsandbytes==0.50.2
+
 $(VENV)/.deps: $(VENV)/.torch
-	$(PIP) install -q "$(TORCH_SPEC)" setuptools ninja pytest hypothesis tqdm matplotlib accelerate $(FASTVIDEO_DEPS)
+	$(PIP) install -q "$(TORCH_SPEC)" setuptools ninja pytest hypothesis tqdm matplotlib accelerate $(FASTVIDEO_DEPS) \
+		$(FORMAT_DEPS)
 	$(PIP) install -q --no-deps fastvideo==0.2.1
 	touch $@
 

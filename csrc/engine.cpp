@@ -372,9 +372,27 @@ void Engine::release(Block& blk) {
 void Engine::exit(int64_t block) {
   std::lock_guard<std::mutex> lock(mutex_);
   Block& blk = block_at(block, "exit");
-  if (blk.held) {
-    release(blk);
+  if (!blk.held) {
+    return;
   }
+  // A forward that assigned new data to a parameter (a repack, as bitsandbytes' nf4 does) would
+  // have it dropped here, and every later forward would read the old bytes: refuse loudly. The
+  // block is released first, so the engine stays consistent and the model can still be disabled.
+  int64_t replaced = -1;
+  if (!blk.params.empty()) {
+    const auto& views = blk.nbytes > 0 ? blk.views[blk.slot] : blk.views[0];
+    for (size_t i = 0; i < blk.params.size() && replaced < 0; ++i) {
+      if (!holds(blk.params[i], views[i])) {
+        replaced = static_cast<int64_t>(i);
+      }
+    }
+  }
+  release(blk);
+  TORCH_CHECK(replaced < 0, "the forward of offloaded block ", block, " replaced the data of its parameter ", replaced,
+              " (", blk.layouts[replaced].dtype, " ", c10::IntArrayRef(blk.layouts[replaced].sizes),
+              ") with a new tensor; offload cannot keep data a forward creates (the host store keeps the old "
+              "weights, which the next forward would read), so it refuses. Modules that repack their weights in "
+              "their forward (bitsandbytes 4-bit) cannot be offloaded; disable() restores the stored weights");
 }
 
 void Engine::park(int64_t block) {

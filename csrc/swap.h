@@ -25,6 +25,9 @@ at::Tensor view_into(const at::Tensor& buffer, const TensorLayout& layout);
 // One empty tensor per (dtype, device), shared by every offloaded parameter outside its forward.
 at::Tensor placeholder(c10::ScalarType dtype, c10::Device device);
 
+// Whether `param`'s data is still `view` (its storage, offset, sizes and strides): a pointer compare.
+bool holds(const at::Tensor& param, const at::Tensor& view);
+
 void set_all(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& data);
 
 }  // namespace fastvideo_offload

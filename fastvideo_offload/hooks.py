@@ -9,7 +9,9 @@ from torch.utils.hooks import RemovableHandle
 from . import _ops
 
 
-def attach_block_hooks(block: nn.Module, engine: int, index: int, device_type: str) -> list[RemovableHandle]:
+def attach_block_hooks(
+    block: nn.Module, path: str, engine: int, index: int, device_type: str
+) -> list[RemovableHandle]:
     enter, exit_ = _ops.engine_enter, _ops.engine_exit
     autocast_on, drop_casts = torch.is_autocast_enabled, torch.clear_autocast_cache
     grad_on = torch.is_grad_enabled
@@ -21,7 +23,10 @@ def attach_block_hooks(block: nn.Module, engine: int, index: int, device_type: s
 
     @torch.compiler.disable
     def post_forward(module, args, output):
-        exit_(engine, index)
+        try:
+            exit_(engine, index)
+        except RuntimeError as exc:  # the engine names blocks by index; users know them by path
+            raise RuntimeError(f"block {path}: {exc}") from None
         # autocast caches the low-precision copy of every fp32 parameter that requires grad, keyed
         # by the parameter, until its region ends: kept, those copies would hold every block on the
         # device (offload defeated) and go on serving the old weights after a change. Dropped here,

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import _ops
+from . import _ops, formats
 from .budget import DeviceBudget, check_budget
 from .blocks import BlockList, find_block_lists
 from .checkpoint import CheckpointWeights
@@ -115,11 +115,14 @@ class OffloadHandle:
         shared = {id(p) for _, block in blocks for p in block.parameters()} - offloaded
         if shared:
             logger.info("%d parameter(s) shared outside a single block stay resident on %s", len(shared), device)
+        formats.check(((names[id(p)][0], p) for params in block_params for p in params), device)
         report = OffloadReport.measure(model, lists, offloaded)
         if device_budget is not None:
             self._budget = DeviceBudget(model, device, [BlockStore.nbytes(params) for params in block_params], prefetch + 1,
                                         _staying_bytes(model, offloaded), device_budget)
-        retained = RetainedCheck([(names[id(p)][0], p) for params in block_params for p in params])
+        retained = RetainedCheck(
+            [held for params in block_params for p in params for held in formats.holders(names[id(p)][0], p)]
+        )
 
         self._engine = _ops.engine_create(device, prefetch)
         self._finalizer = weakref.finalize(self, _ops.engine_destroy, self._engine)
@@ -131,7 +134,7 @@ class OffloadHandle:
             self._pack_blocks(blocks, block_params, names, source)
             self._move_resident(offloaded, source)
             host_views = {
-                n: view for store in self._stores for p, view in zip(store.params, store.views) for n in names[id(p)]
+                n: host for store in self._stores for p, host in store.host_weights() for n in names[id(p)]
             }
             self._hooks += attach_state_dict_hooks(model, host_views, self._weights_changed)
             self._outside = OutsideCalls(
@@ -194,9 +197,9 @@ class OffloadHandle:
                         raise
                     obtained = sum(s.buffer.numel() for s in self._stores)
                     raise _out_of_host_memory(exc, path, pinned, total, obtained) from exc
-                _ops.engine_add_block(self._engine, store.buffer, params, store.offsets)
+                _ops.engine_add_block(self._engine, store.buffer, store.params, store.offsets)
                 self._stores.append(store)
-                self._hooks += attach_block_hooks(block, self._engine, index, self.device.type)
+                self._hooks += attach_block_hooks(block, path, self._engine, index, self.device.type)
                 progress.update(store.buffer.numel())
 
     def _weights_changed(self) -> None:
@@ -366,7 +369,9 @@ class _Undo:
         self.params: dict[int, tuple[nn.Parameter, torch.Tensor | None]] = {}
         for p in model.parameters():
             keep = id(p) not in offloaded or p.device.type != "cpu"
-            self.params[id(p)] = (p, p.data if keep else None)
+            # What the engine swaps: an offloaded wrapper subclass's inner tensors.
+            for _, h in formats.holders("", p) if id(p) in offloaded else [("", p)]:
+                self.params[id(h)] = (h, h.data if keep else None)
         self.buffers = [(m, name, buf) for m in model.modules() for name, buf in m._buffers.items()]
 
     def restore(self, stores: list[BlockStore]) -> None:
@@ -388,7 +393,7 @@ def _staying_bytes(model: nn.Module, offloaded: set[int]) -> int:
     """Bytes of the weights and buffers that enable puts on the device to stay."""
     tensors = {id(p): p for p in model.parameters() if id(p) not in offloaded}
     tensors.update((id(b), b) for b in model.buffers())
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    return sum(map(formats.nbytes, tensors.values()))  # a tensor subclass by its inner tensors
 
 
 def _is_allocation_failure(exc: Exception) -> bool:

@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from . import formats
+
 logger = logging.getLogger("fastvideo_offload")
 
 
@@ -65,7 +67,9 @@ class OutsideCalls:
         self._hooks: list[RemovableHandle] = []
         for path, block in blocks:
             for name, sub in block.named_modules():
-                params = [p for p in sub.parameters() if id(p) in host_views and host_views[id(p)].numel()]
+                # What the engine swaps: a wrapper subclass's (torchao's) inner tensors.
+                held = [h for p in sub.parameters() for _, h in formats.holders("", p)]
+                params = [h for h in held if id(h) in host_views and host_views[id(h)].numel()]
                 if sub is block or not params:
                     continue
                 views = [host_views[id(p)] for p in params]

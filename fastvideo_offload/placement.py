@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import formats
 from .blocks import BlockList
 
 logger = logging.getLogger("fastvideo_offload")
@@ -41,12 +42,12 @@ class OffloadReport:
         per_list = []
         for path, blocks in lists:
             params = {id(p): p for _, block in blocks for p in block.parameters() if id(p) in offloaded}
-            per_list.append((path or "<root>", len(blocks), sum(map(_nbytes, params.values()))))
+            per_list.append((path or "<root>", len(blocks), sum(map(formats.nbytes, params.values()))))
         total, resident = 0, {}
         for name, p in model.named_parameters():
-            total += _nbytes(p)
+            total += formats.nbytes(p)
             if id(p) not in offloaded:
-                resident[_label(name)] = resident.get(_label(name), 0) + _nbytes(p)
+                resident[_label(name)] = resident.get(_label(name), 0) + formats.nbytes(p)
         return cls(per_list, total, resident)
 
     def log(self, model_name: str, device: torch.device) -> None:
@@ -63,7 +64,3 @@ class OffloadReport:
                 "name it with blocks=[...] to offload it",
                 100 * share, model_name, device, ", ".join(f"{name} ({n / 2**20:.1f} MiB)" for name, n in largest),
             )
-
-
-def _nbytes(p: torch.Tensor) -> int:
-    return p.numel() * p.element_size()

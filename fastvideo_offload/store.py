@@ -6,21 +6,23 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _ops
+from . import _ops, formats
 
 
 @dataclass
 class BlockStore:
+    # One entry per holder (formats.holders): a plain parameter, or a wrapper subclass's inner tensor.
     names: list[str]  # qualified names in the model, for error messages
-    params: list[torch.nn.Parameter]
-    buffer: torch.Tensor  # uint8, exactly as large as the packed parameters
+    params: list[torch.Tensor]  # the tensors whose .data the engine swaps
+    buffer: torch.Tensor  # uint8, exactly as large as the packed holders
     offsets: list[int]
-    views: list[torch.Tensor]  # each parameter's bytes in `buffer`, with its dtype, shape and strides
+    views: list[torch.Tensor]  # each holder's bytes in `buffer`, with its dtype, shape and strides
+    weights: list[tuple[torch.nn.Parameter, int]]  # each parameter the module holds, and its count of holders
 
     @staticmethod
     def nbytes(params: list[torch.nn.Parameter]) -> int:
         """The exact size of the host buffer `pack` allocates for `params`."""
-        return _ops.layout([p.detach() for p in params])[1]
+        return _ops.layout([formats.plain(h) for p in params for _, h in formats.holders("", p)])[1]
 
     @classmethod
     def pack(
@@ -28,14 +30,26 @@ class BlockStore:
     ) -> BlockStore:
         """`device`: the CUDA device a pinned buffer is for, so its context (not the current
         device's) owns the pinning."""
-        tensors = [p.detach() for p in params]
+        held = [formats.holders(name, p) for name, p in zip(names, params)]
+        flat = [h for hs in held for h in hs]
+        tensors = [formats.plain(h) for _, h in flat]
         offsets, nbytes = _ops.layout(tensors)
         if tensors:
             buffer = _ops.pack(tensors, offsets, nbytes, pinned, device)
         else:
             buffer = torch.empty(0, dtype=torch.uint8)
         views = [_view(buffer, off, t) for off, t in zip(offsets, tensors)]
-        return cls(names, params, buffer, offsets, views)
+        weights = [(p, len(hs)) for p, hs in zip(params, held)]
+        return cls([n for n, _ in flat], [h for _, h in flat], buffer, offsets, views, weights)
+
+    def host_weights(self) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
+        """Each parameter with its value in the host store, in its own format (a torchao or GGUF
+        tensor around host views): what state_dict returns and load_state_dict writes into."""
+        out, start = [], 0
+        for p, count in self.weights:
+            out.append((p, formats.rebuild(p, self.views[start : start + count])))
+            start += count
+        return out
 
     @classmethod
     def allocate(
