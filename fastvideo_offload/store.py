@@ -67,7 +67,8 @@ class BlockStore:
             buffer[end:off].zero_()
             end = off + _span_bytes(view)
         buffer[end:].zero_()
-        return cls(names, params, buffer, offsets, views)
+        # A checkpoint's parameters are plain: each one is its own single holder.
+        return cls(names, params, buffer, offsets, views, [(p, 1) for p in params])
 
 
 def _span_bytes(t: torch.Tensor) -> int:
