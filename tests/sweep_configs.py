@@ -386,7 +386,10 @@ DIFFUSERS: dict[str, Case] = {
         lambda: dict(x=[r(4, 1, 8, 8)], cap_feats=[r(8, 16)], t=t(0.5))),
     "BriaFibo2Transformer2DModel": Case(),
     "Cosmos3OmniTransformer": Case(),
-    "Flux3Transformer2DModel": Case(),
+    "Flux3Transformer2DModel": Case(
+        dict(in_channels=4, cond_in_channels=4, num_layers=1, num_single_layers=2, attention_head_dim=16,
+             num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 4, 4, 4)),
+        lambda: {k: v[0] if k.endswith("_ids") else v for k, v in _flux2_inputs().items() if k != "guidance"}),
     "Ideogram4Transformer2DModel": Case(),
     "Kandinsky5Transformer3DModel": Case(),
     "Kandinsky6SRTransformer3DModel": Case(),
@@ -399,7 +402,10 @@ DIFFUSERS: dict[str, Case] = {
     "SanaWMLTX2RefinerTransformer3DModel": Case(),
     "SanaWMTransformer3DModel": Case(),
     "StableAudio3DiTModel": Case(),
-    "T5FilmDecoder": Case(),
+    "T5FilmDecoder": Case(
+        dict(input_dims=8, targets_length=6, d_model=16, num_layers=2, num_heads=2, d_kv=8, d_ff=32),
+        lambda: dict(encodings_and_masks=[(r(1, 5, 16), torch.ones(1, 5, dtype=torch.bool))],
+                     decoder_input_tokens=r(1, 6, 8), decoder_noise_time=t(0.5))),
     "WanAnimate2Transformer3DModel": Case(),
     "DreamLiteTransformer2DModel": Case(full=dict(in_channels=16 * 88)),  # its defaults, channels = heads x dim
 }
