@@ -16,7 +16,6 @@ class Case:
     inputs: Callable[[], dict] | None = None
     full: dict = field(default_factory=dict)  # only where the class's defaults do not build it
     xfail: str | None = None
-    skip: str | None = None
 
 
 def r(*shape):
@@ -54,6 +53,52 @@ def _flux2_inputs():
 
 def _video(c=4, f=2, h=8, w=8, text=16, seq=8, **extra):
     return dict(hidden_states=r(1, c, f, h, w), encoder_hidden_states=r(1, seq, text), timestep=t(500), **extra)
+
+
+def _minimax_h3_inputs(text=4, audio=6, video=8):
+    # one packed sequence: text, audio, then video rows, each tagged (0 video, 1 text, 2 audio)
+    n = text + audio + video
+    text_i, audio_i, video_i = torch.arange(text), torch.arange(text, text + audio), torch.arange(text + audio, n)
+    tags = torch.zeros(n, dtype=torch.long)
+    tags[text_i], tags[audio_i] = 1, 2
+    timestep_indices = torch.zeros(n, dtype=torch.long)
+    timestep_indices[audio_i] = 1
+    position_ids = torch.zeros(n, 3)
+    position_ids[:, 0] = torch.arange(n)
+    position_ids[video_i, 1] = torch.arange(video) % 4.0
+    position_ids[video_i, 2] = torch.arange(video) % 2.0
+    return dict(hidden_states=r(1, video, 16), audio_hidden_states=r(1, audio, 6), encoder_hidden_states=r(1, text, 8),
+                timestep=t(0.7, 0.3), timestep_indices=timestep_indices, token_tags=tags, position_ids=position_ids,
+                video_indices=video_i, audio_indices=audio_i, text_indices=text_i)
+
+
+def _krea2_inputs(text=4, grid=2):
+    position_ids = torch.zeros(text + grid * grid, 3)
+    position_ids[text:, 1] = torch.arange(grid).repeat_interleave(grid)
+    position_ids[text:, 2] = torch.arange(grid).repeat(grid)
+    mask = torch.ones(1, text, dtype=torch.bool)
+    mask[:, -1] = False  # a padded text token
+    return dict(hidden_states=r(1, grid * grid, 16), encoder_hidden_states=r(1, text, 3, 16), timestep=t(0.5),
+                position_ids=position_ids, encoder_attention_mask=mask)
+
+
+def _ideogram4_inputs(text=4, image=4):
+    from diffusers.models.transformers import transformer_ideogram4 as ideogram
+
+    n = text + image
+    hidden = torch.zeros(1, n, 16)
+    hidden[:, text:] = r(1, image, 16)
+    llm = torch.zeros(1, n, 24)
+    llm[:, :text] = r(1, text, 24)
+    position_ids = torch.zeros(1, n, 3, dtype=torch.long)
+    position_ids[:, :text] = torch.arange(text)[:, None]
+    position_ids[:, text:] = ideogram.IMAGE_POSITION_OFFSET
+    position_ids[:, text:, 1] += t(0, 0, 1, 1)
+    position_ids[:, text:, 2] += t(0, 1, 0, 1)
+    indicator = torch.full((1, n), ideogram.OUTPUT_IMAGE_INDICATOR)
+    indicator[:, :text] = ideogram.LLM_TOKEN_INDICATOR
+    return dict(hidden_states=hidden, encoder_hidden_states=llm, timestep=t(0.5), position_ids=position_ids,
+                segment_ids=torch.ones(1, n, dtype=torch.long), indicator=indicator)
 
 
 _WAN_BASE = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
@@ -385,29 +430,71 @@ DIFFUSERS: dict[str, Case] = {
              axes_lens=[256, 32, 32]),
         lambda: dict(x=[r(4, 1, 8, 8)], cap_feats=[r(8, 16)], t=t(0.5))),
     "BriaFibo2Transformer2DModel": Case(),
-    "Cosmos3OmniTransformer": Case(),
+    "Cosmos3OmniTransformer": Case(
+        dict(head_dim=6, hidden_act="relu2", hidden_size=12, intermediate_size=24, latent_channel=2,
+             latent_patch_size=1, num_attention_heads=2, num_hidden_layers=2, num_key_value_heads=1,
+             patch_latent_dim=2, qk_norm_for_text=False, rope_axes_dim=[1, 1, 1], rope_theta=1e8, vocab_size=32),
+        lambda: dict(input_ids=t(1, 2), text_indexes=t(0, 1), position_ids=torch.zeros(3, 6, dtype=torch.long),
+                     und_len=2, sequence_length=6, vision_tokens=[r(1, 2, 1, 2, 2)], vision_token_shapes=[(1, 2, 2)],
+                     vision_sequence_indexes=torch.arange(2, 6), vision_mse_loss_indexes=torch.arange(2, 6),
+                     vision_timesteps=torch.ones(4), vision_noisy_frame_indexes=[t(0)])),
     "Flux3Transformer2DModel": Case(
         dict(in_channels=4, cond_in_channels=4, num_layers=1, num_single_layers=2, attention_head_dim=16,
              num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 4, 4, 4)),
         lambda: {k: v[0] if k.endswith("_ids") else v for k, v in _flux2_inputs().items() if k != "guidance"}),
-    "Ideogram4Transformer2DModel": Case(),
-    "Kandinsky5Transformer3DModel": Case(),
-    "Kandinsky6SRTransformer3DModel": Case(),
-    "Kandinsky6Transformer3DModel": Case(),
-    "Krea2Transformer2DModel": Case(),
-    "MiniMaxH3Transformer3DModel": Case(),
-    "MiniMaxMusic3RVQDepthDecoder": Case(),
+    "Ideogram4Transformer2DModel": Case(
+        dict(in_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=4, intermediate_size=32,
+             adaln_dim=16, llm_features_dim=24, rope_theta=10_000, mrope_section=(2, 1, 1)),
+        lambda: _ideogram4_inputs()),
+    "Kandinsky5Transformer3DModel": Case(
+        dict(in_visual_dim=4, in_text_dim=16, in_text_dim2=8, time_dim=16, out_visual_dim=4, model_dim=32,
+             ff_dim=64, num_text_blocks=1, num_visual_blocks=2, axes_dims=(4, 6, 6)),
+        lambda: dict(hidden_states=r(1, 2, 8, 8, 4), encoder_hidden_states=r(1, 8, 16), timestep=t(500.0),
+                     pooled_projections=r(1, 8), visual_rope_pos=[torch.arange(2), torch.arange(4), torch.arange(4)],
+                     text_rope_pos=torch.arange(8))),
+    "Kandinsky6SRTransformer3DModel": Case(
+        dict(in_visual_dim=4, out_visual_dim=4, time_dim=16, model_dim=32, ff_dim=64, num_visual_blocks=2,
+             axes_dims=(4, 6, 6)),
+        lambda: dict(hidden_states=r(1, 2, 8, 8, 9), timestep=t(500.0))),  # latents, condition, anchor mask
+    "Kandinsky6Transformer3DModel": Case(
+        dict(in_visual_dim=4, out_visual_dim=4, in_text_dim=16, in_text_dim2=8, time_dim=16, model_dim=32,
+             ff_dim=64, num_text_blocks=1, num_visual_blocks=2, axes_dims=(4, 6, 6), visual_cond=False),
+        lambda: dict(hidden_states=r(1, 2, 8, 8, 4), encoder_hidden_states=r(1, 8, 16), pooled_projections=r(1, 8),
+                     timestep=t(500.0))),
+    "Krea2Transformer2DModel": Case(
+        dict(in_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=32, timestep_embed_dim=8, text_hidden_dim=16, num_text_layers=3,
+             text_num_attention_heads=2, text_num_key_value_heads=1, text_intermediate_size=16,
+             num_layerwise_text_blocks=1, num_refiner_text_blocks=1, axes_dims_rope=(4, 2, 2), rope_theta=1000.0),
+        lambda: _krea2_inputs()),
+    "MiniMaxH3Transformer3DModel": Case(
+        dict(num_attention_heads=2, attention_head_dim=16, hidden_size=24, num_layers=2, num_refiner_layers=1,
+             ffn_dim=32, in_channels=4, audio_in_channels=6, patch_size=(1, 2, 2), text_dim=8, freq_dim=8,
+             time_embed_hidden_dim=24, time_embed_dim=16, rope_freq_dim=2),
+        lambda: _minimax_h3_inputs()),
+    "MiniMaxMusic3RVQDepthDecoder": Case(
+        dict(hidden_size=32, num_layers=2, num_attention_heads=2, intermediate_size=64, audio_vocab_size=16,
+             num_codebooks=4, max_position_embeddings=8),
+        lambda: dict(inputs_embeds=r(1, 4, 32))),
     "QwenImage21Transformer2DModel": Case(),
     "RFD4ProteinaTransformer": Case(),
     "SanaWMLTX2RefinerTransformer3DModel": Case(),
     "SanaWMTransformer3DModel": Case(),
-    "StableAudio3DiTModel": Case(),
+    "StableAudio3DiTModel": Case(
+        dict(io_channels=8, embed_dim=32, depth=2, num_heads=4, cond_token_dim=16, global_cond_dim=12,
+             local_add_cond_dim=5, timestep_features_dim=16, ff_mult=2, num_memory_tokens=3,
+             use_differential_attention=False),
+        lambda: dict(hidden_states=r(1, 8, 16), timestep=t(0.5), encoder_hidden_states=r(1, 4, 16),
+                     global_hidden_states=r(1, 12))),
     "T5FilmDecoder": Case(
         dict(input_dims=8, targets_length=6, d_model=16, num_layers=2, num_heads=2, d_kv=8, d_ff=32),
         lambda: dict(encodings_and_masks=[(r(1, 5, 16), torch.ones(1, 5, dtype=torch.bool))],
                      decoder_input_tokens=r(1, 6, 8), decoder_noise_time=t(0.5))),
     "WanAnimate2Transformer3DModel": Case(),
-    "DreamLiteTransformer2DModel": Case(full=dict(in_channels=16 * 88)),  # its defaults, channels = heads x dim
+    "DreamLiteTransformer2DModel": Case(
+        dict(num_attention_heads=2, attention_head_dim=16, in_channels=32, num_layers=2, cross_attention_dim=16),
+        lambda: dict(hidden_states=r(1, 32, 4, 4), encoder_hidden_states=r(1, 8, 16)),
+        full=dict(in_channels=16 * 88)),  # its defaults, channels = heads x dim
 }
 
 #: The share of parameter bytes offloaded at full size (tests/test_sweep.py checks it, README lists it).

@@ -1,6 +1,7 @@
-"""The compatibility sweep: every transformer class of the installed diffusers, each built from a tiny
-configuration with random weights, runs bit-identically offloaded (prefetch 0, 1, 2) as resident;
-state_dict and disable are exact; and the share of parameter bytes offloaded at full size is recorded."""
+"""The compatibility sweep over every transformer class of the installed diffusers: each one with a tiny
+configuration (tests/sweep_configs.py), built with random weights, runs bit-identically offloaded
+(prefetch 0, 1, 2) as resident, with state_dict and disable exact; every one's share of parameter bytes
+offloaded at full size is pinned."""
 
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ def _run(model, inputs):
     if "return_dict" in inspect.signature(model.forward).parameters:
         kwargs["return_dict"] = False
     with torch.no_grad():
-        return _outputs(model(**copy.deepcopy(kwargs)))
+        return _outputs(model(**copy.deepcopy(kwargs)))  # a forward that changes its inputs cannot touch the next
 
 
 @pytest.mark.parametrize("name", _params(DIFFUSERS))
