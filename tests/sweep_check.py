@@ -31,6 +31,17 @@ def _same(got, expected):
     return len(got) == len(expected) and all(torch.equal(a, b) for a, b in zip(got, expected))
 
 
+def outputs(out) -> list[torch.Tensor]:
+    """The tensors of a forward's output, whatever its structure."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):  # diffusers' BaseOutput is an OrderedDict
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in outputs(o)]
+    return []
+
+
 def check_offload(model, run):
     """`run(model)` returns the output tensors of one forward under torch.no_grad()."""
     reference = copy.deepcopy(model)

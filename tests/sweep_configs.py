@@ -641,3 +641,48 @@ FASTVIDEO_FULL_SIZE_SHARE: dict[str, float] = {
     "WanTransformer3DModel": 0.984,
     "ZImageTransformer2DModel": 0.998,
 }
+
+_FV_WAN = dict(num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4, num_channels_latents=4,
+               hidden_size=24, text_dim=16, freq_dim=32, ffn_dim=32, num_layers=2, rope_max_seq_len=32)
+
+#: Tiny FastVideo DiTs: arguments of the config's arch_config, and inputs.
+FASTVIDEO_TINY: dict[str, Case] = {
+    "WanTransformer3DModel": Case(_FV_WAN, lambda: _video()),
+    "HunyuanVideoTransformer3DModel": Case(
+        dict(patch_size=2, patch_size_t=1, in_channels=16, out_channels=16, num_attention_heads=4, attention_head_dim=16,
+             hidden_size=64, mlp_ratio=2.0, num_layers=2, num_single_layers=3, num_refiner_layers=1,
+             rope_axes_dim=(4, 6, 6), guidance_embeds=False, text_embed_dim=64, pooled_projection_dim=32),
+        lambda: dict(hidden_states=r(1, 16, 4, 8, 8), encoder_hidden_states=[r(1, 8, 64), r(1, 32)], timestep=t(500))),
+    "CausalWanTransformer3DModel": Case(_FV_WAN, lambda: dict(_video(), timestep=torch.full((1, 2), 500))),
+    "LingBotWorldTransformer3DModel": Case(_FV_WAN, lambda: _video()),
+    "DreamXWorldTransformer3DModel": Case(_FV_WAN, lambda: _video()),
+    "Flux2Transformer2DModel": Case(
+        dict(in_channels=4, out_channels=4, num_channels_latents=4, num_layers=1, num_single_layers=2,
+             attention_head_dim=16, num_attention_heads=2, hidden_size=32, joint_attention_dim=32,
+             axes_dims_rope=(4, 4, 4, 4)),
+        _flux2_inputs),
+    "ZImageTransformer2DModel": Case(
+        dict(in_channels=4, out_channels=4, num_channels_latents=4, dim=16, hidden_size=16, n_layers=2,
+             n_refiner_layers=1, n_heads=1, num_attention_heads=1, n_kv_heads=1, cap_feat_dim=16,
+             axes_dims=(8, 4, 4), axes_lens=(256, 32, 32), adaln_embed_dim=16, timestep_mid_size=32),
+        lambda: dict(hidden_states=[r(4, 1, 8, 8)], encoder_hidden_states=[r(8, 16)], timestep=t(0.5))),
+    "CosmosTransformer3DModel": Case(
+        dict(in_channels=5, out_channels=4, num_channels_latents=5, num_attention_heads=2, attention_head_dim=12,
+             hidden_size=24, num_layers=2, mlp_ratio=2.0, text_embed_dim=16, adaln_lora_dim=4, max_size=(4, 32, 32),
+             rope_scale=(2.0, 1.0, 1.0)),
+        lambda: dict(hidden_states=r(1, 4, 1, 8, 8), timestep=t(500), encoder_hidden_states=r(1, 8, 16),
+                     fps=30, condition_mask=torch.ones(1, 1, 1, 8, 8), padding_mask=torch.zeros(1, 1, 8, 8))),
+    "Cosmos25Transformer3DModel": Case(
+        dict(in_channels=4, out_channels=4, num_channels_latents=4, num_attention_heads=2, attention_head_dim=12,
+             hidden_size=24, num_layers=2, mlp_ratio=2.0, text_embed_dim=16, adaln_lora_dim=4, max_size=(4, 32, 32),
+             rope_scale=(1.0, 1.0, 1.0)),
+        lambda: dict(hidden_states=r(1, 4, 1, 8, 8), timestep=t(500), encoder_hidden_states=r(1, 8, 16),
+                     fps=30, condition_mask=torch.ones(1, 1, 1, 8, 8), padding_mask=torch.zeros(1, 1, 8, 8))),
+    "Kandinsky5Transformer3DModel": Case(
+        dict(in_visual_dim=4, in_text_dim=16, in_text_dim2=8, time_dim=16, out_visual_dim=4, model_dim=32,
+             hidden_size=32, num_attention_heads=2, ff_dim=64, num_text_blocks=1, num_visual_blocks=2,
+             axes_dims=(4, 6, 6)),
+        lambda: dict(hidden_states=r(1, 2, 8, 8, 4), encoder_hidden_states=r(1, 8, 16), timestep=t(500.0),
+                     pooled_projections=r(1, 8), visual_rope_pos=[torch.arange(2), torch.arange(4), torch.arange(4)],
+                     text_rope_pos=torch.arange(8))),
+}

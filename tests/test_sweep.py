@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import integration
-from sweep_check import check_offload, offloaded_share, randomize
+from sweep_check import check_offload, offloaded_share, outputs, randomize
 from sweep_configs import DIFFUSERS, FULL_SIZE_SHARE
 
 diffusers = integration("diffusers")
@@ -42,22 +42,12 @@ def test_the_sweep_covers_every_transformer_class():
     assert _transformer_classes() == set(DIFFUSERS)
 
 
-def _outputs(out) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):  # diffusers' BaseOutput is an OrderedDict
-        out = list(out.values())
-    if isinstance(out, (tuple, list)):
-        return [t for o in out for t in _outputs(o)]
-    return []
-
-
 def _run(model, inputs):
     kwargs = dict(inputs)
     if "return_dict" in inspect.signature(model.forward).parameters:
         kwargs["return_dict"] = False
     with torch.no_grad():
-        return _outputs(model(**copy.deepcopy(kwargs)))  # a forward that changes its inputs cannot touch the next
+        return outputs(model(**copy.deepcopy(kwargs)))  # a forward that changes its inputs cannot touch the next
 
 
 @pytest.mark.parametrize("name", _params(DIFFUSERS))
