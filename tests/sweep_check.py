@@ -1,0 +1,72 @@
+"""What the compatibility sweep checks on each model: offloaded forwards bit-identical to resident at
+prefetch 0, 1 and 2, state_dict and disable exact, outputs that depend on the offloaded weights; and
+the share of parameter bytes offloaded."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+import fastvideo_offload as fo
+from fastvideo_offload.blocks import find_block_lists
+from offloaded import packed_bytes
+
+
+def randomize(model):
+    # Zero-initialised layers (output projections, adaLN gates) would make the output independent of
+    # the blocks' weights; nonzero values make every offloaded weight count.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point() and not p.any():
+                p.normal_(std=0.1)
+    return model.eval()
+
+
+def _blocks(model):
+    return [block for _, blocks in find_block_lists(model) for _, block in blocks]
+
+
+def _same(got, expected):
+    return len(got) == len(expected) and all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+def outputs(out) -> list[torch.Tensor]:
+    """The tensors of a forward's output, whatever its structure."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):  # diffusers' BaseOutput is an OrderedDict
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in outputs(o)]
+    return []
+
+
+def check_offload(model, run):
+    """`run(model)` returns the output tensors of one forward under torch.no_grad()."""
+    reference = copy.deepcopy(model)
+    expected = run(reference)
+    assert expected and all(torch.isfinite(e).all() for e in expected)
+    original = reference.state_dict()
+    host_bytes = sum(packed_bytes(list(b.parameters())) for b in _blocks(model))
+    for prefetch in (0, 1, 2):
+        handle = fo.enable(model, device="cpu", prefetch=prefetch)
+        assert handle.stats()["host_bytes"] == host_bytes
+        state = model.state_dict()
+        assert state.keys() == original.keys() and all(torch.equal(state[k], v) for k, v in original.items())
+        for _ in range(2):  # the second forward starts from the blocks the first one prefetched
+            assert _same(run(model), expected)
+        handle.disable()
+        for (key, p), q in zip(model.named_parameters(), reference.parameters()):
+            assert p.dtype == q.dtype and p.stride() == q.stride() and torch.equal(p, q), key
+    # the output depends on the offloaded weights: change those of the last block, and it changes
+    with torch.no_grad():
+        for p in _blocks(reference)[-1].parameters():
+            p.add_(0.5)
+    assert not _same(run(reference), expected)
+
+
+def offloaded_share(model) -> float:
+    inside = {id(p) for b in _blocks(model) for p in b.parameters()}
+    sizes = {id(p): p.numel() * p.element_size() for p in model.parameters()}
+    return sum(s for i, s in sizes.items() if i in inside) / sum(sizes.values())
