@@ -5,6 +5,7 @@ the share of parameter bytes offloaded."""
 from __future__ import annotations
 
 import copy
+import os
 
 import torch
 
@@ -42,6 +43,12 @@ def outputs(out) -> list[torch.Tensor]:
     return []
 
 
+# The sweep proves that each model offloads exactly; the ordering of asynchronous copies is proven
+# by the rest of the suite on the asynchronous device, where one prefetch depth per model suffices
+# and keeps `make test` short.
+PREFETCHES = (1,) if os.environ.get("FASTVIDEO_OFFLOAD_CPU_TRANSFER") == "async" else (0, 1, 2)
+
+
 def check_offload(model, run):
     """`run(model)` returns the output tensors of one forward under torch.no_grad()."""
     reference = copy.deepcopy(model)
@@ -49,7 +56,7 @@ def check_offload(model, run):
     assert expected and all(torch.isfinite(e).all() for e in expected)
     original = reference.state_dict()
     host_bytes = sum(packed_bytes(list(b.parameters())) for b in _blocks(model))
-    for prefetch in (0, 1, 2):
+    for prefetch in PREFETCHES:
         handle = fo.enable(model, device="cpu", prefetch=prefetch)
         assert handle.stats()["host_bytes"] == host_bytes
         state = model.state_dict()

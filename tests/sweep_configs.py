@@ -109,8 +109,6 @@ _DIT = dict(in_channels=4, out_channels=8, num_attention_heads=2, attention_head
             norm_type="ada_norm_zero", num_embeds_ada_norm=8, patch_size=2, sample_size=8)
 _DIT_FULL = dict(in_channels=4, out_channels=8, num_attention_heads=16, attention_head_dim=72, num_layers=28,
                  norm_type="ada_norm_zero", num_embeds_ada_norm=1000, patch_size=2, sample_size=32)
-_DIT_XFAIL = ("its output head calls transformer_blocks[0].norm1.emb outside block 0's forward, where the "
-              "weights are placeholders (issue 10 item 1)")
 
 
 def _dit_inputs():
@@ -187,8 +185,8 @@ DIFFUSERS: dict[str, Case] = {
              rope_scale=(2.0, 1.0, 1.0), concat_padding_mask=True, extra_pos_embed_type="learnable"),
         lambda: dict(hidden_states=r(1, 4, 1, 8, 8), timestep=t(500), encoder_hidden_states=r(1, 8, 16),
                      attention_mask=torch.ones(1, 8), fps=30, padding_mask=torch.zeros(1, 1, 8, 8))),
-    "DiTTransformer2DModel": Case(_DIT, _dit_inputs, full=_DIT_FULL, xfail=_DIT_XFAIL),
-    "Transformer2DModel": Case(_DIT, _dit_inputs, full=_DIT_FULL, xfail=_DIT_XFAIL),
+    "DiTTransformer2DModel": Case(_DIT, _dit_inputs, full=_DIT_FULL),
+    "Transformer2DModel": Case(_DIT, _dit_inputs, full=_DIT_FULL),
     "EasyAnimateTransformer3DModel": Case(
         dict(attention_head_dim=16, num_attention_heads=2, in_channels=4, mmdit_layers=2, num_layers=2,
              out_channels=4, patch_size=2, sample_height=60, sample_width=90, text_embed_dim=16, time_embed_dim=8,
