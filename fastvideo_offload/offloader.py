@@ -69,6 +69,25 @@ def _check_blocks_registered_once(model: nn.Module, lists: list[BlockList]) -> N
             )
 
 
+def _block_params(blocks: list[tuple[str, nn.Module]], names: dict[int, list[str]]) -> list[list[nn.Parameter]]:
+    """Each block's offloaded parameters. A parameter is offloaded with its block only if every name
+    it has lies inside that block; one shared with another block or with the rest of the model stays
+    resident."""
+    return [
+        [p for p in block.parameters() if all(n.startswith(path + ".") for n in names[id(p)])]
+        for path, block in blocks
+    ]
+
+
+def footprint(model: nn.Module) -> tuple[int, list[int]]:
+    """What `enable(model)` would keep on the device for good (non-block weights and buffers) and
+    each block's bytes, found without changing anything."""
+    blocks = [named for _, named_blocks in find_block_lists(model) for named in named_blocks]
+    block_params = _block_params(blocks, _param_names(model))
+    offloaded = {id(p) for params in block_params for p in params}
+    return _staying_bytes(model, offloaded), [BlockStore.nbytes(params) for params in block_params]
+
+
 class OffloadHandle:
     """What `enable` returns: stats, weight changes, and `disable`."""
 
@@ -101,12 +120,7 @@ class OffloadHandle:
         blocks = [named for _, named_blocks in lists for named in named_blocks]
         self._block_index = {id(block): index for index, (_, block) in enumerate(blocks)}
         names = _param_names(model)
-        # A parameter is offloaded with its block only if every name it has lies inside that block;
-        # one shared with another block or with the rest of the model stays resident.
-        block_params = [
-            [p for p in block.parameters() if all(n.startswith(path + ".") for n in names[id(p)])]
-            for path, block in blocks
-        ]
+        block_params = _block_params(blocks, names)
         for (path, _), params in zip(blocks, block_params):
             devices = {p.device for p in params}
             if len(devices) > 1:
@@ -308,8 +322,11 @@ class OffloadHandle:
     def enabled(self) -> bool:
         return self._finalizer.alive
 
-    def disable(self) -> None:
-        """Removes the hooks and puts every parameter back on the device, bit-exact."""
+    def disable(self, device: torch.device | str | None = None) -> None:
+        """Removes the hooks and puts every parameter back on the device, bit-exact. `device`: where
+        the block weights go instead (the CPU, straight from the host store, for a model that came
+        from there); the other weights stay where enable put them."""
+        target = self.device if device is None else torch.device(device)
         if not self.enabled:
             raise RuntimeError("offload is already disabled for this model")
         # Refuses while a block is running, and gives the slots' memory to the copies below.
@@ -319,7 +336,7 @@ class OffloadHandle:
         try:
             with torch.no_grad():
                 restored = [
-                    (p, _on_device(view, self.device))
+                    (p, _on_device(view, target))
                     for store in self._stores
                     for p, view in zip(store.params, store.views)
                 ]
@@ -465,10 +482,6 @@ def enable(
 
     `device_budget` (bytes, or "auto" on CUDA: free memory less headroom): the device memory the
     whole model may take; the blocks that fit stay resident, the rest stream (see budget.py)."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"enable expects an nn.Module, got {type(model).__name__}")
-    if getattr(model, _HANDLE_ATTR, None) is not None:
-        raise RuntimeError(f"offload is already enabled on this {type(model).__name__}; disable it first")
     if isinstance(prefetch, bool) or not isinstance(prefetch, int):
         raise TypeError(f"prefetch must be an int, got {type(prefetch).__name__}")
     if prefetch < 0:
@@ -476,6 +489,10 @@ def enable(
     if group is not None and not isinstance(group, str):
         raise TypeError(f"group must be a string, got {type(group).__name__}")
     check_budget(device_budget)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"enable expects an nn.Module, got {type(model).__name__}")
+    if getattr(model, _HANDLE_ATTR, None) is not None:
+        raise RuntimeError(f"offload is already enabled on this {type(model).__name__}; disable it first")
     device = resolve_device(device)
     return OffloadHandle(model, device, prefetch, find_block_lists(model, blocks), group, device_budget)
 
