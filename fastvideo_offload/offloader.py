@@ -6,6 +6,7 @@ import contextlib
 import logging
 import weakref
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -20,6 +21,9 @@ from .placement import OffloadReport
 from .retained import RetainedCheck
 from .state_dict import attach_state_dict_hooks
 from .store import BlockStore
+
+if TYPE_CHECKING:
+    from .pipeline import PipelineHandle
 
 logger = logging.getLogger("fastvideo_offload")
 
@@ -466,14 +470,14 @@ def _overlaps(t: torch.Tensor) -> bool:
 
 
 def enable(
-    model: nn.Module,
+    model,
     *,
     device: torch.device | str | int | None = None,
     prefetch: int = 1,
     blocks: Sequence[str] | None = None,
     group: str | None = None,
     device_budget: int | str | None = None,
-) -> OffloadHandle:
+) -> OffloadHandle | PipelineHandle:
     """Offloads `model`'s transformer blocks to host memory and streams each one to `device`
     just before it runs, `prefetch` blocks ahead. Everything else moves to `device`.
 
@@ -481,7 +485,10 @@ def enable(
     free their device slots (Wan2.2's experts: the idle one holds no block on the GPU).
 
     `device_budget` (bytes, or "auto" on CUDA: free memory less headroom): the device memory the
-    whole model may take; the blocks that fit stay resident, the rest stream (see budget.py)."""
+    whole model may take; the blocks that fit stay resident, the rest stream (see budget.py).
+
+    Given a diffusers DiffusionPipeline, places every component under one budget and returns a
+    pipeline.PipelineHandle (see pipeline.py)."""
     if isinstance(prefetch, bool) or not isinstance(prefetch, int):
         raise TypeError(f"prefetch must be an int, got {type(prefetch).__name__}")
     if prefetch < 0:
@@ -489,16 +496,20 @@ def enable(
     if group is not None and not isinstance(group, str):
         raise TypeError(f"group must be a string, got {type(group).__name__}")
     check_budget(device_budget)
+    from .pipeline import enable_pipeline, is_pipeline  # it imports this module
+
+    if is_pipeline(model):
+        return enable_pipeline(model, device, prefetch, blocks, group, device_budget)
     if not isinstance(model, nn.Module):
-        raise TypeError(f"enable expects an nn.Module, got {type(model).__name__}")
+        raise TypeError(f"enable expects an nn.Module or a diffusers DiffusionPipeline, got {type(model).__name__}")
     if getattr(model, _HANDLE_ATTR, None) is not None:
         raise RuntimeError(f"offload is already enabled on this {type(model).__name__}; disable it first")
     device = resolve_device(device)
     return OffloadHandle(model, device, prefetch, find_block_lists(model, blocks), group, device_budget)
 
 
-def disable(model: nn.Module) -> None:
-    """Undoes `enable(model)`."""
+def disable(model) -> None:
+    """Undoes `enable(model)` (a model or a pipeline)."""
     handle = getattr(model, _HANDLE_ATTR, None)
     if handle is None:
         raise RuntimeError(f"offload is not enabled on this {type(model).__name__}")
