@@ -8,5 +8,6 @@
 
 from .integrations.fastvideo import patch_fastvideo, unpatch_fastvideo
 from .offloader import OffloadHandle, disable, enable, handle_of
+from .pipeline import PipelineHandle
 
-__all__ = ["OffloadHandle", "disable", "enable", "handle_of", "patch_fastvideo", "unpatch_fastvideo"]
+__all__ = ["OffloadHandle", "PipelineHandle", "disable", "enable", "handle_of", "patch_fastvideo", "unpatch_fastvideo"]

@@ -32,6 +32,17 @@ def check_budget(budget) -> None:
         raise ValueError(f"device_budget must be a byte count >= 0, 'auto' or None, got {budget!r}")
 
 
+def auto_budget(device: torch.device, modules: list[nn.Module]) -> int:
+    """device_budget="auto": free device memory plus what `modules` hold there already (memory they
+    may use), less the headroom."""
+    if device.type != "cuda":
+        raise ValueError(f"device_budget='auto' reads free CUDA memory; on {device} give a byte count")
+    free, total = torch.cuda.mem_get_info(device)
+    tensors = {id(t): t for m in modules for t in [*m.parameters(), *m.buffers()] if t.device == device}
+    held = sum(t.untyped_storage().nbytes() for t in tensors.values())
+    return free + held - max(AUTO_HEADROOM_BYTES, int(AUTO_HEADROOM_FRACTION * total))
+
+
 class DeviceBudget:
     """Plans and re-plans residency for one model's engine."""
 
@@ -43,16 +54,7 @@ class DeviceBudget:
         self._fixed = fixed_bytes  # non-block weights and buffers on the device, and resident copies
         self._activations = 0
         self._measuring = False
-        if budget == "auto":
-            if device.type != "cuda":
-                raise ValueError(f"device_budget='auto' reads free CUDA memory; on {device} give a byte count")
-            free, total = torch.cuda.mem_get_info(device)
-            # What the model holds on the device already is memory it may use.
-            tensors = {id(t): t for t in [*model.parameters(), *model.buffers()] if t.device == device}
-            held = sum(t.untyped_storage().nbytes() for t in tensors.values())
-            self._total = free + held - max(AUTO_HEADROOM_BYTES, int(AUTO_HEADROOM_FRACTION * total))
-        else:
-            self._total = budget
+        self._total = auto_budget(device, [model]) if budget == "auto" else budget
         self.plan: Plan = self._plan()
         self._hooks = []
 

@@ -7,6 +7,7 @@ import logging
 import os
 import weakref
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -23,6 +24,9 @@ from .retained import RetainedCheck
 from .sources import LiveWeights, assign
 from .state_dict import attach_state_dict_hooks
 from .store import BlockStore
+
+if TYPE_CHECKING:
+    from .pipeline import PipelineHandle
 
 logger = logging.getLogger("fastvideo_offload")
 
@@ -72,6 +76,25 @@ def _check_blocks_registered_once(model: nn.Module, lists: list[BlockList]) -> N
             )
 
 
+def _block_params(blocks: list[tuple[str, nn.Module]], names: dict[int, list[str]]) -> list[list[nn.Parameter]]:
+    """Each block's offloaded parameters. A parameter is offloaded with its block only if every name
+    it has lies inside that block; one shared with another block or with the rest of the model stays
+    resident."""
+    return [
+        [p for p in block.parameters() if all(n.startswith(path + ".") for n in names[id(p)])]
+        for path, block in blocks
+    ]
+
+
+def footprint(model: nn.Module) -> tuple[int, list[int]]:
+    """What `enable(model)` would keep on the device for good (non-block weights and buffers) and
+    each block's bytes, found without changing anything."""
+    blocks = [named for _, named_blocks in find_block_lists(model) for named in named_blocks]
+    block_params = _block_params(blocks, _param_names(model))
+    offloaded = {id(p) for params in block_params for p in params}
+    return _staying_bytes(model, offloaded), [BlockStore.nbytes(params) for params in block_params]
+
+
 class OffloadHandle:
     """What `enable` returns: stats, weight changes, and `disable`."""
 
@@ -101,12 +124,7 @@ class OffloadHandle:
         blocks = [named for _, named_blocks in lists for named in named_blocks]
         self._block_index = {id(block): index for index, (_, block) in enumerate(blocks)}
         names = _param_names(model)
-        # A parameter is offloaded with its block only if every name it has lies inside that block;
-        # one shared with another block or with the rest of the model stays resident.
-        block_params = [
-            [p for p in block.parameters() if all(n.startswith(path + ".") for n in names[id(p)])]
-            for path, block in blocks
-        ]
+        block_params = _block_params(blocks, names)
         for (path, _), params in zip(blocks, block_params):
             devices = {p.device for p in params}
             if len(devices) > 1:
@@ -315,8 +333,11 @@ class OffloadHandle:
     def enabled(self) -> bool:
         return self._finalizer.alive
 
-    def disable(self) -> None:
-        """Removes the hooks and puts every parameter back on the device, bit-exact."""
+    def disable(self, device: torch.device | str | None = None) -> None:
+        """Removes the hooks and puts every parameter back on the device, bit-exact. `device`: where
+        the block weights go instead (the CPU, straight from the host store, for a model that came
+        from there); the other weights stay where enable put them."""
+        target = self.device if device is None else torch.device(device)
         if not self.enabled:
             raise RuntimeError("offload is already disabled for this model")
         # Refuses while a block is running, and gives the slots' memory to the copies below.
@@ -326,7 +347,7 @@ class OffloadHandle:
         try:
             with torch.no_grad():
                 restored = [
-                    (p, _on_device(view, self.device))
+                    (p, _on_device(view, target))
                     for store in self._stores
                     for p, view in zip(store.params, store.views)
                 ]
@@ -458,7 +479,7 @@ def _overlaps(t: torch.Tensor) -> bool:
 
 
 def enable(
-    model: nn.Module,
+    model,
     *,
     device: torch.device | str | int | None = None,
     prefetch: int = 1,
@@ -466,7 +487,7 @@ def enable(
     group: str | None = None,
     device_budget: int | str | None = None,
     checkpoint: str | os.PathLike | None = None,
-) -> OffloadHandle:
+) -> OffloadHandle | PipelineHandle:
     """Offloads `model`'s transformer blocks to host memory and streams each one to `device`
     just before it runs, `prefetch` blocks ahead. Everything else moves to `device`.
 
@@ -478,11 +499,10 @@ def enable(
     free their device slots (Wan2.2's experts: the idle one holds no block on the GPU).
 
     `device_budget` (bytes, or "auto" on CUDA: free memory less headroom): the device memory the
-    whole model may take; the blocks that fit stay resident, the rest stream (see budget.py)."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"enable expects an nn.Module, got {type(model).__name__}")
-    if getattr(model, _HANDLE_ATTR, None) is not None:
-        raise RuntimeError(f"offload is already enabled on this {type(model).__name__}; disable it first")
+    whole model may take; the blocks that fit stay resident, the rest stream (see budget.py).
+
+    Given a diffusers DiffusionPipeline, places every component under one budget and returns a
+    pipeline.PipelineHandle (see pipeline.py)."""
     if isinstance(prefetch, bool) or not isinstance(prefetch, int):
         raise TypeError(f"prefetch must be an int, got {type(prefetch).__name__}")
     if prefetch < 0:
@@ -490,13 +510,24 @@ def enable(
     if group is not None and not isinstance(group, str):
         raise TypeError(f"group must be a string, got {type(group).__name__}")
     check_budget(device_budget)
+    from .pipeline import enable_pipeline, is_pipeline  # it imports this module
+
+    if is_pipeline(model):
+        if checkpoint is not None:
+            raise ValueError("checkpoint: a pipeline's components load their own weights; give checkpoint= "
+                             "with a model")
+        return enable_pipeline(model, device, prefetch, blocks, group, device_budget)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"enable expects an nn.Module or a diffusers DiffusionPipeline, got {type(model).__name__}")
+    if getattr(model, _HANDLE_ATTR, None) is not None:
+        raise RuntimeError(f"offload is already enabled on this {type(model).__name__}; disable it first")
     device = resolve_device(device)
     source = CheckpointWeights(checkpoint) if checkpoint is not None else None
     return OffloadHandle(model, device, prefetch, find_block_lists(model, blocks), group, device_budget, source)
 
 
-def disable(model: nn.Module) -> None:
-    """Undoes `enable(model)`."""
+def disable(model) -> None:
+    """Undoes `enable(model)` (a model or a pipeline)."""
     handle = getattr(model, _HANDLE_ATTR, None)
     if handle is None:
         raise RuntimeError(f"offload is not enabled on this {type(model).__name__}")
