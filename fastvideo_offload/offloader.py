@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import _ops
+from . import _ops, share as node_share
 from .blocks import BlockList, find_block_lists
 from .hooks import attach_block_hooks
 from .outside import OutsideCalls
@@ -78,6 +78,7 @@ class OffloadHandle:
         prefetch: int,
         lists: list[BlockList],
         group: str | None = None,
+        share: node_share.NodeShare | None = None,
     ):
         # Weak: the model holds the handle (attribute, hooks), so a strong reference back would make
         # a cycle, and `del model` would free neither slots nor host memory until a GC pass.
@@ -86,6 +87,7 @@ class OffloadHandle:
         self.prefetch = prefetch
         self.group = group
         self.block_paths = [path for path, _ in lists]
+        self._share = share
 
         # Everything is checked before anything changes: a refused model is left as it was.
         _check_blocks_registered_once(model, lists)
@@ -172,11 +174,17 @@ class OffloadHandle:
         pinned = self.device.type == "cuda"
         target = self.device if pinned else None
         total = sum(BlockStore.nbytes(params) for params in block_params)
+        block_names = [[names[id(p)][0] for p in params] for params in block_params]
+        # Collective: the node's ranks agree on one copy, which its leader packs here.
+        region = self._share.region(self, list(zip(block_names, block_params)), self.device) if self._share else None
         with tqdm(total=total, unit="B", unit_scale=True, desc="fastvideo_offload: packing blocks", leave=False,
                   disable=None) as progress:
             for index, ((path, block), params) in enumerate(zip(blocks, block_params)):
                 try:
-                    store = BlockStore.pack([names[id(p)][0] for p in params], params, pinned, target)
+                    if region is not None:
+                        store = region.store(index, block_names[index], params)
+                    else:
+                        store = BlockStore.pack(block_names[index], params, pinned, target)
                 except Exception as exc:
                     if not _is_allocation_failure(exc):
                         raise
@@ -432,12 +440,17 @@ def enable(
     prefetch: int = 1,
     blocks: Sequence[str] | None = None,
     group: str | None = None,
+    share=None,
 ) -> OffloadHandle:
     """Offloads `model`'s transformer blocks to host memory and streams each one to `device`
     just before it runs, `prefetch` blocks ahead. Everything else moves to `device`.
 
     Models enabled with the same `group` take turns: when one starts a forward, the others
-    free their device slots (Wan2.2's experts: the idle one holds no block on the GPU)."""
+    free their device slots (Wan2.2's experts: the idle one holds no block on the GPU).
+
+    `share="node"` (or a ProcessGroup) keeps one host copy of the blocks per node for the ranks of
+    torch.distributed's default group (or of that group): every rank of it must call `enable` with
+    the same weights; see share.py."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"enable expects an nn.Module, got {type(model).__name__}")
     if getattr(model, _HANDLE_ATTR, None) is not None:
@@ -448,8 +461,14 @@ def enable(
         raise ValueError(f"prefetch must be >= 0, got {prefetch}")
     if group is not None and not isinstance(group, str):
         raise TypeError(f"group must be a string, got {type(group).__name__}")
-    device = resolve_device(device)
-    return OffloadHandle(model, device, prefetch, find_block_lists(model, blocks), group)
+    shared = node_share.resolve(share)
+    try:
+        device = resolve_device(device)
+        return OffloadHandle(model, device, prefetch, find_block_lists(model, blocks), group, shared)
+    except BaseException as exc:
+        if shared is not None:
+            shared.abandon(exc)  # the other ranks wait for this one in the share's first step
+        raise
 
 
 def disable(model: nn.Module) -> None:
