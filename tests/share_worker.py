@@ -68,15 +68,16 @@ def main(out: str, mode: str) -> None:
     rank = int(os.environ["RANK"])
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     result = {"rank": rank, "pid": os.getpid()}
+    # The memory measurements need the large model; the failure tests only need processes.
+    dim = DIM if mode in ("run", "plain") else 64
     x = torch.randn(1, 16, 8, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():  # what a first forward loads belongs to the interpreter, not to the store
-        TinyDiT(64, 1)(x)
+        TinyDiT(dim, 1)(x)
     gc.collect()
     dist.barrier()
     pss_before = pss()
     torch.manual_seed(1 if mode == "differ" and rank == 1 else 0)
-    # The memory measurements need the large model; the failure tests only need processes.
-    model = TinyDiT(DIM if mode in ("run", "plain") else 64, LAYERS).eval()
+    model = TinyDiT(dim, LAYERS).eval()
     if mode == "stall-fill" and rank == 0:
         share.SharedRegion.fill = stall(f"{out}/stalled")
     if mode == "stall-open" and rank == 1:
