@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import _ops, formats
+from . import _ops, formats, share as node_share
 from .budget import DeviceBudget, check_budget
 from .blocks import BlockList, find_block_lists
 from .checkpoint import CheckpointWeights
@@ -23,7 +23,7 @@ from .placement import OffloadReport
 from .retained import RetainedCheck
 from .sources import LiveWeights, assign
 from .state_dict import attach_state_dict_hooks
-from .store import BlockStore
+from .store import BlockStore, span as _flat
 
 if TYPE_CHECKING:
     from .pipeline import PipelineHandle
@@ -120,6 +120,7 @@ class OffloadHandle:
         _check_blocks_registered_once(model, lists)
         source = source or LiveWeights()
         source.check(model)
+        self._source = source  # a node's shared store stays pinned as long as the handle lives
         self._budget: DeviceBudget | None = None
         blocks = [named for _, named_blocks in lists for named in named_blocks]
         self._block_index = {id(block): index for index, (_, block) in enumerate(blocks)}
@@ -467,12 +468,6 @@ def _on_device(view: torch.Tensor, device: torch.device) -> torch.Tensor:
     return data
 
 
-def _flat(t: torch.Tensor) -> torch.Tensor:
-    """The elements from `t`'s first to its last in memory, gaps and shared elements included."""
-    span = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) if t.numel() else 0
-    return t.as_strided((span,), (1,))
-
-
 def _overlaps(t: torch.Tensor) -> bool:
     """Whether some elements of `t` share memory (expanded, or fewer elements in its span than it has)."""
     return any(size > 1 and stride == 0 for size, stride in zip(t.shape, t.stride())) or _flat(t).numel() < t.numel()
@@ -487,6 +482,7 @@ def enable(
     group: str | None = None,
     device_budget: int | str | None = None,
     checkpoint: str | os.PathLike | None = None,
+    share=None,
 ) -> OffloadHandle | PipelineHandle:
     """Offloads `model`'s transformer blocks to host memory and streams each one to `device`
     just before it runs, `prefetch` blocks ahead. Everything else moves to `device`.
@@ -501,6 +497,10 @@ def enable(
     `device_budget` (bytes, or "auto" on CUDA: free memory less headroom): the device memory the
     whole model may take; the blocks that fit stay resident, the rest stream (see budget.py).
 
+    `share="node"` (or a ProcessGroup) keeps one host copy of the blocks per node for the ranks of
+    torch.distributed's default group (or of that group): every rank of it must call `enable` with
+    the same weights; see share.py.
+
     Given a diffusers DiffusionPipeline, places every component under one budget and returns a
     pipeline.PipelineHandle (see pipeline.py)."""
     if isinstance(prefetch, bool) or not isinstance(prefetch, int):
@@ -513,17 +513,26 @@ def enable(
     from .pipeline import enable_pipeline, is_pipeline  # it imports this module
 
     if is_pipeline(model):
-        if checkpoint is not None:
-            raise ValueError("checkpoint: a pipeline's components load their own weights; give checkpoint= "
-                             "with a model")
+        if checkpoint is not None or share is not None:
+            raise ValueError("checkpoint= and share= apply to a model: a pipeline's components load their own "
+                             "weights and are not shared between ranks")
         return enable_pipeline(model, device, prefetch, blocks, group, device_budget)
     if not isinstance(model, nn.Module):
         raise TypeError(f"enable expects an nn.Module or a diffusers DiffusionPipeline, got {type(model).__name__}")
     if getattr(model, _HANDLE_ATTR, None) is not None:
         raise RuntimeError(f"offload is already enabled on this {type(model).__name__}; disable it first")
-    device = resolve_device(device)
-    source = CheckpointWeights(checkpoint) if checkpoint is not None else None
-    return OffloadHandle(model, device, prefetch, find_block_lists(model, blocks), group, device_budget, source)
+    if checkpoint is not None and share is not None:
+        raise ValueError("checkpoint= and share= together are not supported yet: a node's ranks would need to "
+                         "agree on the checkpoint instead of comparing their weights")
+    shared = node_share.resolve(share)
+    try:
+        device = resolve_device(device)
+        source = CheckpointWeights(checkpoint) if checkpoint is not None else shared
+        return OffloadHandle(model, device, prefetch, find_block_lists(model, blocks), group, device_budget, source)
+    except BaseException as exc:
+        if shared is not None:
+            shared.abandon(exc)  # the other ranks wait for this one in the share's first step
+        raise
 
 
 def disable(model) -> None:

@@ -70,6 +70,21 @@ class BlockStore:
         # A checkpoint's parameters are plain: each one is its own single holder.
         return cls(names, params, buffer, offsets, views, [(p, 1) for p in params])
 
+    @classmethod
+    def over(cls, names: list[str], params: list[torch.nn.Parameter], buffer: torch.Tensor) -> BlockStore:
+        """A store laid out as `pack` lays it out, in `buffer` (exactly `nbytes(params)` bytes that
+        someone else allocated: a node's shared region). Its bytes are not written here."""
+        held = [formats.holders(name, p) for name, p in zip(names, params)]
+        flat = [h for hs in held for h in hs]
+        tensors = [formats.plain(h) for _, h in flat]
+        offsets, nbytes = _ops.layout(tensors)
+        if buffer.dtype != torch.uint8 or buffer.dim() != 1 or buffer.numel() != nbytes:
+            raise ValueError(f"BlockStore.over: expected a 1-D uint8 buffer of {nbytes} bytes, got {buffer.dtype} "
+                             f"{tuple(buffer.shape)}")
+        views = [_view(buffer, off, t) for off, t in zip(offsets, tensors)]
+        weights = [(p, len(hs)) for p, hs in zip(params, held)]
+        return cls([n for n, _ in flat], [h for _, h in flat], buffer, offsets, views, weights)
+
 
 def _span_bytes(t: torch.Tensor) -> int:
     """Bytes from `t`'s first element to the end of its last, as the layout counts them."""
@@ -79,6 +94,15 @@ def _span_bytes(t: torch.Tensor) -> int:
 
 
 def _view(buffer: torch.Tensor, offset: int, like: torch.Tensor) -> torch.Tensor:
-    # Offsets are 256-aligned, so they are a whole number of elements of any dtype.
+    # Offsets are 256-aligned, and so is a buffer that is a slice of a larger one (a shared region):
+    # a whole number of elements of any dtype.
     view = torch.empty(0, dtype=like.dtype)
-    return view.set_(buffer.untyped_storage(), offset // like.element_size(), like.shape, like.stride())
+    start = buffer.storage_offset() + offset
+    return view.set_(buffer.untyped_storage(), start // like.element_size(), like.shape, like.stride())
+
+
+def span(t: torch.Tensor) -> torch.Tensor:
+    """The elements from `t`'s first to its last in memory, as a 1-D tensor: the bytes a store
+    holds for it (gaps and elements shared by overlapping strides included)."""
+    n = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) if t.numel() else 0
+    return t.as_strided((n,), (1,))

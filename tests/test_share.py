@@ -1,0 +1,236 @@
+"""enable(..., share="node"): ranks of a gloo group on one node map one host store. Each rank is a
+real process (tests/share_worker.py); every launch is bounded in time and kills what it started."""
+
+import glob
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import requires_cuda
+from models import TinyDiT
+
+import fastvideo_offload as fo
+from fastvideo_offload import share
+
+WORKER = os.path.join(os.path.dirname(__file__), "share_worker.py")
+#: The ranks import the package this test imports (a worktree's, not an installed one).
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(fo.__file__))
+from share_worker import DIM, LAYERS  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Ranks:
+    """`n` worker processes; `wait` bounds them in time, and leaving kills whatever is left."""
+
+    def __init__(self, tmp_path, n: int, mode: str):
+        self.out = str(tmp_path)
+        port = str(_free_port())
+        self.procs = []
+        for rank in range(n):
+            env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(n), MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                       OMP_NUM_THREADS="1", PYTHONPATH=PACKAGE_ROOT,
+                       # Freed tensors go back to the OS at once, so PSS shows what is live.
+                       MALLOC_MMAP_THRESHOLD_="131072")
+            log = open(f"{self.out}/log{rank}.txt", "w")
+            self.procs.append(subprocess.Popen([sys.executable, WORKER, self.out, mode], env=env, stdout=log,
+                                               stderr=subprocess.STDOUT))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+
+    def wait_for(self, path: str, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(f"{self.out}/{path}"):
+            if time.monotonic() > deadline or all(p.poll() is not None for p in self.procs):
+                raise AssertionError(f"{path} never appeared:\n{self.logs()}")
+            time.sleep(0.05)
+
+    def wait(self, timeout: float = 180) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        for p in self.procs:
+            try:
+                p.wait(max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                raise AssertionError(f"ranks still running after {timeout} s:\n{self.logs()}") from None
+        results = []
+        for rank, p in enumerate(self.procs):
+            path = f"{self.out}/rank{rank}.json"
+            if os.path.exists(path):
+                with open(path) as f:
+                    results.append(json.load(f))
+            else:
+                results.append({"rank": rank, "exit": p.returncode})
+        return results
+
+    def logs(self) -> str:
+        return "\n".join(open(path).read()[-3000:] for path in sorted(glob.glob(f"{self.out}/log*.txt")))
+
+
+def _reference() -> torch.Tensor:
+    torch.manual_seed(0)
+    model = TinyDiT(DIM, LAYERS).eval()
+    x = torch.randn(1, 16, 8, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        return model(x)
+
+
+def _holders(pid: int) -> list[str]:
+    """Processes that still map or hold the store a leader with `pid` created."""
+    name = f"{share.MEMFD_NAME}:{pid}"
+    found = []
+    for proc in glob.glob("/proc/[0-9]*"):
+        try:
+            with open(f"{proc}/maps") as f:
+                if name in f.read():
+                    found.append(proc)
+                    continue
+            if any(name in os.readlink(fd) for fd in glob.glob(f"{proc}/fd/*")):
+                found.append(proc)
+        except OSError:  # gone meanwhile, or not ours to read
+            pass
+    return found
+
+
+@pytest.fixture
+def no_leftovers():
+    """Nothing outlives the test: no /dev/shm entry that was not there before."""
+    before = set(os.listdir("/dev/shm"))
+    yield
+    assert set(os.listdir("/dev/shm")) - before == set()
+
+
+def _host_bytes_per_node(results) -> int:
+    """The node's host memory for the model: each rank's PSS growth across enable and forwards,
+    less its device slots (host memory only because the device is the CPU)."""
+    return sum(r["pss_after"] - r["pss_before"] - r["device_bytes"] for r in results)
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_ranks_share_one_store_bit_identical(tmp_path, n, no_leftovers):
+    with Ranks(tmp_path, n, "run") as ranks:
+        results = ranks.wait()
+    assert all("error" not in r and "exit" not in r for r in results), ranks.logs()
+    reference = _reference()
+    for rank, r in enumerate(results):
+        assert torch.equal(torch.load(f"{tmp_path}/out{rank}.pt"), reference)
+        assert r["second_equal"]
+    store = results[0]["host_bytes"]
+    node = _host_bytes_per_node(results)
+    mapped = sum(r["store_pss"] for r in results)
+    print(f"\n{n} ranks: store {store} B; node PSS growth less slots {node} B ({node / store:.3f} x the store), "
+          f"of which the shared mapping {mapped} B ({mapped / store:.3f} x)")
+    assert node <= 1.1 * store
+    assert _holders(results[0]["pid"]) == []
+
+
+def test_without_share_each_rank_holds_a_copy(tmp_path):
+    """The measurement above can see copies: without share=, 2 ranks hold about 2 stores."""
+    with Ranks(tmp_path, 2, "plain") as ranks:
+        results = ranks.wait()
+    store = results[0]["host_bytes"]
+    node = _host_bytes_per_node(results)
+    print(f"2 ranks, no share: node PSS growth less slots {node} B ({node / store:.3f} x the store)")
+    assert node >= 1.8 * store
+
+
+def test_ranks_with_different_weights_refuse(tmp_path, no_leftovers):
+    with Ranks(tmp_path, 2, "differ") as ranks:
+        results = ranks.wait()
+    for r in results:
+        assert r.get("error", "").startswith("ValueError: share: rank 1's weights differ from rank 0's"), r
+        assert r["model_unchanged"] and not r["holds_memfd"]
+
+
+@pytest.mark.parametrize("killed, step", [(0, "stall-fill"), (1, "stall-open")])
+def test_sigkill_during_load_leaves_nothing(tmp_path, killed, step, no_leftovers):
+    """The leader killed while it packs, or a rank killed before it mapped: the survivor raises,
+    its model as it was, and holds nothing; once it exits, no process holds the memory."""
+    with Ranks(tmp_path, 2, step) as ranks:
+        ranks.wait_for("stalled")
+        ranks.procs[killed].send_signal(signal.SIGKILL)
+        results = ranks.wait()
+    survivor = results[1 - killed]
+    assert "error" in survivor, ranks.logs()
+    assert survivor["model_unchanged"] and not survivor["holds_memfd"]
+    assert _holders(ranks.procs[0].pid) == []
+
+
+def test_sigkill_during_forward_leaves_nothing(tmp_path, no_leftovers):
+    """The leader killed mid-forward: the other rank's mapping keeps the store, its outputs stay
+    exact; once it exits, nothing holds the memory."""
+    with Ranks(tmp_path, 2, "forever") as ranks:
+        ranks.wait_for("ready0")
+        ranks.wait_for("ready1")
+        ranks.procs[0].send_signal(signal.SIGKILL)
+        ranks.procs[0].wait(30)
+        time.sleep(0.5)  # rank 1 runs forwards from the store alone
+        assert _holders(ranks.procs[0].pid) == [f"/proc/{ranks.procs[1].pid}"]
+        open(f"{tmp_path}/stop", "w").close()
+        results = ranks.wait()
+    assert results[1]["still_equal"], ranks.logs()
+    assert _holders(ranks.procs[0].pid) == []
+
+
+def test_open_after_the_leader_died_is_a_clear_error():
+    code = ("import os, sys; fd = os.memfd_create('x'); os.ftruncate(fd, 4096); "
+            "print(fd, os.fstat(fd).st_ino, flush=True); sys.stdin.read()")
+    leader = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        fd, inode = map(int, leader.stdout.readline().split())
+        region = share.SharedRegion([0], [4096])
+        region.open(0, leader.pid, fd, inode)  # alive: it opens
+        region.release()
+    finally:
+        leader.kill()
+        leader.wait(10)
+    with pytest.raises(RuntimeError, match=rf"rank 0 \(pid {leader.pid}\) is gone: that process exited"):
+        share.SharedRegion([0], [4096]).open(0, leader.pid, fd, inode)
+
+
+def test_bad_share_arguments_leave_the_model_alone():
+    model = TinyDiT()
+    with pytest.raises(ValueError, match="share: expected 'node'"):
+        fo.enable(model, device="cpu", share="nodes")
+    with pytest.raises(TypeError, match="share: expected 'node', a ProcessGroup or None, got int"):
+        fo.enable(model, device="cpu", share=2)
+    with pytest.raises(RuntimeError, match="default process group, which is not initialized"):
+        fo.enable(model, device="cpu", share="node")
+    assert fo.handle_of(model) is None and all(p.device.type == "cpu" and p.numel() for p in model.parameters())
+
+
+@requires_cuda
+def test_cuda_store_is_pinned_in_place(tmp_path):
+    """One rank on CUDA: the mapping is registered (pinned) in place and outputs are exact."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = TinyDiT().eval()
+        x = torch.randn(1, 16, 8)
+        with torch.no_grad():
+            expected = model.cuda()(x.cuda())
+            model.cpu()
+            handle = fo.enable(model, device="cuda", share="node")
+            assert all(store.buffer.is_pinned() for store in handle._stores)
+            assert torch.equal(model(x.cuda()), expected)
+        handle.disable()
+    finally:
+        dist.destroy_process_group()
