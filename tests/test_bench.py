@@ -136,12 +136,14 @@ def test_the_share_budgets_are_the_planners_tightest():
     assert kept == [2, 4, 5]
 
 
-def test_budget_rows_copy_exactly_their_streamed_blocks(tmp_path):
+def test_budget_rows_copy_exactly_their_streamed_blocks(tmp_path, monkeypatch):
     bench_run = importlib.import_module("fastvideo_offload.bench.run")
+    narrow = replace(CPU_SMALL, dim=64, heads=1, ffn=64, text_dim=64)  # 8 blocks in a few seconds
+    monkeypatch.setattr(bench_run, "CPU_SMALL", narrow)
     budgets = [f"ours budget {s:.0%}" for s in modes.CPU_BUDGET_SHARES]
     args = [*TINY, "--layers", "8", "--device", "cpu", "--modes", ",".join(["resident", "ours p1", *budgets])]
     results = bench_run.main([*args, "--json", str(tmp_path / "b.json"), "--plot", str(tmp_path / "b.png")])
-    sizes = modes.block_sizes(build(replace(CPU_SMALL, layers=8), torch.float32))
+    sizes = modes.block_sizes(build(replace(narrow, layers=8), torch.float32))
     for section in ("main", "short_clip"):
         rows = results[section]["modes"]
         assert rows["ours p1"]["layout"]["streamed"] == list(range(8))

@@ -34,12 +34,12 @@ def _resident_line(section: dict) -> str:
 
 
 def _mode_table(rows: dict, ceiling: float) -> list[str]:
-    head = (f"  {'mode':<22}{'step ms':>10}{'overhead':>10}{'peak dev GiB':>14}{'host GiB':>10}{'H2D GB/s':>10}"
+    head = (f"  {'mode':<24}{'step ms':>10}{'overhead':>10}{'peak dev GiB':>14}{'host GiB':>10}{'H2D GB/s':>10}"
             f"{'exact':>7}")
     lines = [head]
     for name, row in rows.items():
         if "skipped" in row:
-            lines.append(f"  {name:<22}skipped: {row['skipped']}")
+            lines.append(f"  {name:<24}skipped: {row['skipped']}")
             continue
         rate = row.get("h2d_GBps_per_step")
         rate_text = "-" if rate is None else f"{rate:.1f}" + (f" ({rate / ceiling:.0%})" if ceiling else "")
@@ -47,7 +47,7 @@ def _mode_table(rows: dict, ceiling: float) -> list[str]:
         peak = row.get("peak_device_bytes")
         host = row.get("host_bytes") or row.get("pinned_by_torch_bytes")
         lines.append(
-            f"  {name:<22}{row['median_ms']:>10.1f}{_num(row.get('overhead_pct'), '+.1f'):>9}%"
+            f"  {name:<24}{row['median_ms']:>10.1f}{_num(row.get('overhead_pct'), '+.1f'):>9}%"
             f"{_num(peak and peak / GiB, '.2f'):>14}{_num(host and host / GiB, '.2f'):>10}{rate_text:>10}{exact:>7}"
         )
     return lines
@@ -61,14 +61,14 @@ def _budget_rows(rows: dict) -> dict:
 def _budget_table(rows: dict) -> list[str]:
     if not any("device_budget" in r for r in rows.values()):
         return []
-    lines = [f"  {'device budget':<22}{'budget MB':>10}{'resident':>10}{'streamed':>10}{'copied MB':>11}"
+    lines = [f"  {'device budget':<24}{'budget MB':>10}{'resident':>10}{'streamed':>10}{'copied MB':>11}"
              f"{'streamed MB':>13}{'vs resident':>13}{'vs ' + STREAM_ALL:>12}"]
     for name, row in _budget_rows(rows).items():
         layout, budget = row["layout"], row.get("device_budget")
         resident, streamed = len(layout["resident"]), len(layout["streamed"])
         budget_text = "-" if budget is None else budget if isinstance(budget, str) else f"{budget / MB:.1f}"
         lines.append(
-            f"  {name:<22}{budget_text:>10}{f'{resident}/{resident + streamed}':>10}"
+            f"  {name:<24}{budget_text:>10}{f'{resident}/{resident + streamed}':>10}"
             f"{f'{streamed}/{resident + streamed}':>10}{layout['copied_per_step'] / MB:>11.2f}"
             f"{layout['streamed_bytes'] / MB:>13.2f}{_pct(row.get('overhead_pct')):>13}"
             f"{_pct(row.get('vs_stream_all_pct')):>12}"
@@ -134,9 +134,9 @@ def table(results: dict) -> str:
         elif name == "hooks":
             for mode, row in section["modes"].items():
                 if "skipped" in row:
-                    out.append(f"  {mode:<22}skipped: {row['skipped']}")
+                    out.append(f"  {mode:<24}skipped: {row['skipped']}")
                 elif "us_per_block" in row:
-                    out.append(f"  {mode:<22}{row['us_per_block']:>8.1f} us")
+                    out.append(f"  {mode:<24}{row['us_per_block']:>8.1f} us")
         else:
             out[-1] += " " + ", ".join(f"{k.replace('_', ' ')}: {v:.2f} GB/s" for k, v in section.items())
     judged = [t for t in results.get("targets", []) if not t.get("check")]
