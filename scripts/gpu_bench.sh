@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The benchmark alone, at Wan2.1-14B's full shape (40 blocks of dim 5120, bf16), 480x832 with 81
 # frames and the 17-frame short clip, every mode that is installed (carry .whl for FastVideo and
-# diffusers: make gpu-wheels). Builds first. Writes bench.json, bench.txt (table and verdicts,
-# rewritten after every mode), bench.log and bench.png under OUTPUT_DIR.
+# diffusers: make gpu-wheels): ours (streaming all, and under the device budgets "auto" and a 24 GB
+# card's 20 GiB) before the peers, so that the time limit cuts the peers first. Builds first.
+# Writes bench.json, bench.txt (table and verdicts, rewritten after every mode), bench.log and
+# bench.png under OUTPUT_DIR.
 # Estimated on an H100 (no GPU has run it yet): setup ~15 s, build ~90-120 s (limit 120 s),
 # bench limit 420 s, starting nothing after 300 s; under 9.5 minutes. Give the device call
 # timeout_s=600, and run it only with that much device time left after gpu_check.sh.

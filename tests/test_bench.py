@@ -12,8 +12,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from fastvideo_offload.bench import modes
+from fastvideo_offload.bench import modes, report
 from fastvideo_offload.bench.model import CPU_SMALL, build, weight_bytes
+from fastvideo_offload.planner import plan, spread
 
 TINY = ["--layers", "3", "--steps", "2", "--warmup", "1", "--frames", "1", "--height", "64", "--width", "64"]
 
@@ -68,7 +69,8 @@ def test_a_time_limit_skips_what_is_left_and_still_reports(tmp_path):
     assert all(row == {"skipped": "time limit"} for row in rows.values())
     assert results["wan22"] == {"failed": "not run: time limit"}
     assert "wan22: failed: not run: time limit" in proc.stdout
-    assert [t["met"] for t in results["targets"]] == [None] * 7
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert [t["met"] for t in results["targets"]] == [None] * (8 + len(modes.budget_modes(device)))
 
 
 def test_weight_bytes_match_the_built_model():
@@ -95,7 +97,7 @@ def test_a_run_cut_off_keeps_its_table_and_verdicts(tmp_path, monkeypatch):
     results = json.loads(out_json.read_text())
     assert results["complete"] is False
     assert "resident after ours" in results["short_clip"]["modes"] and "wan22" not in results
-    assert len(results["targets"]) == 7
+    assert len(results["targets"]) == 8 + len(modes.budget_modes(torch.device("cpu")))
     text = out_table.read_text()
     assert "short clip" in text and "resident after ours" in text
     assert "targets (set for an H100" in text and "wan22: not run yet" in text
@@ -115,3 +117,50 @@ def test_the_async_mode_sets_its_environment_only_around_enable(monkeypatch):
     assert "FASTVIDEO_OFFLOAD_ASYNC_DELAY_US" not in os.environ
     assert mode.unavailable(torch.device("cpu")) is None
     assert mode.unavailable(torch.device("cuda")) is not None
+
+
+def test_the_share_budgets_are_the_planners_tightest():
+    """Each CPU budget row's budget is the least under which the planner keeps its blocks: a byte
+    less keeps fewer. With 8 blocks and 2 slots, 6 resident would cost what 8 do, so 75% keeps 5."""
+    model = build(replace(CPU_SMALL, dim=64, heads=1, ffn=64, layers=8), torch.float32)
+    sizes = modes.block_sizes(model)
+    staying = sum(t.nbytes for t in (*model.parameters(), *model.buffers())) - sum(sizes)
+    kept = []
+    for share in modes.CPU_BUDGET_SHARES:
+        blocks = modes.share_budget(model, share, 2) - staying
+        chosen = plan(sizes, blocks, 2)
+        assert chosen.device_bytes == blocks
+        assert len(plan(sizes, blocks - 1, 2).resident) < len(chosen.resident)
+        assert chosen.streamed == tuple(spread(8, len(chosen.streamed)))
+        kept.append(len(chosen.resident))
+    assert kept == [2, 4, 5]
+
+
+def test_budget_rows_copy_exactly_their_streamed_blocks(tmp_path, monkeypatch):
+    bench_run = importlib.import_module("fastvideo_offload.bench.run")
+    narrow = replace(CPU_SMALL, dim=64, heads=1, ffn=64, text_dim=64)  # 8 blocks in a few seconds
+    monkeypatch.setattr(bench_run, "CPU_SMALL", narrow)
+    budgets = [f"ours budget {s:.0%}" for s in modes.CPU_BUDGET_SHARES]
+    args = [*TINY, "--layers", "8", "--device", "cpu", "--modes", ",".join(["resident", "ours p1", *budgets])]
+    results = bench_run.main([*args, "--json", str(tmp_path / "b.json"), "--plot", str(tmp_path / "b.png")])
+    sizes = modes.block_sizes(build(replace(narrow, layers=8), torch.float32))
+    for section in ("main", "short_clip"):
+        rows = results[section]["modes"]
+        assert rows["ours p1"]["layout"]["streamed"] == list(range(8))
+        kept = []
+        for name in budgets:
+            row, layout = rows[name], rows[name]["layout"]
+            assert row["bit_identical"] is True
+            assert layout["copied_per_step"] == layout["streamed_bytes"] == row["h2d_bytes_per_step"]
+            assert layout["streamed_bytes"] == sum(sizes[i] for i in layout["streamed"])
+            assert row["engine"]["resident_blocks"] == len(layout["resident"])
+            assert sorted(layout["resident"] + layout["streamed"]) == list(range(8))
+            expected = (row["median_ms"] / rows["ours p1"]["median_ms"] - 1) * 100
+            assert row["vs_stream_all_pct"] == pytest.approx(expected)
+            kept.append(len(layout["resident"]))
+        assert kept == [2, 4, 5]
+    checks = [t for t in results["targets"] if t.get("check")]
+    assert [t["met"] for t in checks] == [True] * 3
+    assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = report.table(results)
+    assert "device budget" in table and "checks (any machine)" in table

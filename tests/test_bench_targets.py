@@ -20,7 +20,8 @@ def results(**changes):
         "short_clip": {"modes": {
             "ours p1": {"h2d_GBps_per_step": 46.0},
             "ours p2": {"h2d_GBps_per_step": 44.0},
-        }},
+            "ours budget auto": {"median_ms": 104.0, "layout": {"copied_per_step": 0, "streamed_bytes": 0}},
+        }, "resident": {"reference_ms": 100.0, "spread_pct": 1.0}},
         "wan22": {"switch_stall_ms": 15.0, "one_block_copy_ms": 21.5},
         "complete": True,
     }
@@ -44,6 +45,32 @@ def test_each_target_is_met_or_missed_at_its_limit():
     assert t["ours p1: short-clip copy rate vs ceiling"]["met"] is True  # 46 >= 45
     assert t["ours p2: short-clip copy rate vs ceiling"]["met"] is False  # 44 < 45
     assert t["Wan2.2 switch stall vs one block's copy"]["met"] is True
+    auto = t["ours budget auto: short-clip time vs resident"]
+    assert auto["value"] == pytest.approx(1.04) and auto["limit"] == 1.05 and auto["met"] is True
+
+
+def test_the_budget_target_misses_above_its_limit_and_is_not_judged_on_a_drifting_reference():
+    r = results()
+    r["short_clip"]["modes"]["ours budget auto"]["median_ms"] = 106.0
+    assert by_name(targets.judge(r))["ours budget auto: short-clip time vs resident"]["met"] is False
+    r["short_clip"]["resident"]["spread_pct"] = 6.0
+    judged = by_name(targets.judge(r))["ours budget auto: short-clip time vs resident"]
+    assert judged["met"] is None and "differ by 6.0%" in judged["why"]
+
+
+def test_budget_rows_are_checked_for_copying_exactly_their_streamed_blocks():
+    r = results()
+    r["main"]["modes"]["ours budget 24 GB card"] = {"layout": {"copied_per_step": 7 * GiB, "streamed_bytes": 7 * GiB}}
+    r["short_clip"]["modes"]["ours budget 24 GB card"] = {"layout": {"copied_per_step": 8 * GiB,
+                                                                     "streamed_bytes": 7 * GiB}}
+    t = by_name(targets.judge(r))
+    auto = t["ours budget auto: bytes copied per step vs streamed blocks"]
+    assert auto["check"] is True and auto["met"] is True  # only the short clip measured it: judged there
+    card = t["ours budget 24 GB card: bytes copied per step vs streamed blocks"]
+    assert (card["value"], card["limit"], card["met"]) == (8 * GiB, 7 * GiB, False)  # the row that differs
+    del r["short_clip"]["modes"]["ours budget auto"]
+    missing = by_name(targets.judge(r))["ours budget auto: bytes copied per step vs streamed blocks"]
+    assert missing["met"] is None and missing["why"] == "this mode was not measured"
 
 
 def test_what_was_not_measured_is_not_met():
@@ -79,7 +106,11 @@ def test_overhead_is_not_judged_when_the_resident_runs_differ_by_more_than_its_m
     assert t["ours p1: peak device memory vs bound"]["met"] is True  # the other targets still judged
 
 
-def test_a_cpu_run_judges_nothing():
-    judged = targets.judge(results(machine={"gpu": None}))
-    assert len(judged) == 7
-    assert all(t["met"] is None and "CPU" in t["why"] for t in judged)
+def test_a_cpu_run_judges_no_target_but_checks_its_budget_rows():
+    r = results(machine={"gpu": None})
+    r["main"]["modes"]["ours budget 50%"] = {"layout": {"copied_per_step": 5, "streamed_bytes": 5}}
+    judged = targets.judge(r)
+    gpu, checks = judged[:8], judged[8:]
+    assert all(t["met"] is None and t["why"].startswith("not measured") and "CPU" in t["why"] for t in gpu)
+    assert [t["name"].split(":")[0] for t in checks] == ["ours budget 25%", "ours budget 50%", "ours budget 75%"]
+    assert [t["met"] for t in checks] == [None, True, None]

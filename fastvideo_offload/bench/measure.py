@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from .. import _ops, offloader
-from .modes import Mode, host_bytes
+from ..planner import spread
+from .modes import Mode, block_sizes, host_bytes
 
 
 def sync(device: torch.device) -> None:
@@ -52,9 +53,10 @@ def run_mode(
 ) -> tuple[dict, torch.Tensor, nn.Module]:
     """Runs `warmup + steps` denoising steps (one forward each) and measures the timed ones."""
     model = make_model()
+    sizes = block_sizes(model)  # before enable: it swaps the parameters' data
     pinned_before = _pinned_host_bytes(device)
     free_memory(device)
-    setup_s, _ = timed(lambda: mode.prepare(model, device), device)
+    setup_s, budget = timed(lambda: mode.prepare(model, device), device)
     if device.type == "cuda":
         # After preparing: the peak is what running needs, not what moving the model there took.
         torch.cuda.reset_peak_memory_stats(device)
@@ -81,7 +83,24 @@ def run_mode(
         result["h2d_bytes_per_step"] = copied / steps
         result["h2d_GBps_per_step"] = copied / steps / (result["median_ms"] / 1e3) / 1e9
         result["engine"] = stats_after
+        result["layout"] = layout(sizes, stats_after)
+    if budget is not None:
+        result["device_budget"] = budget
     return result, output.float().cpu(), model
+
+
+def layout(sizes: list[int], stats: dict) -> dict:
+    """Which blocks the engine keeps resident and which it streams, and what a step copies. The
+    planner spreads the streamed blocks through the order (planner.spread), so their count names
+    them; a model without a budget streams every block."""
+    streamed = spread(len(sizes), stats["streamed_blocks"])
+    return {
+        "resident": [i for i in range(len(sizes)) if i not in streamed],
+        "streamed": streamed,
+        "streamed_bytes": sum(sizes[i] for i in streamed),
+        # The last timed step's copies: resident blocks were copied once, in the warm-up.
+        "copied_per_step": stats["forward_h2d_bytes"],
+    }
 
 
 def _engine_stats(model: nn.Module) -> dict | None:

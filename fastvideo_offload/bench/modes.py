@@ -16,12 +16,23 @@ import torch
 from torch import nn
 
 from .. import offloader
+from ..planner import plan
+from ..store import BlockStore
+
+GiB = 2**30
+#: This engine streaming every block: what the budget rows are measured against besides resident.
+STREAM_ALL = "ours p1"
+#: The shares of the blocks that the CPU's budget rows keep resident, at most (see share_budget).
+CPU_BUDGET_SHARES = (0.25, 0.5, 0.75)
+#: A 24 GB card: 20 GiB for the model, the rest for the CUDA context and other processes.
+CARD_24GB_BUDGET = 20 * GiB
 
 
 @dataclass(frozen=True)
 class Mode:
     name: str
-    prepare: Callable[[nn.Module, torch.device], None]
+    #: readies the model; returns the device budget it gave enable, if any
+    prepare: Callable[[nn.Module, torch.device], int | str | None]
     #: why this mode cannot run here, or None
     unavailable: Callable[[torch.device], str | None] = lambda device: None
 
@@ -68,6 +79,65 @@ def _ours_async(prefetch: int):
                     os.environ[name] = value
 
     return prepare
+
+
+def block_sizes(model: nn.Module) -> list[int]:
+    """Each block's bytes as the engine stores it, in execution order (the bench's models keep
+    their blocks in `model.blocks`)."""
+    return [BlockStore.nbytes(list(block.parameters())) for block in model.blocks]
+
+
+def share_budget(model: nn.Module, share: float, slots: int) -> int:
+    """The smallest device budget under which the planner keeps `share` of the blocks resident, or
+    the most it can below that: a block stays resident only where its bytes do not also pay for
+    the ring, so with 8 blocks and 2 slots 6 resident cost what all 8 do, and 75% keeps 5. On a
+    CPU no activations are measured, so the budget is the weights outside the blocks plus the plan's."""
+    sizes = block_sizes(model)
+    staying = sum(t.nbytes for t in (*model.parameters(), *model.buffers())) - sum(sizes)
+    for keep in range(int(share * len(sizes)), -1, -1):
+        blocks = _smallest_budget(sizes, slots, keep)
+        if len(plan(sizes, blocks, slots).resident) == keep:
+            return staying + blocks
+    raise AssertionError("keeping no block resident always has a plan")
+
+
+def _smallest_budget(sizes: list[int], slots: int, keep: int) -> int:
+    # Residency only grows with the budget, so a bisection finds where it reaches `keep`.
+    low, high = 0, sum(sizes) + slots * max(sizes)
+    while low < high:
+        middle = (low + high) // 2
+        try:
+            kept = len(plan(sizes, middle, slots).resident)
+        except ValueError:  # not even the ring fits
+            kept = -1
+        low, high = (low, middle) if kept >= keep else (middle + 1, high)
+    return low
+
+
+def _ours_budget(budget: Callable[[nn.Module, int], int | str], prefetch: int = 1):
+    def prepare(model, device):
+        chosen = budget(model, 1 + prefetch)
+        offloader.enable(model, device=device, prefetch=prefetch, device_budget=chosen)
+        return chosen
+
+    return prepare
+
+
+def _gpu_only(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return "a GPU's budget row; on a CPU the budget rows keep shares of the blocks"
+    return None
+
+
+def _cpu_budget(device: torch.device) -> str | None:
+    if device.type != "cpu":
+        return "a CPU's budget row; on a GPU the budget rows are the free memory and a 24 GB card"
+    return None
+
+
+def budget_modes(device: torch.device) -> list[str]:
+    """The budget rows that run on this kind of device."""
+    return [m.name for m in all_modes() if m.name.startswith("ours budget") and m.unavailable(device) is None]
 
 
 def _cpu_only(device: torch.device) -> str | None:
@@ -120,6 +190,10 @@ def all_modes() -> list[Mode]:
         Mode("ours p1", _ours(1)),
         Mode("ours p2", _ours(2)),
         Mode("ours p1 async", _ours_async(1), _cpu_only),
+        *(Mode(f"ours budget {share:.0%}", _ours_budget(lambda model, slots, s=share: share_budget(model, s, slots)),
+               _cpu_budget) for share in CPU_BUDGET_SHARES),
+        Mode("ours budget auto", _ours_budget(lambda model, slots: "auto"), _gpu_only),
+        Mode("ours budget 24 GB card", _ours_budget(lambda model, slots: CARD_24GB_BUDGET), _gpu_only),
         Mode("fastvideo", _fastvideo, _needs("fastvideo", cuda=True)),
         Mode("diffusers group", _diffusers, _needs("diffusers")),
         Mode("accelerate", _accelerate, _needs("accelerate")),

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import os
 
+from .modes import STREAM_ALL
+
 GiB = 2**30
+MB = 1e6
 
 #: What a CPU run can and cannot show, printed under its table.
 CPU_CAVEAT = (
@@ -31,12 +34,12 @@ def _resident_line(section: dict) -> str:
 
 
 def _mode_table(rows: dict, ceiling: float) -> list[str]:
-    head = (f"  {'mode':<22}{'step ms':>10}{'overhead':>10}{'peak dev GiB':>14}{'host GiB':>10}{'H2D GB/s':>10}"
+    head = (f"  {'mode':<24}{'step ms':>10}{'overhead':>10}{'peak dev GiB':>14}{'host GiB':>10}{'H2D GB/s':>10}"
             f"{'exact':>7}")
     lines = [head]
     for name, row in rows.items():
         if "skipped" in row:
-            lines.append(f"  {name:<22}skipped: {row['skipped']}")
+            lines.append(f"  {name:<24}skipped: {row['skipped']}")
             continue
         rate = row.get("h2d_GBps_per_step")
         rate_text = "-" if rate is None else f"{rate:.1f}" + (f" ({rate / ceiling:.0%})" if ceiling else "")
@@ -44,16 +47,46 @@ def _mode_table(rows: dict, ceiling: float) -> list[str]:
         peak = row.get("peak_device_bytes")
         host = row.get("host_bytes") or row.get("pinned_by_torch_bytes")
         lines.append(
-            f"  {name:<22}{row['median_ms']:>10.1f}{_num(row.get('overhead_pct'), '+.1f'):>9}%"
+            f"  {name:<24}{row['median_ms']:>10.1f}{_num(row.get('overhead_pct'), '+.1f'):>9}%"
             f"{_num(peak and peak / GiB, '.2f'):>14}{_num(host and host / GiB, '.2f'):>10}{rate_text:>10}{exact:>7}"
         )
     return lines
+
+
+def _budget_rows(rows: dict) -> dict:
+    """This engine streaming every block and the budget rows: the layouts side by side."""
+    return {n: r for n, r in rows.items() if "layout" in r and (n == STREAM_ALL or "device_budget" in r)}
+
+
+def _budget_table(rows: dict) -> list[str]:
+    if not any("device_budget" in r for r in rows.values()):
+        return []
+    lines = [f"  {'device budget':<24}{'budget MB':>10}{'resident':>10}{'streamed':>10}{'copied MB':>11}"
+             f"{'streamed MB':>13}{'vs resident':>13}{'vs ' + STREAM_ALL:>12}"]
+    for name, row in _budget_rows(rows).items():
+        layout, budget = row["layout"], row.get("device_budget")
+        resident, streamed = len(layout["resident"]), len(layout["streamed"])
+        budget_text = "-" if budget is None else budget if isinstance(budget, str) else f"{budget / MB:.1f}"
+        lines.append(
+            f"  {name:<24}{budget_text:>10}{f'{resident}/{resident + streamed}':>10}"
+            f"{f'{streamed}/{resident + streamed}':>10}{layout['copied_per_step'] / MB:>11.2f}"
+            f"{layout['streamed_bytes'] / MB:>13.2f}{_pct(row.get('overhead_pct')):>13}"
+            f"{_pct(row.get('vs_stream_all_pct')):>12}"
+        )
+    return lines
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{value:+.1f}%"
 
 
 def _target_line(target: dict) -> str:
     verdict = {True: "met", False: "MISSED", None: "n/a"}[target["met"]]
     if target["met"] is None:
         return f"  {target['name']:<46}{verdict:>7}  ({target['why']})"
+    if target["at_most"] is None:  # an equality, in exact numbers
+        relation = "==" if target["met"] else "!="
+        return f"  {target['name']:<46}{verdict:>7}  {target['value']:,} {relation} {target['limit']:,} {target['unit']}"
     scale, unit = (GiB, "GiB") if target["unit"] == "bytes" else (1, target["unit"])
     value, limit = target["value"] / scale, target["limit"] / scale
     relation = ("<=" if target["met"] else ">") if target["at_most"] else (">=" if target["met"] else "<")
@@ -91,6 +124,7 @@ def table(results: dict) -> str:
         if name in ("main", "short_clip"):
             out += _mode_table(section["modes"], ceiling)
             out.append(_resident_line(section))
+            out += _budget_table(section["modes"])
         elif name == "wan22":
             out.append(
                 f"  switch stall {section['switch_stall_ms']:.1f} ms (one block's copy at the ceiling: "
@@ -100,18 +134,21 @@ def table(results: dict) -> str:
         elif name == "hooks":
             for mode, row in section["modes"].items():
                 if "skipped" in row:
-                    out.append(f"  {mode:<22}skipped: {row['skipped']}")
+                    out.append(f"  {mode:<24}skipped: {row['skipped']}")
                 elif "us_per_block" in row:
-                    out.append(f"  {mode:<22}{row['us_per_block']:>8.1f} us")
+                    out.append(f"  {mode:<24}{row['us_per_block']:>8.1f} us")
         else:
             out[-1] += " " + ", ".join(f"{k.replace('_', ' ')}: {v:.2f} GB/s" for k, v in section.items())
-    judged = results.get("targets", [])
+    judged = [t for t in results.get("targets", []) if not t.get("check")]
+    checks = [t for t in results.get("targets", []) if t.get("check")]
     reasons = {t.get("why") for t in judged}
     if judged and all(t["met"] is None for t in judged) and len(reasons) == 1:
         out += ["", f"targets (set for an H100 at the 14B block shape, 480x832x81): not judged: {reasons.pop()}"]
     elif judged:
         out += ["", "targets (set for an H100 at the 14B block shape, 480x832x81):"]
         out += [_target_line(t) for t in judged]
+    if checks:
+        out += ["", "checks (any machine):"] + [_target_line(t) for t in checks]
     if not m.get("gpu"):
         out += ["", CPU_CAVEAT]
     if not complete:
@@ -136,7 +173,8 @@ def write_json(results: dict, path: str) -> None:
 
 
 def plot(results: dict, path: str) -> None:
-    """Overhead and peak memory per mode, and this engine's copy/compute timeline."""
+    """Overhead and peak memory per mode, this engine's copy/compute timeline, and the planner's
+    layout under each device budget."""
     try:
         import matplotlib
 
@@ -146,7 +184,7 @@ def plot(results: dict, path: str) -> None:
         raise RuntimeError("--plot needs matplotlib: pip install matplotlib") from exc
 
     rows = {k: v for k, v in results.get("main", {}).get("modes", {}).items() if "median_ms" in v}
-    fig, axes = plt.subplots(3, 1, figsize=(10, 11), gridspec_kw={"height_ratios": [1, 1, 1.2]})
+    fig, axes = plt.subplots(4, 1, figsize=(10, 14), gridspec_kw={"height_ratios": [1, 1, 1.2, 0.9]})
     names = list(rows)
     overhead = [rows[n].get("overhead_pct") or 0.0 for n in names]
     colors = ["#888" if n.startswith("resident") else "#2a7" if n.startswith("ours") else "#c64" for n in names]
@@ -177,6 +215,25 @@ def plot(results: dict, path: str) -> None:
         axes[2].set_xlabel("ms from the start of one step (ours, prefetch 1)")
     else:
         axes[2].axis("off")
+    _layout_strips(axes[3], _budget_rows(rows))
     fig.tight_layout()
     fig.savefig(_make_parent(path), dpi=110)
     plt.close(fig)
+
+
+def _layout_strips(ax, rows: dict) -> None:
+    """One strip per budget row: its blocks in execution order, resident or streamed."""
+    if not any("device_budget" in r for r in rows.values()):
+        ax.axis("off")
+        return
+    for y, row in enumerate(reversed(rows.values())):
+        ax.broken_barh([(i, 0.9) for i in row["layout"]["resident"]], (y, 0.8), color="#888")
+        ax.broken_barh([(i, 0.9) for i in row["layout"]["streamed"]], (y, 0.8), color="#c64")
+    ax.set_yticks([y + 0.4 for y in range(len(rows))], [
+        f"{name}\n{len(r['layout']['resident'])} resident, {r['layout']['copied_per_step'] / MB:.1f} MB/step"
+        for name, r in reversed(rows.items())
+    ])
+    first = next(iter(rows.values()))["layout"]
+    blocks = len(first["resident"]) + len(first["streamed"])
+    ax.set_xticks([i + 0.45 for i in range(blocks)], range(blocks))
+    ax.set_xlabel("block, in execution order (grey: resident, copied once; red: streamed every step)")

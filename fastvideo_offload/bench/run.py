@@ -15,13 +15,12 @@ from tqdm.auto import tqdm
 from .. import offloader
 from . import measure, report, targets
 from .model import CPU_SMALL, WAN_14B, IdleBlocks, WanShape, build, inputs, weight_bytes
-from .modes import Mode, all_modes
+from .modes import STREAM_ALL, Mode, all_modes
 
 #: Many small Wan blocks with idle forwards: what is left of a step is the offloader's hooks.
 HOOK_SHAPE = WanShape(dim=16, heads=1, ffn=16, layers=64)
 HOOK_STEPS = 200
-#: This engine's modes and the reference they are measured against.
-OWN_MODES = ("resident", "ours p1", "ours p2", "ours p1 async")
+#: The reference every mode is measured against; this engine's modes are it and the "ours" rows.
 RESIDENT = "resident"
 
 logger = logging.getLogger("fastvideo_offload.bench")
@@ -119,8 +118,8 @@ def run(args: argparse.Namespace) -> dict:
     # (accelerate's above all) are slow enough that a time limit should cut them, not ours.
     # The resident reference runs again after each pass of offloaded modes, so that a machine
     # whose speed drifts shows it (the spread) instead of passing it off as overhead.
-    own = [m for m in modes if m.name in OWN_MODES]
-    peers = [m for m in modes if m.name not in OWN_MODES]
+    own = [m for m in modes if m.name == RESIDENT or m.name.startswith("ours")]
+    peers = [m for m in modes if m not in own]
     resident = next((m for m in own if m.name == RESIDENT), None)
     tokens, short_tokens = shape.tokens(frames, height, width), shape.tokens(short_frames, height, width)
 
@@ -234,7 +233,8 @@ def scenario(bench: Bench, name: str, shape, dtype, device, modes: list[Mode], t
 
 def _overheads(section: dict) -> None:
     """Every row's overhead against the mean of the resident runs (before and after the
-    offloaded modes), and how far those runs are apart: (slowest - fastest) / fastest."""
+    offloaded modes), and how far those runs are apart: (slowest - fastest) / fastest; and each
+    budget row's time against this engine streaming every block."""
     rows = section["modes"]
     runs = {n: r["median_ms"] for n, r in rows.items() if n.startswith(RESIDENT) and "median_ms" in r}
     if not runs:
@@ -249,6 +249,10 @@ def _overheads(section: dict) -> None:
     for row in rows.values():
         if "median_ms" in row:
             row["overhead_pct"] = (row["median_ms"] / reference - 1) * 100
+    stream_all = rows.get(STREAM_ALL, {}).get("median_ms")
+    for row in rows.values():
+        if stream_all and "device_budget" in row and "median_ms" in row:
+            row["vs_stream_all_pct"] = (row["median_ms"] / stream_all - 1) * 100
 
 
 def wan22(bench: Bench, shape, dtype, device, tokens: int) -> dict:

@@ -1,5 +1,6 @@
-"""The benchmark's four targets (set for an H100 at Wan2.1-14B's block shape), judged from a
-run's results: what was reached, against what limit, and whether it was met.
+"""The benchmark's five targets (set for an H100 at Wan2.1-14B's block shape), judged from a
+run's results: what was reached, against what limit, and whether it was met; and a check that
+holds on any machine: each budget row copies per step exactly its streamed blocks' bytes.
 
 A target whose inputs a run did not measure (no GPU, a mode skipped, a section not reached
 yet: the run judges after every mode) is reported with `met: None` and the reason, never as
@@ -8,9 +9,16 @@ met; so is the overhead when the resident reference moved by more than the margi
 
 from __future__ import annotations
 
+import torch
+
+from .modes import budget_modes
+
 OVERHEAD_PCT = 1.0
 PEAK_FACTOR = 1.1
 COPY_RATE_FRACTION = 0.9
+#: Budget = free memory on the short clip, against resident.
+BUDGET_FACTOR = 1.05
+BUDGET_AUTO = "ours budget auto"
 
 
 def _target(name: str, value: float, limit: float, unit: str, at_most: bool = True) -> dict:
@@ -70,6 +78,35 @@ def copy_rate(results: dict, mode: str) -> dict:
     return _target(name, rate, COPY_RATE_FRACTION * ceiling, "GB/s", at_most=False)
 
 
+def budget_time(results: dict) -> dict:
+    name = f"{BUDGET_AUTO}: short-clip time vs resident"
+    section = results.get("short_clip", {})
+    row, resident = section.get("modes", {}).get(BUDGET_AUTO, {}), section.get("resident", {})
+    if row.get("median_ms") is None or resident.get("reference_ms") is None:
+        return _missing(name, "x", row.get("skipped") or _not_measured(results, "resident or this mode"))
+    ratio = row["median_ms"] / resident["reference_ms"]
+    spread = resident.get("spread_pct")
+    if spread is not None and spread > (BUDGET_FACTOR - 1) * 100:
+        return _missing(name, "x", f"{ratio:.2f}x, but the resident runs differ by {spread:.1f}%, "
+                                   f"more than the {(BUDGET_FACTOR - 1) * 100:g}% judged")
+    return _target(name, ratio, BUDGET_FACTOR, "x")
+
+
+def budget_copies(results: dict, mode: str) -> dict:
+    """In the main scenario and the short clip, bytes copied in a step at steady state against
+    the bytes of the blocks the plan streams."""
+    name = f"{mode}: bytes copied per step vs streamed blocks"
+    rows = [results.get(s, {}).get("modes", {}).get(mode, {}) for s in ("main", "short_clip")]
+    measured = [row["layout"] for row in rows if "layout" in row]
+    if not measured:
+        skipped = next((row["skipped"] for row in rows if "skipped" in row), None)
+        return {**_missing(name, "bytes", skipped or _not_measured(results, "this mode")), "check": True}
+    # The first that differs, if one does: a verdict on the other would hide it.
+    shown = next((m for m in measured if m["copied_per_step"] != m["streamed_bytes"]), measured[0])
+    return {"name": name, "value": shown["copied_per_step"], "limit": shown["streamed_bytes"], "unit": "bytes",
+            "at_most": None, "met": shown["copied_per_step"] == shown["streamed_bytes"], "check": True}
+
+
 def switch_stall(results: dict) -> dict:
     name = "Wan2.2 switch stall vs one block's copy"
     wan22 = results.get("wan22", {})
@@ -87,9 +124,13 @@ def judge(results: dict) -> list[dict]:
         copy_rate(results, "ours p1"),
         copy_rate(results, "ours p2"),
         switch_stall(results),
+        budget_time(results),
     ]
-    if results["machine"].get("gpu") is None:
+    gpu = results["machine"].get("gpu") is not None
+    if not gpu:
         # On a CPU "device" memory is host memory and a copy is a memcpy: the numbers are
         # reported, but against limits set for a GPU they would mean nothing.
-        return [_missing(t["name"], t["unit"], "the targets are for a GPU; this run was on a CPU") for t in judged]
-    return judged
+        judged = [_missing(t["name"], t["unit"], "not measured: the targets are for a GPU; this run was on a CPU")
+                  for t in judged]
+    device = torch.device("cuda" if gpu else "cpu")
+    return judged + [budget_copies(results, mode) for mode in budget_modes(device)]
