@@ -119,18 +119,21 @@ class DeviceBudget:
         self._measuring = False
         peak = torch.cuda.max_memory_allocated(self._device) - self._start
         new_slots = _ops.engine_stats(self._engine)["device_bytes"] - self._slots_at_start
-        activations = max(0, peak - new_slots)
-        if activations > self._activations:
-            # A larger forward (a higher resolution): fewer resident blocks from the next one on.
-            # This one did not fail: a block that finds no memory frees the other slots first.
-            old = self._activations
-            self._activations = activations
-            try:
-                self._replan()
-            except ValueError as exc:
-                self._activations = old
-                logger.warning("the last forward's activations (%.1f MiB) leave no room to plan in: %s",
-                               activations / 2**20, exc)
+        self.observe(max(0, peak - new_slots))
+
+    def observe(self, activations: int) -> None:
+        """A forward needed `activations` bytes besides the weights and slots. More than planned for
+        (a larger resolution): fewer blocks stay resident from the next forward on. The forward that
+        needed it did not fail: a block that finds no memory frees the other slots first."""
+        if activations <= self._activations:
+            return
+        old = self._activations
+        self._activations = activations
+        try:
+            self._replan()
+        except ValueError as exc:
+            self._activations = old
+            logger.warning("a forward's activations (%.1f MiB) leave no room to plan in: %s", activations / 2**20, exc)
 
     def remove(self) -> None:
         for hook in self._hooks:

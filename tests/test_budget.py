@@ -162,3 +162,23 @@ def test_experts_of_a_group_take_turns_holding_their_resident_blocks():
             # The switch costs the resident blocks once (all 8, and the next step's first streamed
             # block); then 4 streamed blocks a step.
             assert handles[active].stats()["forward_h2d_bytes"] == (9 if step % 2 == 0 else 4) * block
+
+
+def test_a_forward_that_needs_more_activation_memory_shrinks_residency(caplog):
+    """On CUDA each forward's activation peak is measured; the re-plan that follows is this (the
+    measurement itself needs a GPU)."""
+    model, reference, handle, budget, block = enable_with_budget(5)
+    x = tiny_input()
+    with torch.no_grad():
+        assert torch.equal(model(x), reference(x))
+        handle._budget.observe(2 * block)  # a larger resolution needed two blocks' worth
+        assert handle.stats()["resident_blocks"] == 3
+        handle._budget.observe(block)  # less than already planned for: nothing changes
+        assert handle.stats()["resident_blocks"] == 3
+        for _ in range(2):
+            assert torch.equal(model(x), reference(x))
+        assert handle.stats()["forward_h2d_bytes"] == 5 * block
+        handle._budget.observe(100 * block)  # no plan fits: the old one stays, with a warning
+        assert handle.stats()["resident_blocks"] == 3
+        assert "leave no room to plan in" in caplog.text
+        assert torch.equal(model(x), reference(x))

@@ -186,8 +186,9 @@ def test_pipeline_arguments_are_refused_with_what_to_do():
         fo.enable(pipe, device="cpu", group="g")
     with pytest.raises(ValueError, match="device_budget must be a byte count"):
         fo.enable(pipe, device="cpu", device_budget=-5)
-    with pytest.raises(ValueError, match="checkpoint: a pipeline's components load their own weights"):
-        fo.enable(pipe, device="cpu", checkpoint="model.safetensors")
+    for extra in (dict(checkpoint="model.safetensors"), dict(share="node")):
+        with pytest.raises(ValueError, match="checkpoint= and share= apply to a model: a pipeline's components"):
+            fo.enable(pipe, device="cpu", **extra)
     fo.enable(pipe.transformer, device="cpu")
     with pytest.raises(RuntimeError, match="already enabled on its transformer"):
         fo.enable(pipe, device="cpu")
