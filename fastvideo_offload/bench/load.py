@@ -43,7 +43,7 @@ TIMEOUT_S = 300
 
 
 def write_checkpoint(model: torch.nn.Module, shape: WanShape, dtype: torch.dtype, directory: str) -> int:
-    """`model`'s state dict as `save_pretrained` writes it: shards of about a SHARDS-th of the
+    """`model`'s state dict as `save_pretrained` writes it: shards of at most a SHARDS-th of the
     model, in state-dict order, and the index mapping each key to its shard. Returns the bytes."""
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     total = sum(t.nbytes for t in state.values())

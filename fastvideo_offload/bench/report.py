@@ -159,7 +159,8 @@ def table(results: dict) -> str:
             out += ["", f"{name}: failed: {section['failed']}"]
             if "modes" not in section:
                 continue
-        out += ["", title.format(**section, **{f"{k}_mb": v / MB for k, v in section.items() if k.endswith("_bytes")})]
+        in_mb = {f"{k}_mb": v / MB for k, v in section.items() if k.endswith("_bytes") and v is not None}
+        out += ["", title.format(**section, **in_mb)]
         if name in ("main", "short_clip"):
             out += _mode_table(section["modes"], ceiling)
             out.append(_resident_line(section))
