@@ -17,6 +17,8 @@ from fastvideo_offload.bench.model import CPU_SMALL, build, weight_bytes
 from fastvideo_offload.planner import plan, spread
 
 TINY = ["--layers", "3", "--steps", "2", "--warmup", "1", "--frames", "1", "--height", "64", "--width", "64"]
+#: The sections that run in this process; load and node start processes and are tested apart.
+IN_PROCESS = ["--sections", "main,short_clip,wan22,hooks,pack_GBps"]
 
 
 def test_bench_runs_and_writes_its_outputs(tmp_path):
@@ -24,7 +26,8 @@ def test_bench_runs_and_writes_its_outputs(tmp_path):
     out_json, out_table, out_png = out / "bench.json", out / "bench.txt", out / "bench.png"
     # 3 blocks: with 2, prefetch 1's two slots would keep both resident and a GPU copy nothing.
     proc = subprocess.run(
-        [sys.executable, "-m", "fastvideo_offload", "bench", *TINY, "--modes", "resident,ours p1,ours p1 async",
+        [sys.executable, "-m", "fastvideo_offload", "bench", *TINY, *IN_PROCESS,
+         "--modes", "resident,ours p1,ours p1 async",
          "--json", str(out_json), "--table", str(out_table), "--plot", str(out_png)],
         capture_output=True, text=True, timeout=600,
     )
@@ -70,7 +73,8 @@ def test_a_time_limit_skips_what_is_left_and_still_reports(tmp_path):
     assert results["wan22"] == {"failed": "not run: time limit"}
     assert "wan22: failed: not run: time limit" in proc.stdout
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    assert [t["met"] for t in results["targets"]] == [None] * (8 + len(modes.budget_modes(device)))
+    assert [t["met"] for t in results["targets"]] == [None] * (8 + 3 + len(modes.budget_modes(device)))
+    assert results["load"] == results["node"] == {"failed": "not run: time limit"}
 
 
 def test_weight_bytes_match_the_built_model():
@@ -97,7 +101,7 @@ def test_a_run_cut_off_keeps_its_table_and_verdicts(tmp_path, monkeypatch):
     results = json.loads(out_json.read_text())
     assert results["complete"] is False
     assert "resident after ours" in results["short_clip"]["modes"] and "wan22" not in results
-    assert len(results["targets"]) == 8 + len(modes.budget_modes(torch.device("cpu")))
+    assert len(results["targets"]) == 8 + 3 + len(modes.budget_modes(torch.device("cpu")))
     text = out_table.read_text()
     assert "short clip" in text and "resident after ours" in text
     assert "targets (set for an H100" in text and "wan22: not run yet" in text
@@ -141,7 +145,7 @@ def test_budget_rows_copy_exactly_their_streamed_blocks(tmp_path, monkeypatch):
     narrow = replace(CPU_SMALL, dim=64, heads=1, ffn=64, text_dim=64)  # 8 blocks in a few seconds
     monkeypatch.setattr(bench_run, "CPU_SMALL", narrow)
     budgets = [f"ours budget {s:.0%}" for s in modes.CPU_BUDGET_SHARES]
-    args = [*TINY, "--layers", "8", "--device", "cpu", "--modes", ",".join(["resident", "ours p1", *budgets])]
+    args = [*TINY, *IN_PROCESS, "--layers", "8", "--device", "cpu", "--modes", ",".join(["resident", "ours p1", *budgets])]
     results = bench_run.main([*args, "--json", str(tmp_path / "b.json"), "--plot", str(tmp_path / "b.png")])
     sizes = modes.block_sizes(build(replace(narrow, layers=8), torch.float32))
     for section in ("main", "short_clip"):
@@ -164,3 +168,40 @@ def test_budget_rows_copy_exactly_their_streamed_blocks(tmp_path, monkeypatch):
     assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = report.table(results)
     assert "device budget" in table and "checks (any machine)" in table
+
+
+def test_load_and_node_sections_are_consistent(tmp_path, monkeypatch):
+    """Each way loads the same checkpoint in a process of its own; each rank count runs real ranks.
+    Numbers are checked for consistency, not speed: sharing holds less than a store per rank."""
+    bench_run = importlib.import_module("fastvideo_offload.bench.run")
+    node = importlib.import_module("fastvideo_offload.bench.node")
+    monkeypatch.setattr(node, "SHAPE", replace(CPU_SMALL, layers=2))  # a 29 MB store
+    results = bench_run.main([*TINY, "--layers", "2", "--device", "cpu", "--sections", "load,node",
+                              "--node-ranks", "1,2", "--json", str(tmp_path / "b.json"),
+                              "--plot", str(tmp_path / "b.png")])
+    assert "main" not in results and results["complete"] is True
+    load = results["load"]
+    ways = load["ways"]
+    assert load["files"] > 1
+    assert load["store_bytes"] >= load["checkpoint_bytes"] - load["non_block_bytes"]  # the store aligns, adds
+    assert ways["ours"]["host_bytes"] == load["store_bytes"] and ways["ours"]["max_abs_diff"] == 0
+    assert ways["diffusers"]["max_abs_diff"] < 1e-4
+    for row in (ways["ours"], ways["diffusers"]):
+        assert row["x_store"] == pytest.approx((row["peak_rss_bytes"] - load["non_block_bytes"]) / load["store_bytes"])
+    assert load["diffusers_vs_ours"] == pytest.approx(ways["diffusers"]["seconds"] / ways["ours"]["seconds"])
+    assert "unavailable" in ways["fastvideo"]
+    node_section = results["node"]
+    store = node_section["store_bytes"]
+    assert list(node_section["ranks"]) == ["1", "2"]
+    for n, row in node_section["ranks"].items():
+        for key in ("shared", "unshared"):
+            cell = row[key]
+            assert len(cell["per_rank"]) == int(n) and cell["x_store"] == cell["node_bytes"] / store
+            for r in cell["per_rank"]:
+                assert r["host_bytes"] == r["pss_growth_bytes"] - r["device_bytes"] - r["non_block_bytes"]
+    two = node_section["ranks"]["2"]
+    assert two["shared"]["node_bytes"] < 0.75 * two["unshared"]["node_bytes"]
+    host = [t for t in results["targets"] if t.get("host")]
+    assert [t["met"] is not None for t in host] == [True] * 3
+    table = report.table(results)
+    assert "load, checkpoint on disk" in table and "host targets (any machine)" in table and "unshared MB" in table

@@ -110,7 +110,22 @@ def test_a_cpu_run_judges_no_target_but_checks_its_budget_rows():
     r = results(machine={"gpu": None})
     r["main"]["modes"]["ours budget 50%"] = {"layout": {"copied_per_step": 5, "streamed_bytes": 5}}
     judged = targets.judge(r)
-    gpu, checks = judged[:8], judged[8:]
+    gpu, checks = judged[:8], [t for t in judged if t.get("check")]
     assert all(t["met"] is None and t["why"].startswith("not measured") and "CPU" in t["why"] for t in gpu)
     assert [t["name"].split(":")[0] for t in checks] == ["ours budget 25%", "ours budget 50%", "ours budget 75%"]
     assert [t["met"] for t in checks] == [None, True, None]
+
+
+def test_host_targets_are_judged_on_any_machine():
+    r = results(machine={"gpu": None},
+                load={"diffusers_vs_ours": 2.5, "ways": {"ours": {"x_store": 1.02}, "diffusers": {}}},
+                node={"ranks": {"1": {"shared": {"x_store": 1.01}}, "2": {"shared": {"x_store": 1.12}},
+                                "4": {"shared": {"skipped": "time limit"}}}})
+    t = by_name(targets.judge(r))
+    assert t["load: diffusers' time / ours"]["met"] is True
+    assert t["load: ours' peak RSS growth vs store"]["met"] is True
+    node = t["node: host bytes, shared, vs store (worst N)"]
+    assert (node["value"], node["met"]) == (1.12, False)  # the worst rank count is judged
+    missing = by_name(targets.judge(results(load={"ways": {"ours": {"skipped": "time limit"}}})))
+    assert missing["load: diffusers' time / ours"]["why"] == "time limit"
+    assert missing["node: host bytes, shared, vs store (worst N)"]["why"] == "the node was not measured"

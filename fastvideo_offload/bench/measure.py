@@ -114,6 +114,18 @@ def _pinned_host_bytes(device: torch.device) -> int:
     return torch.cuda.host_memory_stats().get("allocated_bytes.current", 0)
 
 
+def proc_bytes(field: str, pid: int | str = "self", table: str = "status") -> int:
+    """A kB field of /proc/PID/status (VmRSS:, VmHWM:) or /proc/PID/smaps_rollup (Pss:), in bytes."""
+    with open(f"/proc/{pid}/{table}") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
+
+
+def reset_peak_rss() -> None:
+    """Sets this process's VmHWM to its current RSS, so that the next peak is what follows."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def copy_ceiling(device: torch.device, nbytes: int = 1 << 30) -> float:
     """GB/s of one large host-to-device copy from pinned memory (a memcpy on the CPU)."""
     if device.type == "cuda":

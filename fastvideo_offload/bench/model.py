@@ -100,8 +100,7 @@ class WanLikeDiT(nn.Module):
         self.blocks = nn.ModuleList(WanBlock(shape) for _ in range(shape.layers))
         self.norm_out = nn.LayerNorm(d, elementwise_affine=False)
         self.head = nn.Linear(d, patch_in)
-        half = shape.freq_dim // 2
-        self.register_buffer("freqs", torch.exp(-math.log(10000) * torch.arange(half) / half), persistent=False)
+        self.register_buffer("freqs", time_frequencies(shape.freq_dim), persistent=False)
 
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """latents: (batch, tokens, in_channels * patch volume), already patchified."""
@@ -113,6 +112,12 @@ class WanLikeDiT(nn.Module):
         for block in self.blocks:
             x = block(x, context, e)
         return self.head(self.norm_out(x))
+
+
+def time_frequencies(freq_dim: int) -> torch.Tensor:
+    """The sinusoidal timestep embedding's frequencies: a buffer no checkpoint holds."""
+    half = freq_dim // 2
+    return torch.exp(-math.log(10000) * torch.arange(half) / half)
 
 
 class IdleWanBlock(WanBlock):
@@ -145,6 +150,14 @@ def build(shape: WanShape, dtype: torch.dtype, device: torch.device | str = "cpu
     finally:
         torch.set_default_dtype(previous)
     return model.eval().requires_grad_(False)
+
+
+def build_empty(shape: WanShape, dtype: torch.dtype) -> WanLikeDiT:
+    """The model on the meta device, to be loaded from a checkpoint; its non-persistent buffer made
+    real, as accelerate's init_empty_weights() leaves buffers."""
+    model = build(shape, dtype, "meta")
+    model.register_buffer("freqs", time_frequencies(shape.freq_dim), persistent=False)
+    return model
 
 
 def weight_bytes(shape: WanShape, dtype: torch.dtype) -> dict[str, int]:

@@ -76,6 +76,41 @@ def _budget_table(rows: dict) -> list[str]:
     return lines
 
 
+#: The ways of loading, as the table names them.
+LOAD_WAYS = {"ours": "ours: meta + enable(checkpoint=)", "diffusers": "diffusers: full model + group offload",
+             "fastvideo": "fastvideo: its loader + offload"}
+
+
+def _load_table(section: dict) -> list[str]:
+    on_host = "; on this CPU device they count in RSS and are left out of x store" if section["non_block_on_host"] else ""
+    lines = [f"  {'way':<40}{'seconds':>9}{'peak RSS MB':>13}{'x store':>9}{'max abs diff':>14}"]
+    for way, row in section["ways"].items():
+        label = LOAD_WAYS.get(way, way)
+        if "skipped" in row or "unavailable" in row:
+            what = "skipped" if "skipped" in row else "unavailable"
+            lines.append(f"  {label:<40}{what}: {row[what]}")
+            continue
+        lines.append(f"  {label:<40}{row['seconds']:>9.3f}{row['peak_rss_bytes'] / MB:>13.1f}{row['x_store']:>9.2f}"
+                     f"{_num(row.get('max_abs_diff'), '.1e'):>14}")
+    if "diffusers_vs_ours" in section:
+        lines.append(f"  diffusers' way takes {section['diffusers_vs_ours']:.1f}x ours' time{on_host}")
+    return lines
+
+
+def _node_table(section: dict) -> list[str]:
+    lines = [f"  {'ranks':<8}{'shared MB':>12}{'x store':>9}{'unshared MB':>14}{'x store':>9}"]
+    for n, row in section["ranks"].items():
+        cells = []
+        for key in ("shared", "unshared"):
+            cell = row.get(key, {})
+            if "node_bytes" in cell:
+                cells.append(f"{cell['node_bytes'] / MB:>{12 if key == 'shared' else 14}.1f}{cell['x_store']:>9.2f}")
+            else:
+                cells.append(f"  {key}: {cell.get('skipped', 'not run')}")
+        lines.append(f"  {n:<8}" + "".join(cells))
+    return lines
+
+
 def _pct(value) -> str:
     return "-" if value is None else f"{value:+.1f}%"
 
@@ -111,6 +146,10 @@ def table(results: dict) -> str:
         ("wan22", "Wan2.2 pair ({layers} blocks each, {tokens} tokens), expert switch after step {switch_step}:"),
         ("hooks", "hook overhead, host time per block per step ({layers} near-empty blocks):"),
         ("pack_GBps", "host packing:"),
+        ("load", "load, checkpoint on disk -> ready to run ({files} safetensors shards, host store "
+                 "{store_bytes_mb:.1f} MB, {non_block_bytes_mb:.1f} MB of weights outside the blocks):"),
+        ("node", "node, host bytes per node (the ranks' PSS growth less device slots and weights outside the "
+                 "blocks), store {store_bytes_mb:.1f} MB:"),
     ):
         if name not in results:
             out += ["", f"{name}: not run" + ("" if complete else " yet")]
@@ -120,7 +159,8 @@ def table(results: dict) -> str:
             out += ["", f"{name}: failed: {section['failed']}"]
             if "modes" not in section:
                 continue
-        out += ["", title.format(**section)]
+        in_mb = {f"{k}_mb": v / MB for k, v in section.items() if k.endswith("_bytes") and v is not None}
+        out += ["", title.format(**section, **in_mb)]
         if name in ("main", "short_clip"):
             out += _mode_table(section["modes"], ceiling)
             out.append(_resident_line(section))
@@ -137,9 +177,14 @@ def table(results: dict) -> str:
                     out.append(f"  {mode:<24}skipped: {row['skipped']}")
                 elif "us_per_block" in row:
                     out.append(f"  {mode:<24}{row['us_per_block']:>8.1f} us")
+        elif name == "load":
+            out += _load_table(section)
+        elif name == "node":
+            out += _node_table(section)
         else:
             out[-1] += " " + ", ".join(f"{k.replace('_', ' ')}: {v:.2f} GB/s" for k, v in section.items())
-    judged = [t for t in results.get("targets", []) if not t.get("check")]
+    judged = [t for t in results.get("targets", []) if not t.get("check") and not t.get("host")]
+    host = [t for t in results.get("targets", []) if t.get("host")]
     checks = [t for t in results.get("targets", []) if t.get("check")]
     reasons = {t.get("why") for t in judged}
     if judged and all(t["met"] is None for t in judged) and len(reasons) == 1:
@@ -147,6 +192,8 @@ def table(results: dict) -> str:
     elif judged:
         out += ["", "targets (set for an H100 at the 14B block shape, 480x832x81):"]
         out += [_target_line(t) for t in judged]
+    if host:
+        out += ["", "host targets (any machine):"] + [_target_line(t) for t in host]
     if checks:
         out += ["", "checks (any machine):"] + [_target_line(t) for t in checks]
     if not m.get("gpu"):

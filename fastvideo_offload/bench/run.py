@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import offloader
-from . import measure, report, targets
+from . import load, measure, node, report, targets
 from .model import CPU_SMALL, WAN_14B, IdleBlocks, WanShape, build, inputs, weight_bytes
 from .modes import STREAM_ALL, Mode, all_modes
 
@@ -24,6 +24,8 @@ HOOK_STEPS = 200
 RESIDENT = "resident"
 
 logger = logging.getLogger("fastvideo_offload.bench")
+
+SECTIONS = ("main", "short_clip", "wan22", "hooks", "pack_GBps", "load", "node")
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -43,6 +45,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--modes", default=None, help="comma-separated subset of: " + ", ".join(m.name for m in all_modes()))
     p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                    help="start no mode or section after this many seconds; what is left is reported as skipped")
+    p.add_argument("--sections", default=None,
+                   help="comma-separated subset of: " + ", ".join(SECTIONS) + " (default: all)")
+    p.add_argument("--node-ranks", default=",".join(map(str, node.RANKS)), metavar="N,N,...",
+                   help="rank counts of the node section (default: %(default)s)")
     p.add_argument("--json", dest="json_path", default=None, help="write every number here")
     p.add_argument("--table", dest="table_path", default=None,
                    help="write the printed table and the targets' verdicts here (after every mode, like --json)")
@@ -50,6 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.steps < 2 or args.warmup < 1:
         p.error("--steps must be >= 2 and --warmup >= 1")
+    unknown = set(args.sections.split(",")) - set(SECTIONS) if args.sections else set()
+    if unknown:
+        p.error(f"--sections: unknown {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
     return args
 
 
@@ -78,6 +87,7 @@ class Bench:
         self.args, self.results, self.bar = args, results, bar
         self.references: dict[str, torch.Tensor] = {}
         self.deadline = None if args.time_limit is None else time.monotonic() + args.time_limit
+        self.wanted = None if args.sections is None else set(args.sections.split(","))
 
     def out_of_time(self) -> bool:
         return self.deadline is not None and time.monotonic() > self.deadline
@@ -91,7 +101,10 @@ class Bench:
 
     def section(self, name: str, measure_it, by_mode: bool = False) -> None:
         """Runs one section, unless the time limit has passed (a section of modes runs and skips
-        mode by mode instead). One failing section must not cost the numbers of the others."""
+        mode by mode instead), or --sections leaves it out (the table then says it did not run). One
+        failing section must not cost the numbers of the others."""
+        if self.wanted is not None and name not in self.wanted:
+            return
         if self.out_of_time() and not by_mode:
             self.results.setdefault(name, {})["failed"] = "not run: time limit"
         else:
@@ -155,6 +168,10 @@ def run(args: argparse.Namespace) -> dict:
         "threads_1": measure.pack_throughput(params, 1),
         f"threads_{torch.get_num_threads()}": measure.pack_throughput(params, torch.get_num_threads()),
     })
+    # Each way and each rank count in processes of their own, after this process's measurements.
+    bench.section("load", lambda: load.compare(_factory(shape, dtype, device), shape, dtype, device, bench.out_of_time))
+    ranks = tuple(int(n) for n in args.node_ranks.split(","))
+    bench.section("node", lambda: node.compare(ranks, bench.out_of_time))
     results["complete"] = True
     bench.save()
     return results

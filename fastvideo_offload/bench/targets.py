@@ -1,6 +1,7 @@
-"""The benchmark's five targets (set for an H100 at Wan2.1-14B's block shape), judged from a
-run's results: what was reached, against what limit, and whether it was met; and a check that
-holds on any machine: each budget row copies per step exactly its streamed blocks' bytes.
+"""The benchmark's five device targets (set for an H100 at Wan2.1-14B's block shape), judged from a
+run's results: what was reached, against what limit, and whether it was met; three host targets
+judged on any machine (loading from a checkpoint, one store per node); and a check that holds on
+any machine: each budget row copies per step exactly its streamed blocks' bytes.
 
 A target whose inputs a run did not measure (no GPU, a mode skipped, a section not reached
 yet: the run judges after every mode) is reported with `met: None` and the reason, never as
@@ -19,6 +20,11 @@ COPY_RATE_FRACTION = 0.9
 #: Budget = free memory on the short clip, against resident.
 BUDGET_FACTOR = 1.05
 BUDGET_AUTO = "ours budget auto"
+#: Host targets, judged on any machine: loading, against diffusers' way and the host store.
+LOAD_SPEEDUP = 2.0
+LOAD_PEAK_FACTOR = 1.05
+#: Ranks of one node with share="node", against the store.
+NODE_FACTOR = 1.1
 
 
 def _target(name: str, value: float, limit: float, unit: str, at_most: bool = True) -> dict:
@@ -115,6 +121,39 @@ def switch_stall(results: dict) -> dict:
     return _target(name, wan22["switch_stall_ms"], wan22["one_block_copy_ms"], "ms")
 
 
+def load_speed(results: dict) -> dict:
+    name = "load: diffusers' time / ours"
+    load = results.get("load", {})
+    ways = load.get("ways", {})
+    if "diffusers_vs_ours" not in load:
+        why = next((ways.get(w, {}).get("skipped") for w in ("ours", "diffusers") if "skipped" in ways.get(w, {})),
+                   load.get("failed") or _not_measured(results, "the load"))
+        return _missing(name, "x", why)
+    return _target(name, load["diffusers_vs_ours"], LOAD_SPEEDUP, "x", at_most=False)
+
+
+def load_peak(results: dict) -> dict:
+    """Ours' peak RSS growth while loading, less the weights outside the blocks where the device
+    is the CPU (there they are host memory too), against the host store."""
+    name = "load: ours' peak RSS growth vs store"
+    load = results.get("load", {})
+    ours = load.get("ways", {}).get("ours", {})
+    if "x_store" not in ours:
+        return _missing(name, "x", ours.get("skipped") or load.get("failed") or _not_measured(results, "the load"))
+    return _target(name, ours["x_store"], LOAD_PEAK_FACTOR, "x")
+
+
+def node_shared(results: dict) -> dict:
+    """The largest of the measured rank counts' host bytes per node with share="node"."""
+    name = "node: host bytes, shared, vs store (worst N)"
+    node = results.get("node", {})
+    measured = [row["shared"]["x_store"] for row in node.get("ranks", {}).values()
+                if "x_store" in row.get("shared", {})]
+    if not measured:
+        return _missing(name, "x", node.get("failed") or _not_measured(results, "the node"))
+    return _target(name, max(measured), NODE_FACTOR, "x")
+
+
 def judge(results: dict) -> list[dict]:
     judged = [
         overhead(results, "ours p1"),
@@ -133,4 +172,5 @@ def judge(results: dict) -> list[dict]:
         judged = [_missing(t["name"], t["unit"], "not measured: the targets are for a GPU; this run was on a CPU")
                   for t in judged]
     device = torch.device("cuda" if gpu else "cpu")
-    return judged + [budget_copies(results, mode) for mode in budget_modes(device)]
+    host = [{**t, "host": True} for t in (load_speed(results), load_peak(results), node_shared(results))]
+    return judged + host + [budget_copies(results, mode) for mode in budget_modes(device)]
