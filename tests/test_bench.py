@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from fastvideo_offload.bench import modes, report
+from fastvideo_offload.bench import modes, report, run
 from fastvideo_offload.bench.model import CPU_SMALL, build, weight_bytes
 from fastvideo_offload.planner import plan, spread
 
@@ -205,3 +205,10 @@ def test_load_and_node_sections_are_consistent(tmp_path, monkeypatch):
     assert [t["met"] is not None for t in host] == [True] * 3
     table = report.table(results)
     assert "load, checkpoint on disk" in table and "host targets (any machine)" in table and "unshared MB" in table
+
+
+def test_help_lists_every_mode(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run.parse_args(["--help"])
+    assert exit_.value.code == 0
+    assert "ours budget 25%" in capsys.readouterr().out

@@ -42,7 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5, help="timed denoising steps per mode (one forward each)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on a GPU, fp32 on a CPU")
-    p.add_argument("--modes", default=None, help="comma-separated subset of: " + ", ".join(m.name for m in all_modes()))
+    # argparse formats help with %: "ours budget 25%" must not be read as a conversion.
+    p.add_argument("--modes", default=None,
+                   help="comma-separated subset of: " + ", ".join(m.name for m in all_modes()).replace("%", "%%"))
     p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                    help="start no mode or section after this many seconds; what is left is reported as skipped")
     p.add_argument("--sections", default=None,
