@@ -154,7 +154,7 @@ def test_ranks_with_different_weights_refuse(tmp_path, no_leftovers):
     with Ranks(tmp_path, 2, "differ") as ranks:
         results = ranks.wait()
     for r in results:
-        assert r.get("error", "").startswith("ValueError: share: rank 1's weights differ from rank 0's"), r
+        assert r.get("error", "").startswith("Refused: share: rank 1's weights differ from rank 0's"), r
         assert r["model_unchanged"] and not r["holds_memfd"]
 
 
