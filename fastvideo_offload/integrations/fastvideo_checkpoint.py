@@ -31,8 +31,8 @@ pending = threading.local()
 
 
 def wrap_state_dict_load(original, offload):
-    """`offload(model, checkpoint=...)` enables the DiT the way the patch's
-    enable_layerwise_offload does; None from it means the patch will not offload this DiT."""
+    """FastVideo's state-dict load, which reads the checkpoint into the host store while a DiT the
+    patch offloads loads; `offload(model, checkpoint=...)` enables it as enable_layerwise_offload does."""
 
     def load_model_from_full_model_state_dict(model, full_sd_iterator, device, param_dtype, strict=False,
                                               cpu_offload=False, param_names_mapping=None, training_mode=True,
