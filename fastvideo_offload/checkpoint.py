@@ -100,9 +100,12 @@ def _entry(file: str, key: str, info, data_start: int, size: int) -> Entry:
     return Entry(key, file, dtype, shape, data_start + begin, nbytes)
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict[str, Entry]:
+def read_checkpoint(path: str | os.PathLike | list[str | os.PathLike]) -> dict[str, Entry]:
     """Every tensor of a checkpoint: one .safetensors file, an index json (as diffusers'
-    `save_pretrained` writes for sharded checkpoints), or a directory holding one of them."""
+    `save_pretrained` writes for sharded checkpoints), a directory holding one of them, or a list
+    of .safetensors files (what FastVideo's loader globs)."""
+    if isinstance(path, (list, tuple)):
+        return _read_files(path)
     path = Path(path)
     if path.is_dir():
         indexes = sorted(path.glob("*.safetensors.index.json"))
@@ -129,14 +132,32 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Entry]:
     return entries
 
 
+def _read_files(files: list[str | os.PathLike]) -> dict[str, Entry]:
+    if not files:
+        raise CheckpointError("checkpoint: an empty list of files")
+    entries: dict[str, Entry] = {}
+    for file in files:
+        for key, entry in read_header(file).items():
+            if key in entries:
+                raise CheckpointError(f"checkpoint: tensor {key} is in both {entries[key].file} and {entry.file}")
+            entries[key] = entry
+    return entries
+
+
 class CheckpointWeights:
-    """The weights of a safetensors checkpoint, for a model built on the meta device."""
+    """The weights of a safetensors checkpoint, for a model built on the meta device.
+
+    `rename(key) -> name` maps each checkpoint key to the model's name for it (a loader's renames,
+    as FastVideo's param_names_mapping); one that maps several keys to one name (a merge of tensors,
+    which would need a copy in host memory) is refused."""
 
     label = "reading blocks from the checkpoint"
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = os.fspath(path)
+    def __init__(self, path: str | os.PathLike | list[str | os.PathLike], rename=None):
+        self.path = ", ".join(map(os.fspath, path)) if isinstance(path, (list, tuple)) else os.fspath(path)
         self.entries = read_checkpoint(path)
+        if rename is not None:
+            self.entries = _renamed(self.entries, rename)
         self._by_tensor: dict[int, Entry] = {}
 
     def check(self, model: nn.Module) -> None:
@@ -217,6 +238,21 @@ class CheckpointWeights:
             else:
                 view.copy_(_read(files, entry))
         return store
+
+
+def _renamed(entries: dict[str, Entry], rename) -> dict[str, Entry]:
+    renamed: dict[str, Entry] = {}
+    for key, entry in entries.items():
+        name = rename(key)
+        if not isinstance(name, str):
+            raise CheckpointError(f"checkpoint: rename({key!r}) returned {name!r}, not a str")
+        if name in renamed:
+            raise CheckpointError(
+                f"checkpoint: rename maps both {renamed[name].key} and {key} (in {entry.file}) to {name}: merging "
+                "several tensors into one is not supported"
+            )
+        renamed[name] = entry
+    return renamed
 
 
 def _read(files: _Files, entry: Entry) -> torch.Tensor:

@@ -481,15 +481,16 @@ def enable(
     blocks: Sequence[str] | None = None,
     group: str | None = None,
     device_budget: int | str | None = None,
-    checkpoint: str | os.PathLike | None = None,
+    checkpoint: str | os.PathLike | CheckpointWeights | None = None,
     share=None,
 ) -> OffloadHandle | PipelineHandle:
     """Offloads `model`'s transformer blocks to host memory and streams each one to `device`
     just before it runs, `prefetch` blocks ahead. Everything else moves to `device`.
 
     `checkpoint`: a safetensors file, a sharded checkpoint's index json, or a directory holding
-    either. The weights are read from it straight into the host store and onto the device, so a
-    model built on the meta device is offloaded without ever being whole in host memory.
+    either (or a `CheckpointWeights(path, rename=...)` whose keys a loader renames). The weights are
+    read from it straight into the host store and onto the device, so a model built on the meta
+    device is offloaded without ever being whole in host memory.
 
     Models enabled with the same `group` take turns: when one starts a forward, the others
     free their device slots (Wan2.2's experts: the idle one holds no block on the GPU).
@@ -527,7 +528,10 @@ def enable(
     shared = node_share.resolve(share)
     try:
         device = resolve_device(device)
-        source = CheckpointWeights(checkpoint) if checkpoint is not None else shared
+        if checkpoint is None or isinstance(checkpoint, CheckpointWeights):
+            source = checkpoint or shared
+        else:
+            source = CheckpointWeights(checkpoint)
         return OffloadHandle(model, device, prefetch, find_block_lists(model, blocks), group, device_budget, source)
     except BaseException as exc:
         if shared is not None:

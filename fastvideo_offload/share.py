@@ -59,6 +59,10 @@ def _signature(blocks) -> list:
     return [[(n, str(p.dtype), tuple(p.shape), p.stride()) for n, p in zip(names, params)] for names, params in blocks]
 
 
+class Refused(ValueError):
+    """The ranks hold different blocks or weights: raised on every rank of the group alike."""
+
+
 @dataclass
 class _Failed:
     message: str
@@ -116,7 +120,7 @@ class NodeShare(LiveWeights):
         leaders = [next(q for q, other in enumerate(infos) if other[0] == info[0]) for info in infos]
         for r, info in enumerate(infos):
             if info[2] != infos[leaders[r]][2]:
-                raise ValueError(
+                raise Refused(
                     f"share: rank {r} offloads blocks that differ from rank {leaders[r]}'s on its node (names, dtypes, "
                     f"shapes or strides: {_first_difference(info[2], infos[leaders[r]][2])}); only ranks holding the "
                     "same model can share a host store"
@@ -140,7 +144,7 @@ class NodeShare(LiveWeights):
             different = [(r, names) for r, names in enumerate(mismatches) if names]
             if different:
                 r, names = different[0]
-                raise ValueError(
+                raise Refused(
                     f"share: rank {r}'s weights differ from rank {leaders[r]}'s in {len(names)} parameter(s) "
                     f"({', '.join(names[:3])}{'...' if len(names) > 3 else ''}); ranks holding different weights "
                     "cannot share a host store: load the same weights on every rank, or enable without share="

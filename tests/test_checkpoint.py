@@ -88,6 +88,33 @@ def test_loads_bit_identical_to_from_pretrained(saved, where):
         assert torch.equal(model(**inputs, return_dict=False)[0], reference(**inputs, return_dict=False)[0])
 
 
+def test_a_rename_maps_the_files_keys_to_the_models(saved):
+    """A loader's own names (FastVideo's: renames only): every key is renamed before the check,
+    and a list of files (what FastVideo globs) is a checkpoint too."""
+    reference = diffusers.WanTransformer3DModel.from_pretrained(saved / "sharded").eval()
+    model = empty_wan()
+    model.blocks.insert(0, model.blocks.pop(2))  # the model's block 0 is the file's block 2, and so on
+    order = {"0": "1", "1": "2", "2": "0"}
+
+    def rename(key):
+        parts = key.split(".")
+        return ".".join(["blocks", order[parts[1]], *parts[2:]]) if parts[0] == "blocks" else key
+
+    files = sorted((saved / "sharded").glob("*.safetensors"))
+    fo.enable(model, device="cpu", checkpoint=ckpt.CheckpointWeights(files, rename=rename))
+    for ours, theirs in zip(model.blocks, [reference.blocks[2], reference.blocks[0], reference.blocks[1]]):
+        assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()))
+
+
+def test_a_rename_that_merges_tensors_is_refused(saved):
+    def merge(key):  # as a loader fusing q, k and v into one tensor would map them
+        return key.replace(".to_k.", ".to_q.")
+
+    with pytest.raises(ValueError, match=r"rename maps both blocks\.0\.attn1\.to_[qk]\.bias and "
+                                         r"blocks\.0\.attn1\.to_[qk]\.bias .* merging several tensors"):
+        ckpt.CheckpointWeights(saved / "sharded", rename=merge)
+
+
 @pytest.mark.parametrize("saved_dtype,model_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)])
 def test_casts_to_the_models_dtype(tmp_path, saved_dtype, model_dtype):
     diffusers.WanTransformer3DModel(**WAN).to(saved_dtype).save_pretrained(tmp_path, max_shard_size="200KB")

@@ -3,8 +3,6 @@ tiny configs, random weights, CPU (FastVideo's torch SDPA backend, its distribut
 world size 1 on gloo, its forward context)."""
 
 import copy
-import os
-import socket
 
 import pytest
 import torch
@@ -12,6 +10,7 @@ import torch
 import fastvideo_offload as fo
 from conftest import integration
 from fastvideo_offload.integrations import fastvideo as integ
+from fastvideo_cpu import _init, on_cpu, run, tiny_wan
 
 if torch.cuda.is_available():
     # FastVideo picks its platform through NVML (CUDA_VISIBLE_DEVICES does not hide a GPU from
@@ -21,29 +20,9 @@ if torch.cuda.is_available():
 fastvideo = integration("fastvideo")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module", autouse=True)
 def fastvideo_cpu():
-    os.environ["FASTVIDEO_ATTENTION_BACKEND"] = "TORCH_SDPA"
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    from fastvideo.platforms.cpu import CpuPlatform
-
-    if not hasattr(CpuPlatform, "get_attn_backend_cls") or CpuPlatform.get_attn_backend_cls.__qualname__.startswith(
-        "Platform."
-    ):
-        # FastVideo 0.2.1's CPU platform names no attention backend; its MPS platform names SDPA.
-        CpuPlatform.get_attn_backend_cls = classmethod(
-            lambda cls, selected_backend, head_size, dtype: "fastvideo.attention.backends.sdpa.SDPABackend"
-        )
-    from fastvideo.distributed.parallel_state import maybe_init_distributed_environment_and_model_parallel
-
-    maybe_init_distributed_environment_and_model_parallel(1, 1)
+    on_cpu()
     yield
 
 
@@ -53,28 +32,6 @@ def patched():
     yield
     fo.unpatch_fastvideo()
 
-
-def _init(model, seed):
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():  # FastVideo's linears start from torch.empty
-            if p.dim() >= 2:
-                torch.nn.init.normal_(p, std=0.05)
-            elif "norm" in name and name.endswith("weight"):
-                p.fill_(1.0)
-            else:
-                torch.nn.init.normal_(p, std=0.01)
-    return model.eval()
-
-
-def tiny_wan(seed=0, layers=3):
-    from fastvideo.configs.models.dits.wanvideo import WanVideoArchConfig, WanVideoConfig
-    from fastvideo.models.dits.wanvideo import WanTransformer3DModel
-
-    arch = WanVideoArchConfig(num_attention_heads=4, attention_head_dim=16, in_channels=16, out_channels=16,
-                              text_dim=64, freq_dim=64, ffn_dim=128, num_layers=layers, patch_size=(1, 2, 2),
-                              rope_max_seq_len=64)
-    return _init(WanTransformer3DModel(config=WanVideoConfig(arch_config=arch), hf_config={}), seed)
 
 
 def tiny_hunyuan():
@@ -86,18 +43,6 @@ def tiny_hunyuan():
                                   num_single_layers=3, num_refiner_layers=1, rope_axes_dim=(4, 6, 6),
                                   guidance_embeds=False, text_embed_dim=64, pooled_projection_dim=32)
     return _init(HunyuanVideoTransformer3DModel(config=HunyuanVideoConfig(arch_config=arch), hf_config={}), 0)
-
-
-def run(model, step=0, hunyuan=False, dtype=torch.float32):
-    from fastvideo.forward_context import set_forward_context
-
-    g = torch.Generator().manual_seed(step)
-    latents = torch.randn(1, 16, 4, 8, 8, generator=g).to(dtype)
-    text = torch.randn(1, 8, 64, generator=g).to(dtype)
-    if hunyuan:
-        text = [text, torch.randn(1, 32, generator=g)]
-    with torch.no_grad(), set_forward_context(current_timestep=step, attn_metadata=None, forward_batch=None):
-        return model(hidden_states=latents, encoder_hidden_states=text, timestep=torch.tensor([10 + step]))
 
 
 def offload_like_the_loader(model):

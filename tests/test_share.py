@@ -33,7 +33,7 @@ def _free_port() -> int:
 class Ranks:
     """`n` worker processes; `wait` bounds them in time, and leaving kills whatever is left."""
 
-    def __init__(self, tmp_path, n: int, mode: str):
+    def __init__(self, tmp_path, n: int, mode: str, worker: str = WORKER):
         self.out = str(tmp_path)
         port = str(_free_port())
         self.procs = []
@@ -43,7 +43,7 @@ class Ranks:
                        # Freed tensors go back to the OS at once, so PSS shows what is live.
                        MALLOC_MMAP_THRESHOLD_="131072")
             log = open(f"{self.out}/log{rank}.txt", "w")
-            self.procs.append(subprocess.Popen([sys.executable, WORKER, self.out, mode], env=env, stdout=log,
+            self.procs.append(subprocess.Popen([sys.executable, worker, self.out, mode], env=env, stdout=log,
                                                stderr=subprocess.STDOUT))
 
     def __enter__(self):
@@ -154,7 +154,7 @@ def test_ranks_with_different_weights_refuse(tmp_path, no_leftovers):
     with Ranks(tmp_path, 2, "differ") as ranks:
         results = ranks.wait()
     for r in results:
-        assert r.get("error", "").startswith("ValueError: share: rank 1's weights differ from rank 0's"), r
+        assert r.get("error", "").startswith("Refused: share: rank 1's weights differ from rank 0's"), r
         assert r["model_unchanged"] and not r["holds_memfd"]
 
 

@@ -6,9 +6,14 @@ What is replaced, in FastVideo's own modules (all restored by `unpatch_fastvideo
   DiTs of one pipeline take turns on the device, so after Wan2.2's expert switch the idle expert
   holds no block on the GPU. Each DiT also gets the `_layerwise_offload_manager` that
   denoising.py looks for after the loop, which frees the slots before the VAE runs.
-- `TransformerLoader.load` and the `maybe_load_fsdp_model` it calls: when FastVideo will offload
-  the DiT (inference, `dit_layerwise_offload`, no FSDP inference), the weights are loaded into
-  host memory instead of the GPU, so the GPU never holds the whole DiT.
+- `TransformerLoader.load`, the `maybe_load_fsdp_model` it calls and the
+  `load_model_from_full_model_state_dict` that calls: when FastVideo will offload the DiT
+  (inference, `dit_layerwise_offload`, no FSDP inference), the block weights are read from the
+  checkpoint straight into the host store (fastvideo_checkpoint.py), or, where that path cannot
+  follow FastVideo's, loaded into host memory first; the GPU never holds the whole DiT.
+- With several ranks (FastVideo's world group: sequence-parallel workers), each DiT's host store
+  is shared per node (`share=` the world group's gloo group): the share compares the ranks' loaded
+  weights byte for byte, and where they differ every rank keeps its own store.
 - `lora_pipeline._get_hook_ctx`: LoRA conversion, merge and unmerge of an offloaded block run
   inside `OffloadHandle.mutate(block)`, which writes the change back to the host store.
 - `WorkerMultiprocProc.worker_main`: FastVideo's VideoGenerator loads and runs the DiT in
@@ -19,11 +24,15 @@ What is replaced, in FastVideo's own modules (all restored by `unpatch_fastvideo
 from __future__ import annotations
 
 import inspect
+import logging
 import threading
 
 import torch
 
-from .. import offloader
+from .. import offloader, share
+from .fastvideo_checkpoint import pending, wrap_state_dict_load
+
+logger = logging.getLogger(__name__)
 
 SUPPORTED = "0.2.1"
 GROUP = "fastvideo-dit"
@@ -54,12 +63,30 @@ def _device() -> torch.device:
     return get_local_torch_device()
 
 
+def _ranks():
+    """FastVideo's world group as a gloo ProcessGroup when it has several ranks, else None."""
+    from fastvideo.distributed.parallel_state import get_world_group, model_parallel_is_initialized
+
+    if model_parallel_is_initialized() and get_world_group().world_size > 1:
+        return get_world_group().cpu_group
+    return None
+
+
+def _offload(model: torch.nn.Module, checkpoint=None) -> None:
+    try:
+        # From a checkpoint there is one rank: the loader falls back to loading first where there are several.
+        handle = offloader.enable(model, device=_device(), group=GROUP, checkpoint=checkpoint, share=_ranks())
+    except share.Refused as exc:
+        # Every rank was refused alike, so every rank retries alone.
+        logger.warning("fastvideo_offload: each rank keeps its own host store of %s: %s", type(model).__name__, exc)
+        handle = offloader.enable(model, device=_device(), group=GROUP)
+    model._layerwise_offload_manager = _ReleaseManager(handle)
+
+
 def enable_layerwise_offload(model: torch.nn.Module, is_replace: bool = False) -> None:
     """Replaces FastVideo's function of the same name and signature."""
-    if offloader.handle_of(model) is not None:
-        return
-    handle = offloader.enable(model, device=_device(), group=GROUP)
-    model._layerwise_offload_manager = _ReleaseManager(handle)
+    if offloader.handle_of(model) is None:  # else the loader enabled it from the checkpoint
+        _offload(model)
 
 
 def _wrap_hook_ctx(original):
@@ -93,11 +120,15 @@ def _wrap_transformer_load(original):
 
 def _wrap_fsdp_load(original):
     def maybe_load_fsdp_model(*args, **kwargs):
-        if getattr(_loading, "to_host", False):
-            # The DiT is about to be offloaded block by block: load it into host memory,
-            # where enable_layerwise_offload packs it, instead of onto the GPU.
-            kwargs["device"] = torch.device("cpu")
-        return original(*args, **kwargs)
+        if not getattr(_loading, "to_host", False):
+            return original(*args, **kwargs)
+        # The DiT is about to be offloaded block by block: its state-dict load (wrapped) reads the
+        # checkpoint into the host store, or into host memory, instead of onto the GPU.
+        pending.files = kwargs["weight_dir_list"]
+        try:
+            return original(*args, **kwargs)
+        finally:
+            pending.files = None
 
     return maybe_load_fsdp_model
 
@@ -121,7 +152,7 @@ def _targets():
     try:
         import fastvideo
         from fastvideo.hooks import layerwise_offload
-        from fastvideo.models.loader import component_loader
+        from fastvideo.models.loader import component_loader, fsdp_load
         from fastvideo.pipelines import lora_pipeline
         from fastvideo.worker import multiproc_executor
     except ImportError as exc:
@@ -132,6 +163,8 @@ def _targets():
         (layerwise_offload, layerwise_offload.__name__, "enable_layerwise_offload", lambda _: enable_layerwise_offload),
         (component_loader, loader, "enable_layerwise_offload", lambda _: enable_layerwise_offload),
         (component_loader, loader, "maybe_load_fsdp_model", _wrap_fsdp_load),
+        (fsdp_load, fsdp_load.__name__, "load_model_from_full_model_state_dict",
+         lambda original: wrap_state_dict_load(original, _offload)),
         (getattr(component_loader, "TransformerLoader", None), f"{loader}.TransformerLoader", "load",
          _wrap_transformer_load),
         (lora_pipeline, lora_pipeline.__name__, "_get_hook_ctx", _wrap_hook_ctx),
