@@ -5,6 +5,7 @@ the share of parameter bytes offloaded."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 
 import torch
@@ -38,6 +39,8 @@ def outputs(out) -> list[torch.Tensor]:
         return [out]
     if isinstance(out, dict):  # diffusers' BaseOutput is an OrderedDict
         out = list(out.values())
+    elif dataclasses.is_dataclass(out):  # FastVideo's Flux and SD3 outputs are plain dataclasses
+        out = [getattr(out, f.name) for f in dataclasses.fields(out)]
     if isinstance(out, (tuple, list)):
         return [t for o in out for t in outputs(o)]
     return []

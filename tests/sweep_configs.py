@@ -684,3 +684,51 @@ FASTVIDEO_TINY: dict[str, Case] = {
                      pooled_projections=r(1, 8), visual_rope_pos=[torch.arange(2), torch.arange(4), torch.arange(4)],
                      text_rope_pos=torch.arange(8))),
 }
+FASTVIDEO_TINY.update({
+    "FluxTransformer2DModel": Case(
+        dict(in_channels=4, num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+             joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8)),
+        lambda: _flux_inputs(pooled=32, guidance=True)),
+    "SD3Transformer2DModel": Case(
+        dict(sample_size=8, num_layers=2, attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+             caption_projection_dim=16, pooled_projection_dim=8, pos_embed_max_size=8, dual_attention_layers=[0],
+             in_channels=4, out_channels=4),
+        lambda: dict(hidden_states=r(1, 4, 8, 8), encoder_hidden_states=r(1, 6, 16), pooled_projections=r(1, 8),
+                     timestep=t(500))),
+    # cross-attention heads are cond_token_dim // head dim (embed_dim // heads): 32 // 32, one KV head
+    "StableAudioDiT": Case(
+        dict(io_channels=8, embed_dim=64, depth=2, num_attention_heads=2, cond_token_dim=32, global_cond_dim=16),
+        lambda: dict(x=r(1, 8, 12), t=t(0.5), cross_attn_cond=r(1, 5, 32), global_embed=r(1, 16))),
+})
+
+# Matrix-Game's action module: its mouse and keyboard heads are 64 wide (sum of mouse_qk_dim_list, fixed by
+# its rotary table); one head each keeps them small.
+_FV_ACTION = dict(blocks=[0], enable_mouse=True, enable_keyboard=True, heads_num=1, hidden_size=128, img_hidden_size=24,
+                  keyboard_dim_in=4, keyboard_hidden_dim=64, mouse_dim_in=2, mouse_hidden_dim=64,
+                  mouse_qk_dim_list=[8, 28, 28], patch_size=[1, 2, 2], qk_norm=True, qkv_bias=False,
+                  rope_dim_list=[8, 28, 28], rope_theta=256, vae_time_compression_ratio=4, windows_size=3)
+
+
+def _matrixgame2_inputs(**extra):
+    # 2 latent frames are 5 raw frames of actions (vae_time_compression_ratio 4)
+    return dict(hidden_states=r(1, 4, 2, 8, 8), encoder_hidden_states=None, timestep=t(500),
+                encoder_hidden_states_image=[r(1, 5, 16)], mouse_cond=r(1, 5, 2), keyboard_cond=r(1, 5, 4), **extra)
+
+
+FASTVIDEO_TINY.update({
+    "HunyuanVideo15Transformer3DModel": Case(
+        dict(in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+             num_refiner_layers=1, text_embed_dim=16, text_embed_2_dim=8, image_embed_dim=12, rope_axes_dim=(4, 6, 6)),
+        lambda: dict(hidden_states=r(1, 9, 2, 4, 4), encoder_hidden_states=[r(1, 6, 16), r(1, 4, 8)], timestep=t(500),
+                     encoder_hidden_states_image=[r(1, 3, 12)])),
+    "MiniMaxH3Transformer3DModel": Case(
+        dict(num_attention_heads=2, attention_head_dim=16, hidden_size=24, num_layers=2, num_refiner_layers=1,
+             ffn_dim=32, in_channels=4, audio_in_channels=6, text_dim=8, freq_dim=8, time_embed_hidden_dim=24,
+             time_embed_dim=16, rope_freq_dim=2),
+        lambda: _minimax_h3_inputs()),
+    "MatrixGame2WanModel": Case(dict(_FV_WAN, action_config=_FV_ACTION, text_dim=0, image_dim=16),
+                                _matrixgame2_inputs),
+    "CausalMatrixGame2WanModel": Case(
+        dict(_FV_WAN, action_config=_FV_ACTION, text_dim=0, image_dim=16, num_frames_per_block=1),
+        lambda: dict(_matrixgame2_inputs(), timestep=torch.full((1, 2), 500))),
+})
