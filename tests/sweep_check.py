@@ -8,11 +8,22 @@ import copy
 import dataclasses
 import os
 
+import pytest
 import torch
 
 import fastvideo_offload as fo
 from fastvideo_offload.blocks import find_block_lists
 from offloaded import packed_bytes
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The sweep's models are tiny: intra-op threads only add their synchronisation, which on a loaded
+    machine costs more than the work (20x and more)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def randomize(model):

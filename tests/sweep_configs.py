@@ -732,3 +732,52 @@ FASTVIDEO_TINY.update({
         dict(_FV_WAN, action_config=_FV_ACTION, text_dim=0, image_dim=16, num_frames_per_block=1),
         lambda: dict(_matrixgame2_inputs(), timestep=torch.full((1, 2), 500))),
 })
+
+FASTVIDEO_TINY.update({
+    "LTX2Transformer3DModel": Case(
+        dict(num_attention_heads=2, attention_head_dim=8, num_layers=2, cross_attention_dim=16, caption_channels=16,
+             num_channels_latents=8, audio_num_attention_heads=2, audio_attention_head_dim=8, audio_in_channels=8,
+             audio_out_channels=8, audio_cross_attention_dim=16, connector_num_attention_heads=2,
+             connector_attention_head_dim=8, connector_num_layers=1, audio_connector_num_attention_heads=2,
+             audio_connector_attention_head_dim=8, audio_connector_num_layers=1),
+        lambda: dict(hidden_states=r(1, 8, 2, 4, 4), encoder_hidden_states=r(1, 6, 16), timestep=t(0.5),
+                     audio_hidden_states=r(1, 8, 5, 1), audio_encoder_hidden_states=r(1, 6, 16), audio_timestep=t(0.5))),
+    "GlmImageTransformer2DModel": Case(
+        dict(hidden_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+             num_attention_heads=2, text_embed_dim=32, time_embed_dim=16, condition_dim=8,
+             prior_vq_quantizer_codebook_size=64),
+        lambda: dict(hidden_states=r(1, 4, 8, 8), encoder_hidden_states=r(1, 8, 32), prior_token_id=t(3),
+                     prior_token_drop=torch.zeros(1, dtype=torch.bool), timestep=t(500),
+                     target_size=torch.tensor([[8.0, 8.0]]), crop_coords=torch.tensor([[0.0, 0.0]]))),
+    "MatrixGame3WanModel": Case(
+        dict(_FV_WAN, action_config=dict(_FV_ACTION, keyboard_dim_in=6), camera_embed_in_channels=12),
+        lambda: dict(hidden_states=r(1, 4, 2, 8, 8), encoder_hidden_states=r(1, 8, 16), timestep=t(500),
+                     mouse_cond=r(1, 5, 2), keyboard_cond=r(1, 5, 6))),
+})
+
+_HYWORLD_K = torch.tensor([[4.0, 0.0, 2.0], [0.0, 4.0, 2.0], [0.0, 0.0, 1.0]])
+
+FASTVIDEO_TINY.update({
+    "HYWorldTransformer3DModel": Case(
+        dict(in_channels=9, out_channels=4, hidden_size=32, heads_num=2, mm_double_blocks_depth=2,
+             rope_dim_list=[4, 6, 6], text_states_dim=16, text_states_dim_2=8, vision_states_dim=12),
+        lambda: dict(hidden_states=r(1, 9, 2, 4, 4), encoder_hidden_states=[r(1, 6, 16), r(1, 4, 8)],
+                     timestep=t(500, 500), encoder_hidden_states_image=[r(1, 3, 12)],
+                     encoder_attention_mask=[torch.ones(1, 6), torch.ones(1, 4)], action=t(0, 1),
+                     viewmats=torch.eye(4).expand(1, 2, 4, 4).clone(), Ks=_HYWORLD_K.expand(1, 2, 3, 3).clone(),
+                     timestep_txt=t(500))),  # one timestep and one action per latent frame
+})
+
+FASTVIDEO_TINY.update({
+    "Gen3CTransformer3DModel": Case(  # no 3D cache given: its pose channels are zeros, as in a text-only call
+        dict(in_channels=4, out_channels=4, frame_buffer_max=1, num_attention_heads=2, attention_head_dim=12,
+             num_layers=2, mlp_ratio=2.0, text_embed_dim=16, adaln_lora_dim=4, max_size=(4, 32, 32)),
+        lambda: dict(hidden_states=r(1, 4, 1, 8, 8), timestep=t(500), encoder_hidden_states=r(1, 8, 16), fps=24,
+                     padding_mask=torch.zeros(1, 1, 8, 8))),
+    "LongCatTransformer3DModel": Case(  # its 3D RoPE needs a head width divisible by 8
+        dict(hidden_size=32, depth=2, num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+             num_channels_latents=4, caption_channels=16, adaln_tembed_dim=16, frequency_embedding_size=32,
+             mlp_ratio=2),
+        lambda: dict(hidden_states=r(1, 4, 2, 8, 8), encoder_hidden_states=r(1, 8, 16), timestep=t(500),
+                     encoder_attention_mask=torch.ones(1, 8))),
+})
