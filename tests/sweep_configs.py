@@ -781,3 +781,41 @@ FASTVIDEO_TINY.update({
         lambda: dict(hidden_states=r(1, 4, 2, 8, 8), encoder_hidden_states=r(1, 8, 16), timestep=t(500),
                      encoder_attention_mask=torch.ones(1, 8))),
 })
+
+FASTVIDEO_TINY.update({
+    "MMAudioTransformer": Case(  # sync tokens come in groups of 8
+        dict(latent_dim=8, clip_dim=8, sync_dim=8, text_dim=8, hidden_dim=32, depth=2, fused_depth=1, num_heads=2,
+             latent_seq_len=8, clip_seq_len=4, sync_seq_len=16, text_seq_len=4),
+        lambda: dict(hidden_states=r(1, 8, 8), encoder_hidden_states=(r(1, 4, 8), r(1, 16, 8), r(1, 4, 8)),
+                     timestep=t(0.5))),
+    "LingBotVideoTransformer3DModel": Case(  # with its mixture of experts
+        dict(in_channels=4, out_channels=4, hidden_size=32, num_attention_heads=2, depth=2, intermediate_size=32,
+             text_dim=16, freq_dim=32, axes_dims=(8, 4, 4), axes_lens=(64, 32, 32), num_experts=2,
+             num_experts_per_tok=1, moe_intermediate_size=16),
+        lambda: dict(hidden_states=r(1, 4, 2, 8, 8), timestep=t(500), encoder_hidden_states=r(1, 8, 16))),
+})
+
+FASTVIDEO_TINY["HunyuanGameCraftTransformer3DModel"] = Case(  # no camera states: its camera net is not called
+    dict(in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=16, mlp_ratio=2.0, num_layers=1,
+         num_single_layers=2, num_refiner_layers=1, rope_axes_dim=(4, 6, 6), text_embed_dim=16, pooled_projection_dim=8,
+         camera_out_channels=4),
+    lambda: dict(x=r(1, 9, 2, 8, 8), encoder_hidden_states=[r(1, 6, 16), r(1, 8)], timestep=t(500),
+                 encoder_attention_mask=[torch.ones(1, 6)]))
+
+
+def _magi_inputs():
+    # one packed stream: 8 video tokens (2x2x2), 4 audio, 3 text; coords are (t, h, w, T, H, W, ref T, H, W)
+    from fastvideo.models.dits.magi_human import Modality
+
+    video = [(f, h, w, 2, 2, 2, 2, 2, 2) for f in range(2) for h in range(2) for w in range(2)]
+    audio = [(i, 0, 0, 4, 1, 1, 4, 1, 1) for i in range(4)]
+    text = [(i, 0, 0, 3, 1, 1, 3, 1, 1) for i in range(3)]
+    modality = [Modality.VIDEO] * len(video) + [Modality.AUDIO] * len(audio) + [Modality.TEXT] * len(text)
+    return dict(x=r(15, 12), coords_mapping=torch.tensor(video + audio + text, dtype=torch.float32),
+                modality_mapping=torch.tensor(modality))
+
+
+FASTVIDEO_TINY["MagiHumanDiT"] = Case(
+    dict(num_layers=2, hidden_size=32, head_dim=16, num_query_groups=1, video_in_channels=8, audio_in_channels=6,
+         text_in_channels=12, mm_layers=(0, 1), gelu7_layers=(0,)),
+    _magi_inputs)
