@@ -819,3 +819,16 @@ FASTVIDEO_TINY["MagiHumanDiT"] = Case(
     dict(num_layers=2, hidden_size=32, head_dim=16, num_query_groups=1, video_in_channels=8, audio_in_channels=6,
          text_in_channels=12, mm_layers=(0, 1), gelu7_layers=(0,)),
     _magi_inputs)
+
+
+def _kv_caches(layers, tokens, heads=2, head_dim=12):
+    """Empty self- and cross-attention caches for an autoregressive Wan: one chunk of `tokens` tokens."""
+    kv = [dict(k=torch.zeros(1, tokens, heads, head_dim), v=torch.zeros(1, tokens, heads, head_dim),
+               global_end_index=t(0), local_end_index=t(0)) for _ in range(layers)]
+    return dict(kv_cache=kv, crossattn_cache=[dict(is_init=False, k=None, v=None) for _ in range(layers)])
+
+
+FASTVIDEO_TINY["DreamXWorldARTransformer3DModel"] = Case(  # one chunk of 2 frames (32 tokens), one timestep a token
+    dict(_FV_WAN, text_len=8, cam_self_attn_layers=None, local_attn_size=-1, num_frames_per_block=2),
+    lambda: dict(hidden_states=r(1, 4, 2, 8, 8), timestep=torch.full((1, 32), 500), encoder_hidden_states=r(1, 8, 16),
+                 **_kv_caches(2, 32)))
