@@ -427,7 +427,11 @@ DIFFUSERS: dict[str, Case] = {
              n_heads=1, n_kv_heads=2, qk_norm=True, cap_feat_dim=16, rope_theta=256.0, axes_dims=[8, 4, 4],
              axes_lens=[256, 32, 32]),
         lambda: dict(x=[r(4, 1, 8, 8)], cap_feats=[r(8, 16)], t=t(0.5))),
-    "BriaFibo2Transformer2DModel": Case(),
+    "BriaFibo2Transformer2DModel": Case(  # text features: the Perceiver's bundle, then one per injection layer
+        dict(in_channels=4, patch_size=2, dim=32, n_layers=2, n_refiner_layers=1, n_heads=2, cap_feat_dim=16,
+             injection_layer_ids=(1,), perceiver_num_layers=1, min_num_gist_tokens=4, max_num_gist_tokens=8,
+             gist_step=4, gist_min_text_len=4, gist_max_text_len=16, axes_dims=(8, 4, 4), axes_lens=(64, 32, 32)),
+        lambda: dict(hidden_states=r(1, 4, 8, 8), timestep=t(0.5), encoder_hidden_states=r(1, 2, 6, 16))),
     "Cosmos3OmniTransformer": Case(
         dict(head_dim=6, hidden_act="relu2", hidden_size=12, intermediate_size=24, latent_channel=2,
              latent_patch_size=1, num_attention_heads=2, num_hidden_layers=2, num_key_value_heads=1,
