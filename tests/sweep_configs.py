@@ -115,6 +115,22 @@ def _dit_inputs():
     return dict(hidden_states=r(2, 4, 8, 8), timestep=t(10, 500), class_labels=t(1, 3))
 
 
+_SANA_WM_REFINER = dict(in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
+                        audio_in_channels=8, audio_out_channels=8, audio_num_attention_heads=2,
+                        audio_attention_head_dim=8, audio_cross_attention_dim=16, num_layers=2, caption_channels=16)
+
+
+def _sana_wm_refiner_inputs():
+    # one AR block of 2 latent frames (4x4 tokens each); its RoPE comes from the model's own builder, which reads
+    # only the config
+    from diffusers import SanaWMLTX2RefinerTransformer3DModel
+
+    rope = SanaWMLTX2RefinerTransformer3DModel(**_SANA_WM_REFINER).build_rotary_emb_for_absolute_positions(
+        1, [0, 1], 4, 4, torch.device("cpu"), 24.0)
+    return dict(hidden_states=r(1, 32, 8), encoder_hidden_states=r(1, 6, 16), timestep=torch.full((1, 32), 500.0),
+                video_rotary_emb=rope)
+
+
 DIFFUSERS: dict[str, Case] = {
     "AceStepTransformer1DModel": Case(
         dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -480,8 +496,14 @@ DIFFUSERS: dict[str, Case] = {
         lambda: dict(inputs_embeds=r(1, 4, 32))),
     "QwenImage21Transformer2DModel": Case(),
     "RFD4ProteinaTransformer": Case(),
-    "SanaWMLTX2RefinerTransformer3DModel": Case(),
-    "SanaWMTransformer3DModel": Case(),
+    "SanaWMLTX2RefinerTransformer3DModel": Case(_SANA_WM_REFINER, _sana_wm_refiner_inputs),
+    "SanaWMTransformer3DModel": Case(
+        dict(in_channels=4, num_layers=2, hidden_size=32, num_attention_heads=2, softmax_every_n=2, linear_head_dim=16,
+             chunk_plucker_channels=6, chunk_plucker_post_attn_blocks=2, caption_channels=16, image_size=64,
+             mixed_precision="fp32"),
+        lambda: dict(hidden_states=r(1, 4, 2, 8, 8), timestep=torch.full((1, 1, 2), 500.0),
+                     encoder_hidden_states=r(1, 1, 6, 16), encoder_attention_mask=torch.ones(1, 6),
+                     camera_conditions=r(1, 2, 20), chunk_plucker=r(1, 6, 2, 8, 8))),
     "StableAudio3DiTModel": Case(
         dict(io_channels=8, embed_dim=32, depth=2, num_heads=4, cond_token_dim=16, global_cond_dim=12,
              local_add_cond_dim=5, timestep_features_dim=16, ff_mult=2, num_memory_tokens=3,
