@@ -495,7 +495,16 @@ DIFFUSERS: dict[str, Case] = {
              num_codebooks=4, max_position_embeddings=8),
         lambda: dict(inputs_embeds=r(1, 4, 32))),
     "QwenImage21Transformer2DModel": Case(),
-    "RFD4ProteinaTransformer": Case(),
+    "RFD4ProteinaTransformer": Case(  # a protein of 6 tokens; a few of its many input features
+        dict(nlayers=2, token_dim=32, nheads=2, dim_cond=16, pair_repr_dim=16, latent_dim=4, token_type_emb_dim=4,
+             cath_emb_dim=4, t_emb_dim=16, seq_sep_dim=8, xt_pair_dist_dim=8,
+             feats_seq=("xt_bb_ca", "xt_local_latents", "token_type"),
+             feats_cond_seq=("time_emb_bb_ca", "time_emb_local_latents"), feats_pair_repr=("xt_bb_ca_pair_dists",),
+             update_pair_repr_every_n=1, tri_mult_c=8, num_sequence_classes=8),
+        lambda: dict(bb_ca=r(1, 6, 3), local_latents=r(1, 6, 4), bb_ca_time=t(0.5), local_latents_time=t(0.5),
+                     padding_mask=torch.ones(1, 6, dtype=torch.bool), token_type=t(0, 0, 1, 1, 2, 2)[None],
+                     conditioning=dict(is_in_context_conditioning=torch.zeros(1, 6, dtype=torch.bool),
+                                       supports_local_latent=torch.ones(1, 6, dtype=torch.bool)))),
     "SanaWMLTX2RefinerTransformer3DModel": Case(_SANA_WM_REFINER, _sana_wm_refiner_inputs),
     "SanaWMTransformer3DModel": Case(
         dict(in_channels=4, num_layers=2, hidden_size=32, num_attention_heads=2, softmax_every_n=2, linear_head_dim=16,
