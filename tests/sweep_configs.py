@@ -131,6 +131,15 @@ def _sana_wm_refiner_inputs():
                 video_rotary_emb=rope)
 
 
+def _qwenimage21_inputs():
+    # 6 text tokens around one image slot (a 2x2 condition image), then the target image's 4 slots (4x4 tokens):
+    # each slot stands for 2x2 latent tokens
+    img_mask = torch.zeros(1, 7 + 4, dtype=torch.bool)
+    img_mask[0, 3] = img_mask[0, 7:] = True
+    return dict(hidden_states=r(1, 4 + 16, 16), encoder_hidden_states=r(1, 7, 16), timestep=t(0.5),
+                img_shapes=[[(1, 2, 2), (1, 4, 4)]], img_mask=img_mask)
+
+
 DIFFUSERS: dict[str, Case] = {
     "AceStepTransformer1DModel": Case(
         dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -494,7 +503,10 @@ DIFFUSERS: dict[str, Case] = {
         dict(hidden_size=32, num_layers=2, num_attention_heads=2, intermediate_size=64, audio_vocab_size=16,
              num_codebooks=4, max_position_embeddings=8),
         lambda: dict(inputs_embeds=r(1, 4, 32))),
-    "QwenImage21Transformer2DModel": Case(),
+    "QwenImage21Transformer2DModel": Case(
+        dict(in_channels=16, out_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+             context_in_dim=16, axes_dims_rope=(4, 6, 6)),
+        _qwenimage21_inputs),
     "RFD4ProteinaTransformer": Case(  # a protein of 6 tokens; a few of its many input features
         dict(nlayers=2, token_dim=32, nheads=2, dim_cond=16, pair_repr_dim=16, latent_dim=4, token_type_emb_dim=4,
              cath_emb_dim=4, t_emb_dim=16, seq_sep_dim=8, xt_pair_dist_dim=8,
