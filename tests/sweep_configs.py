@@ -140,6 +140,14 @@ def _qwenimage21_inputs():
                 img_shapes=[[(1, 2, 2), (1, 4, 4)]], img_mask=img_mask)
 
 
+def _wan_animate2_inputs():
+    from diffusers.models.transformers.transformer_wan_animate_2 import WanAnimate2KVCache
+
+    return dict(hidden_states=[r(4, 1, 8, 8)], timestep=t(500), encoder_hidden_states=[r(6, 16)],
+                condition_latents=[r(4, 1, 8, 8)], kv_cache=WanAnimate2KVCache(2), kv_cache_mode="extract",
+                seq_len=16, offset_grid_sizes=torch.tensor([[1, 4, 4]]))
+
+
 DIFFUSERS: dict[str, Case] = {
     "AceStepTransformer1DModel": Case(
         dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -535,7 +543,10 @@ DIFFUSERS: dict[str, Case] = {
         dict(input_dims=8, targets_length=6, d_model=16, num_layers=2, num_heads=2, d_kv=8, d_ff=32),
         lambda: dict(encodings_and_masks=[(r(1, 5, 16), torch.ones(1, 5, dtype=torch.bool))],
                      decoder_input_tokens=r(1, 6, 8), decoder_noise_time=t(0.5))),
-    "WanAnimate2Transformer3DModel": Case(),
+    "WanAnimate2Transformer3DModel": Case(  # its reference pass, which fills its KV cache
+        dict(text_len=8, in_dim=8, dim=24, ffn_dim=32, freq_dim=32, text_dim=16, out_dim=4, num_heads=2, num_layers=2,
+             use_img_emb=False),
+        _wan_animate2_inputs),
     "DreamLiteTransformer2DModel": Case(
         dict(num_attention_heads=2, attention_head_dim=16, in_channels=32, num_layers=2, cross_attention_dim=16),
         lambda: dict(hidden_states=r(1, 32, 4, 4), encoder_hidden_states=r(1, 8, 16)),
