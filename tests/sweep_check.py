@@ -5,13 +5,25 @@ the share of parameter bytes offloaded."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 
+import pytest
 import torch
 
 import fastvideo_offload as fo
 from fastvideo_offload.blocks import find_block_lists
 from offloaded import packed_bytes
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The sweep's models are tiny: intra-op threads only add their synchronisation, which on a loaded
+    machine costs more than the work (20x and more)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def randomize(model):
@@ -38,6 +50,8 @@ def outputs(out) -> list[torch.Tensor]:
         return [out]
     if isinstance(out, dict):  # diffusers' BaseOutput is an OrderedDict
         out = list(out.values())
+    elif dataclasses.is_dataclass(out):  # FastVideo's Flux and SD3 outputs are plain dataclasses
+        out = [getattr(out, f.name) for f in dataclasses.fields(out)]
     if isinstance(out, (tuple, list)):
         return [t for o in out for t in outputs(o)]
     return []

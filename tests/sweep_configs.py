@@ -115,6 +115,39 @@ def _dit_inputs():
     return dict(hidden_states=r(2, 4, 8, 8), timestep=t(10, 500), class_labels=t(1, 3))
 
 
+_SANA_WM_REFINER = dict(in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
+                        audio_in_channels=8, audio_out_channels=8, audio_num_attention_heads=2,
+                        audio_attention_head_dim=8, audio_cross_attention_dim=16, num_layers=2, caption_channels=16)
+
+
+def _sana_wm_refiner_inputs():
+    # one AR block of 2 latent frames (4x4 tokens each); its RoPE comes from the model's own builder, which reads
+    # only the config
+    from diffusers import SanaWMLTX2RefinerTransformer3DModel
+
+    rope = SanaWMLTX2RefinerTransformer3DModel(**_SANA_WM_REFINER).build_rotary_emb_for_absolute_positions(
+        1, [0, 1], 4, 4, torch.device("cpu"), 24.0)
+    return dict(hidden_states=r(1, 32, 8), encoder_hidden_states=r(1, 6, 16), timestep=torch.full((1, 32), 500.0),
+                video_rotary_emb=rope)
+
+
+def _qwenimage21_inputs():
+    # 6 text tokens around one image slot (a 2x2 condition image), then the target image's 4 slots (4x4 tokens):
+    # each slot stands for 2x2 latent tokens
+    img_mask = torch.zeros(1, 7 + 4, dtype=torch.bool)
+    img_mask[0, 3] = img_mask[0, 7:] = True
+    return dict(hidden_states=r(1, 4 + 16, 16), encoder_hidden_states=r(1, 7, 16), timestep=t(0.5),
+                img_shapes=[[(1, 2, 2), (1, 4, 4)]], img_mask=img_mask)
+
+
+def _wan_animate2_inputs():
+    from diffusers.models.transformers.transformer_wan_animate_2 import WanAnimate2KVCache
+
+    return dict(hidden_states=[r(4, 1, 8, 8)], timestep=t(500), encoder_hidden_states=[r(6, 16)],
+                condition_latents=[r(4, 1, 8, 8)], kv_cache=WanAnimate2KVCache(2), kv_cache_mode="extract",
+                seq_len=16, offset_grid_sizes=torch.tensor([[1, 4, 4]]))
+
+
 DIFFUSERS: dict[str, Case] = {
     "AceStepTransformer1DModel": Case(
         dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -427,7 +460,11 @@ DIFFUSERS: dict[str, Case] = {
              n_heads=1, n_kv_heads=2, qk_norm=True, cap_feat_dim=16, rope_theta=256.0, axes_dims=[8, 4, 4],
              axes_lens=[256, 32, 32]),
         lambda: dict(x=[r(4, 1, 8, 8)], cap_feats=[r(8, 16)], t=t(0.5))),
-    "BriaFibo2Transformer2DModel": Case(),
+    "BriaFibo2Transformer2DModel": Case(  # text features: the Perceiver's bundle, then one per injection layer
+        dict(in_channels=4, patch_size=2, dim=32, n_layers=2, n_refiner_layers=1, n_heads=2, cap_feat_dim=16,
+             injection_layer_ids=(1,), perceiver_num_layers=1, min_num_gist_tokens=4, max_num_gist_tokens=8,
+             gist_step=4, gist_min_text_len=4, gist_max_text_len=16, axes_dims=(8, 4, 4), axes_lens=(64, 32, 32)),
+        lambda: dict(hidden_states=r(1, 4, 8, 8), timestep=t(0.5), encoder_hidden_states=r(1, 2, 6, 16))),
     "Cosmos3OmniTransformer": Case(
         dict(head_dim=6, hidden_act="relu2", hidden_size=12, intermediate_size=24, latent_channel=2,
              latent_patch_size=1, num_attention_heads=2, num_hidden_layers=2, num_key_value_heads=1,
@@ -474,10 +511,28 @@ DIFFUSERS: dict[str, Case] = {
         dict(hidden_size=32, num_layers=2, num_attention_heads=2, intermediate_size=64, audio_vocab_size=16,
              num_codebooks=4, max_position_embeddings=8),
         lambda: dict(inputs_embeds=r(1, 4, 32))),
-    "QwenImage21Transformer2DModel": Case(),
-    "RFD4ProteinaTransformer": Case(),
-    "SanaWMLTX2RefinerTransformer3DModel": Case(),
-    "SanaWMTransformer3DModel": Case(),
+    "QwenImage21Transformer2DModel": Case(
+        dict(in_channels=16, out_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+             context_in_dim=16, axes_dims_rope=(4, 6, 6)),
+        _qwenimage21_inputs),
+    "RFD4ProteinaTransformer": Case(  # a protein of 6 tokens; a few of its many input features
+        dict(nlayers=2, token_dim=32, nheads=2, dim_cond=16, pair_repr_dim=16, latent_dim=4, token_type_emb_dim=4,
+             cath_emb_dim=4, t_emb_dim=16, seq_sep_dim=8, xt_pair_dist_dim=8,
+             feats_seq=("xt_bb_ca", "xt_local_latents", "token_type"),
+             feats_cond_seq=("time_emb_bb_ca", "time_emb_local_latents"), feats_pair_repr=("xt_bb_ca_pair_dists",),
+             update_pair_repr_every_n=1, tri_mult_c=8, num_sequence_classes=8),
+        lambda: dict(bb_ca=r(1, 6, 3), local_latents=r(1, 6, 4), bb_ca_time=t(0.5), local_latents_time=t(0.5),
+                     padding_mask=torch.ones(1, 6, dtype=torch.bool), token_type=t(0, 0, 1, 1, 2, 2)[None],
+                     conditioning=dict(is_in_context_conditioning=torch.zeros(1, 6, dtype=torch.bool),
+                                       supports_local_latent=torch.ones(1, 6, dtype=torch.bool)))),
+    "SanaWMLTX2RefinerTransformer3DModel": Case(_SANA_WM_REFINER, _sana_wm_refiner_inputs),
+    "SanaWMTransformer3DModel": Case(
+        dict(in_channels=4, num_layers=2, hidden_size=32, num_attention_heads=2, softmax_every_n=2, linear_head_dim=16,
+             chunk_plucker_channels=6, chunk_plucker_post_attn_blocks=2, caption_channels=16, image_size=64,
+             mixed_precision="fp32"),
+        lambda: dict(hidden_states=r(1, 4, 2, 8, 8), timestep=torch.full((1, 1, 2), 500.0),
+                     encoder_hidden_states=r(1, 1, 6, 16), encoder_attention_mask=torch.ones(1, 6),
+                     camera_conditions=r(1, 2, 20), chunk_plucker=r(1, 6, 2, 8, 8))),
     "StableAudio3DiTModel": Case(
         dict(io_channels=8, embed_dim=32, depth=2, num_heads=4, cond_token_dim=16, global_cond_dim=12,
              local_add_cond_dim=5, timestep_features_dim=16, ff_mult=2, num_memory_tokens=3,
@@ -488,7 +543,10 @@ DIFFUSERS: dict[str, Case] = {
         dict(input_dims=8, targets_length=6, d_model=16, num_layers=2, num_heads=2, d_kv=8, d_ff=32),
         lambda: dict(encodings_and_masks=[(r(1, 5, 16), torch.ones(1, 5, dtype=torch.bool))],
                      decoder_input_tokens=r(1, 6, 8), decoder_noise_time=t(0.5))),
-    "WanAnimate2Transformer3DModel": Case(),
+    "WanAnimate2Transformer3DModel": Case(  # its reference pass, which fills its KV cache
+        dict(text_len=8, in_dim=8, dim=24, ffn_dim=32, freq_dim=32, text_dim=16, out_dim=4, num_heads=2, num_layers=2,
+             use_img_emb=False),
+        _wan_animate2_inputs),
     "DreamLiteTransformer2DModel": Case(
         dict(num_attention_heads=2, attention_head_dim=16, in_channels=32, num_layers=2, cross_attention_dim=16),
         lambda: dict(hidden_states=r(1, 32, 4, 4), encoder_hidden_states=r(1, 8, 16)),
@@ -684,3 +742,151 @@ FASTVIDEO_TINY: dict[str, Case] = {
                      pooled_projections=r(1, 8), visual_rope_pos=[torch.arange(2), torch.arange(4), torch.arange(4)],
                      text_rope_pos=torch.arange(8))),
 }
+FASTVIDEO_TINY.update({
+    "FluxTransformer2DModel": Case(
+        dict(in_channels=4, num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+             joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8)),
+        lambda: _flux_inputs(pooled=32, guidance=True)),
+    "SD3Transformer2DModel": Case(
+        dict(sample_size=8, num_layers=2, attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+             caption_projection_dim=16, pooled_projection_dim=8, pos_embed_max_size=8, dual_attention_layers=[0],
+             in_channels=4, out_channels=4),
+        lambda: dict(hidden_states=r(1, 4, 8, 8), encoder_hidden_states=r(1, 6, 16), pooled_projections=r(1, 8),
+                     timestep=t(500))),
+    # cross-attention heads are cond_token_dim // head dim (embed_dim // heads): 32 // 32, one KV head
+    "StableAudioDiT": Case(
+        dict(io_channels=8, embed_dim=64, depth=2, num_attention_heads=2, cond_token_dim=32, global_cond_dim=16),
+        lambda: dict(x=r(1, 8, 12), t=t(0.5), cross_attn_cond=r(1, 5, 32), global_embed=r(1, 16))),
+})
+
+# Matrix-Game's action module: its mouse and keyboard heads are 64 wide (sum of mouse_qk_dim_list, fixed by
+# its rotary table); one head each keeps them small.
+_FV_ACTION = dict(blocks=[0], enable_mouse=True, enable_keyboard=True, heads_num=1, hidden_size=128, img_hidden_size=24,
+                  keyboard_dim_in=4, keyboard_hidden_dim=64, mouse_dim_in=2, mouse_hidden_dim=64,
+                  mouse_qk_dim_list=[8, 28, 28], patch_size=[1, 2, 2], qk_norm=True, qkv_bias=False,
+                  rope_dim_list=[8, 28, 28], rope_theta=256, vae_time_compression_ratio=4, windows_size=3)
+
+
+def _matrixgame2_inputs(**extra):
+    # 2 latent frames are 5 raw frames of actions (vae_time_compression_ratio 4)
+    return dict(hidden_states=r(1, 4, 2, 8, 8), encoder_hidden_states=None, timestep=t(500),
+                encoder_hidden_states_image=[r(1, 5, 16)], mouse_cond=r(1, 5, 2), keyboard_cond=r(1, 5, 4), **extra)
+
+
+FASTVIDEO_TINY.update({
+    "HunyuanVideo15Transformer3DModel": Case(
+        dict(in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+             num_refiner_layers=1, text_embed_dim=16, text_embed_2_dim=8, image_embed_dim=12, rope_axes_dim=(4, 6, 6)),
+        lambda: dict(hidden_states=r(1, 9, 2, 4, 4), encoder_hidden_states=[r(1, 6, 16), r(1, 4, 8)], timestep=t(500),
+                     encoder_hidden_states_image=[r(1, 3, 12)])),
+    "MiniMaxH3Transformer3DModel": Case(
+        dict(num_attention_heads=2, attention_head_dim=16, hidden_size=24, num_layers=2, num_refiner_layers=1,
+             ffn_dim=32, in_channels=4, audio_in_channels=6, text_dim=8, freq_dim=8, time_embed_hidden_dim=24,
+             time_embed_dim=16, rope_freq_dim=2),
+        lambda: _minimax_h3_inputs()),
+    "MatrixGame2WanModel": Case(dict(_FV_WAN, action_config=_FV_ACTION, text_dim=0, image_dim=16),
+                                _matrixgame2_inputs),
+    "CausalMatrixGame2WanModel": Case(
+        dict(_FV_WAN, action_config=_FV_ACTION, text_dim=0, image_dim=16, num_frames_per_block=1),
+        lambda: dict(_matrixgame2_inputs(), timestep=torch.full((1, 2), 500))),
+})
+
+FASTVIDEO_TINY.update({
+    "LTX2Transformer3DModel": Case(
+        dict(num_attention_heads=2, attention_head_dim=8, num_layers=2, cross_attention_dim=16, caption_channels=16,
+             num_channels_latents=8, audio_num_attention_heads=2, audio_attention_head_dim=8, audio_in_channels=8,
+             audio_out_channels=8, audio_cross_attention_dim=16, connector_num_attention_heads=2,
+             connector_attention_head_dim=8, connector_num_layers=1, audio_connector_num_attention_heads=2,
+             audio_connector_attention_head_dim=8, audio_connector_num_layers=1),
+        lambda: dict(hidden_states=r(1, 8, 2, 4, 4), encoder_hidden_states=r(1, 6, 16), timestep=t(0.5),
+                     audio_hidden_states=r(1, 8, 5, 1), audio_encoder_hidden_states=r(1, 6, 16), audio_timestep=t(0.5))),
+    "GlmImageTransformer2DModel": Case(
+        dict(hidden_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+             num_attention_heads=2, text_embed_dim=32, time_embed_dim=16, condition_dim=8,
+             prior_vq_quantizer_codebook_size=64),
+        lambda: dict(hidden_states=r(1, 4, 8, 8), encoder_hidden_states=r(1, 8, 32), prior_token_id=t(3),
+                     prior_token_drop=torch.zeros(1, dtype=torch.bool), timestep=t(500),
+                     target_size=torch.tensor([[8.0, 8.0]]), crop_coords=torch.tensor([[0.0, 0.0]]))),
+    "MatrixGame3WanModel": Case(
+        dict(_FV_WAN, action_config=dict(_FV_ACTION, keyboard_dim_in=6), camera_embed_in_channels=12),
+        lambda: dict(hidden_states=r(1, 4, 2, 8, 8), encoder_hidden_states=r(1, 8, 16), timestep=t(500),
+                     mouse_cond=r(1, 5, 2), keyboard_cond=r(1, 5, 6))),
+})
+
+_HYWORLD_K = torch.tensor([[4.0, 0.0, 2.0], [0.0, 4.0, 2.0], [0.0, 0.0, 1.0]])
+
+FASTVIDEO_TINY.update({
+    "HYWorldTransformer3DModel": Case(
+        dict(in_channels=9, out_channels=4, hidden_size=32, heads_num=2, mm_double_blocks_depth=2,
+             rope_dim_list=[4, 6, 6], text_states_dim=16, text_states_dim_2=8, vision_states_dim=12),
+        lambda: dict(hidden_states=r(1, 9, 2, 4, 4), encoder_hidden_states=[r(1, 6, 16), r(1, 4, 8)],
+                     timestep=t(500, 500), encoder_hidden_states_image=[r(1, 3, 12)],
+                     encoder_attention_mask=[torch.ones(1, 6), torch.ones(1, 4)], action=t(0, 1),
+                     viewmats=torch.eye(4).expand(1, 2, 4, 4).clone(), Ks=_HYWORLD_K.expand(1, 2, 3, 3).clone(),
+                     timestep_txt=t(500))),  # one timestep and one action per latent frame
+})
+
+FASTVIDEO_TINY.update({
+    "Gen3CTransformer3DModel": Case(  # no 3D cache given: its pose channels are zeros, as in a text-only call
+        dict(in_channels=4, out_channels=4, frame_buffer_max=1, num_attention_heads=2, attention_head_dim=12,
+             num_layers=2, mlp_ratio=2.0, text_embed_dim=16, adaln_lora_dim=4, max_size=(4, 32, 32)),
+        lambda: dict(hidden_states=r(1, 4, 1, 8, 8), timestep=t(500), encoder_hidden_states=r(1, 8, 16), fps=24,
+                     padding_mask=torch.zeros(1, 1, 8, 8))),
+    "LongCatTransformer3DModel": Case(  # its 3D RoPE needs a head width divisible by 8
+        dict(hidden_size=32, depth=2, num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+             num_channels_latents=4, caption_channels=16, adaln_tembed_dim=16, frequency_embedding_size=32,
+             mlp_ratio=2),
+        lambda: dict(hidden_states=r(1, 4, 2, 8, 8), encoder_hidden_states=r(1, 8, 16), timestep=t(500),
+                     encoder_attention_mask=torch.ones(1, 8))),
+})
+
+FASTVIDEO_TINY.update({
+    "MMAudioTransformer": Case(  # sync tokens come in groups of 8
+        dict(latent_dim=8, clip_dim=8, sync_dim=8, text_dim=8, hidden_dim=32, depth=2, fused_depth=1, num_heads=2,
+             latent_seq_len=8, clip_seq_len=4, sync_seq_len=16, text_seq_len=4),
+        lambda: dict(hidden_states=r(1, 8, 8), encoder_hidden_states=(r(1, 4, 8), r(1, 16, 8), r(1, 4, 8)),
+                     timestep=t(0.5))),
+    "LingBotVideoTransformer3DModel": Case(  # with its mixture of experts
+        dict(in_channels=4, out_channels=4, hidden_size=32, num_attention_heads=2, depth=2, intermediate_size=32,
+             text_dim=16, freq_dim=32, axes_dims=(8, 4, 4), axes_lens=(64, 32, 32), num_experts=2,
+             num_experts_per_tok=1, moe_intermediate_size=16),
+        lambda: dict(hidden_states=r(1, 4, 2, 8, 8), timestep=t(500), encoder_hidden_states=r(1, 8, 16))),
+})
+
+FASTVIDEO_TINY["HunyuanGameCraftTransformer3DModel"] = Case(  # no camera states: its camera net is not called
+    dict(in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=16, mlp_ratio=2.0, num_layers=1,
+         num_single_layers=2, num_refiner_layers=1, rope_axes_dim=(4, 6, 6), text_embed_dim=16, pooled_projection_dim=8,
+         camera_out_channels=4),
+    lambda: dict(x=r(1, 9, 2, 8, 8), encoder_hidden_states=[r(1, 6, 16), r(1, 8)], timestep=t(500),
+                 encoder_attention_mask=[torch.ones(1, 6)]))
+
+
+def _magi_inputs():
+    # one packed stream: 8 video tokens (2x2x2), 4 audio, 3 text; coords are (t, h, w, T, H, W, ref T, H, W)
+    from fastvideo.models.dits.magi_human import Modality
+
+    video = [(f, h, w, 2, 2, 2, 2, 2, 2) for f in range(2) for h in range(2) for w in range(2)]
+    audio = [(i, 0, 0, 4, 1, 1, 4, 1, 1) for i in range(4)]
+    text = [(i, 0, 0, 3, 1, 1, 3, 1, 1) for i in range(3)]
+    modality = [Modality.VIDEO] * len(video) + [Modality.AUDIO] * len(audio) + [Modality.TEXT] * len(text)
+    return dict(x=r(15, 12), coords_mapping=torch.tensor(video + audio + text, dtype=torch.float32),
+                modality_mapping=torch.tensor(modality))
+
+
+FASTVIDEO_TINY["MagiHumanDiT"] = Case(
+    dict(num_layers=2, hidden_size=32, head_dim=16, num_query_groups=1, video_in_channels=8, audio_in_channels=6,
+         text_in_channels=12, mm_layers=(0, 1), gelu7_layers=(0,)),
+    _magi_inputs)
+
+
+def _kv_caches(layers, tokens, heads=2, head_dim=12):
+    """Empty self- and cross-attention caches for an autoregressive Wan: one chunk of `tokens` tokens."""
+    kv = [dict(k=torch.zeros(1, tokens, heads, head_dim), v=torch.zeros(1, tokens, heads, head_dim),
+               global_end_index=t(0), local_end_index=t(0)) for _ in range(layers)]
+    return dict(kv_cache=kv, crossattn_cache=[dict(is_init=False, k=None, v=None) for _ in range(layers)])
+
+
+FASTVIDEO_TINY["DreamXWorldARTransformer3DModel"] = Case(  # one chunk of 2 frames (32 tokens), one timestep a token
+    dict(_FV_WAN, text_len=8, cam_self_attn_layers=None, local_attn_size=-1, num_frames_per_block=2),
+    lambda: dict(hidden_states=r(1, 4, 2, 8, 8), timestep=torch.full((1, 32), 500), encoder_hidden_states=r(1, 8, 16),
+                 **_kv_caches(2, 32)))

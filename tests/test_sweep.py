@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import integration
-from sweep_check import check_offload, offloaded_share, outputs, randomize
+from sweep_check import check_offload, offloaded_share, one_thread, outputs, randomize  # noqa: F401 (one_thread: a fixture)
 from sweep_configs import DIFFUSERS, FULL_SIZE_SHARE
 
 diffusers = integration("diffusers")

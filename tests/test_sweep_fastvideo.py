@@ -12,7 +12,7 @@ import pkgutil
 import pytest
 import torch
 
-from sweep_check import check_offload, offloaded_share, outputs
+from sweep_check import check_offload, offloaded_share, one_thread, outputs  # noqa: F401 (one_thread: a fixture)
 from sweep_configs import FASTVIDEO, FASTVIDEO_FULL_SIZE_SHARE, FASTVIDEO_TINY
 from test_fastvideo import _init, fastvideo_cpu  # noqa: F401 (fastvideo_cpu: a fixture)
 
