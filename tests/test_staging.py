@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import fastvideo_offload as fo
-from fastvideo_offload import pinning
+from fastvideo_offload import _ops, pinning
+from fastvideo_offload.bench import measure
 from fastvideo_offload.store import BlockStore
 from models import Interleaved, TinyDiT, tiny_input
 
@@ -193,3 +194,9 @@ def test_bad_arguments_leave_the_model_alone():
             fo.enable(model, device="cpu", **kwargs)
     assert fo.offloader.handle_of(model) is None
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters()))
+    with pytest.raises(ValueError, match="staging_threads"):
+        _ops.engine_create(torch.device("cpu"), 1, 0)
+
+
+def test_staging_throughput_measures_staged_bytes(cpu_device):
+    assert measure.staging_throughput(2, block_bytes=1 << 20, blocks=3, steps=2) > 0
