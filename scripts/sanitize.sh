@@ -19,7 +19,7 @@ case $kind in
     flags=address,undefined
     runtime="$(gcc -print-file-name=libasan.so):$(gcc -print-file-name=libubsan.so)"
     # Python and torch are not instrumented and keep memory until exit: leaks are not ours to judge.
-    export ASAN_OPTIONS=detect_leaks=0:protect_shadow_gap=0:abort_on_error=1
+    export ASAN_OPTIONS=detect_leaks=0:protect_shadow_gap=0:abort_on_error=1:allocator_may_return_null=1
     export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
     ;;
   thread)
@@ -32,7 +32,7 @@ case $kind in
     # Only our threads are judged: torch's OpenMP pool is invisible to TSan (libgomp is not
     # instrumented) and would only report false races inside torch's own kernels.
     export OMP_NUM_THREADS=1 FASTVIDEO_OFFLOAD_CPU_TRANSFER=async
-    export TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1 log_path=$PWD/$out/report"
+    export TSAN_OPTIONS="halt_on_error=1 allocator_may_return_null=1 second_deadlock_stack=1 log_path=$PWD/$out/report"
     ;;
   *) echo "usage: $0 [PYTHON] [address|thread]" >&2; exit 2 ;;
 esac
