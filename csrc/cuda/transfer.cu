@@ -20,8 +20,8 @@ namespace {
 // An event recorded on the copy stream; the host waits for it before a staging buffer is refilled.
 class EventFence final : public Fence {
  public:
-  EventFence(c10::DeviceIndex device, cudaStream_t stream) : device_(device) {
-    c10::cuda::CUDAGuard guard(device_);
+  EventFence(c10::DeviceIndex device, cudaStream_t stream) {
+    c10::cuda::CUDAGuard guard(device);
     C10_CUDA_CHECK(cudaEventCreateWithFlags(&event_, cudaEventDisableTiming));
     C10_CUDA_CHECK(cudaEventRecord(event_, stream));
   }
@@ -29,7 +29,6 @@ class EventFence final : public Fence {
   void wait() override { C10_CUDA_CHECK(cudaEventSynchronize(event_)); }
 
  private:
-  c10::DeviceIndex device_;
   cudaEvent_t event_ = nullptr;
 };
 
