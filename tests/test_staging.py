@@ -200,3 +200,19 @@ def test_bad_arguments_leave_the_model_alone():
 
 def test_staging_throughput_measures_staged_bytes(cpu_device):
     assert measure.staging_throughput(2, block_bytes=1 << 20, blocks=3, steps=2) > 0
+
+
+def test_a_checkpoint_loads_into_pinned_and_staged_blocks(cpu_device, tmp_path):
+    accelerate = pytest.importorskip("accelerate")
+    from safetensors.torch import save_file
+
+    reference = TinyDiT(layers=LAYERS)
+    save_file(reference.state_dict(), str(tmp_path / "m.safetensors"))
+    with accelerate.init_empty_weights():  # buffers stay real: the non-persistent RoPE-like table
+        model = TinyDiT(layers=LAYERS)
+    sizes = block_bytes(reference)
+    handle = fo.enable(model, device="cpu", checkpoint=tmp_path / "m.safetensors", host_pin_budget=sum(sizes[:2]))
+    assert handle.stats()["staged_blocks"] == LAYERS - 2
+    assert handle.stats()["pinned_bytes"] == sum(sizes[:2])
+    inputs = [tiny_input() for _ in range(3)]
+    assert all(torch.equal(e, g) for e, g in zip(run(reference, inputs), run(model, inputs)))
