@@ -19,8 +19,10 @@ TORCH_LIBRARY(fastvideo_offload, m) {
   // An exact-size host buffer left unfilled, for a caller that writes it (a checkpoint read into it).
   m.def("alloc_host(int nbytes, bool pinned, Device? device=None) -> Tensor");
   // The engine of one model, named by a handle. Eager only: hooks call these between kernels.
-  m.def("engine_create(Device device, int prefetch) -> int", &engine_create);
-  m.def("engine_add_block(int engine, Tensor host, Tensor(a!)[] params, int[] offsets) -> int", &engine_add_block);
+  m.def("engine_create(Device device, int prefetch, int staging_threads=1) -> int", &engine_create);
+  // staged: a pageable buffer whose uploads go through the engine's pinned staging ring.
+  m.def("engine_add_block(int engine, Tensor host, Tensor(a!)[] params, int[] offsets, bool staged=False) -> int",
+        &engine_add_block);
   m.def("engine_enter(int engine, int block) -> ()", &engine_enter);
   m.def("engine_exit(int engine, int block) -> ()", &engine_exit);
   m.def("engine_park(int engine, int block) -> ()", &engine_park);

@@ -45,13 +45,16 @@ std::unique_ptr<Transfer> make_transfer(const c10::Device& device, const Faults&
 
 }  // namespace
 
-Engine::Engine(c10::Device device, int64_t prefetch)
+Engine::Engine(c10::Device device, int64_t prefetch, int64_t staging_threads)
     : device_(device),
       prefetch_(prefetch),
+      staging_threads_(staging_threads),
       faults_(Faults::from_env()),
       ring_(static_cast<int>(prefetch + 1)),
       transfer_(make_transfer(device, faults_)) {
   TORCH_CHECK_VALUE(prefetch >= 0, "prefetch must be >= 0, got ", prefetch);
+  TORCH_CHECK_VALUE(staging_threads >= 1 && staging_threads <= 64, "staging_threads must be in [1, 64], got ",
+                    staging_threads);
   TORCH_CHECK_VALUE(!device.is_cuda() || device.has_index(), "the CUDA device needs an index, got ", device);
 }
 
@@ -72,14 +75,14 @@ bool Engine::busy() {
   return std::any_of(blocks_.begin(), blocks_.end(), [](const Block& b) { return b.held; });
 }
 
-int64_t Engine::add_block(const at::Tensor& host, at::TensorList params, at::IntArrayRef offsets) {
+int64_t Engine::add_block(const at::Tensor& host, at::TensorList params, at::IntArrayRef offsets, bool staged) {
   std::lock_guard<std::mutex> lock(mutex_);
   TORCH_CHECK(slots_.empty(), "add_block: blocks are added before the first forward (or after trim)");
   TORCH_CHECK_VALUE(host.defined() && host.device().is_cpu() && host.scalar_type() == at::kByte && host.dim() == 1 &&
                         host.is_contiguous(),
                     "add_block: the host buffer must be a contiguous 1-D uint8 CPU tensor");
   check_layout(params, offsets, host.numel(), "add_block");
-  if (device_.is_cuda() && host.numel() > 0) {
+  if (device_.is_cuda() && host.numel() > 0 && !staged) {
     TORCH_CHECK_VALUE(host.is_pinned(), "add_block: a block offloaded to ", device_,
                       " needs a pinned host buffer, or every copy would block the host");
   }
@@ -92,6 +95,7 @@ int64_t Engine::add_block(const at::Tensor& host, at::TensorList params, at::Int
   Block blk;
   blk.host = host;
   blk.nbytes = host.numel();
+  blk.staged = staged && blk.nbytes > 0;
   for (size_t i = 0; i < params.size(); ++i) {
     const at::Tensor& p = params[i];
     TORCH_CHECK_VALUE(!p.is_meta(), "add_block: parameter ", i,
@@ -110,6 +114,9 @@ int64_t Engine::add_block(const at::Tensor& host, at::TensorList params, at::Int
   blk.next = 0;
   host_bytes_ += blk.nbytes;
   slot_bytes_ = std::max(slot_bytes_, blk.nbytes);
+  if (blk.staged) {
+    staged_block_bytes_ = std::max(staged_block_bytes_, blk.nbytes);
+  }
   blocks_.push_back(std::move(blk));
   return index;
 }
@@ -283,7 +290,21 @@ void Engine::upload(int64_t block, int slot_index) {
     blocks_[slot.block].slot = -1;
     slot.block = -1;
   }
-  transfer_->upload(slot_index, slot.buffer.data_ptr(), blk.host.const_data_ptr(), static_cast<size_t>(blk.nbytes));
+  // The source of the bytes: a pinned block's own buffer, or the staging buffer holding a staged one.
+  const void* src = blk.host.const_data_ptr();
+  int staging_buffer = -1;
+  if (blk.staged) {
+    if (!staging_) {
+      // Enough buffers for the prefetched uploads in flight and one being filled ahead.
+      staging_ = std::make_unique<Staging>(static_cast<int>(prefetch_) + 2, static_cast<int>(staging_threads_),
+                                           staged_block_bytes_, device_, faults_);
+    }
+    src = staging_->take({block, blk.host.const_data_ptr(), blk.nbytes}, &staging_buffer);
+  }
+  transfer_->upload(slot_index, slot.buffer.data_ptr(), src, static_cast<size_t>(blk.nbytes));
+  if (staging_buffer >= 0) {
+    staging_->uploaded(staging_buffer, transfer_->fence());
+  }
   slot.block = block;
   slot.last_use = ++tick_;
   blk.slot = slot_index;
@@ -298,6 +319,9 @@ void Engine::prefetch_after(const std::vector<int64_t>& keep) {
     Block& blk = blocks_[keep[k]];
     if (blk.slot >= 0 || blk.nbytes == 0) {
       continue;
+    }
+    if (!bytes_ready(blk, keep[k])) {
+      return;  // a prefetch does not wait for staging; the block waits for it when it must run
     }
     const int s = blk.home >= 0 ? claim_home(blk, /*required=*/false) : claim_slot(keep, /*required=*/false);
     if (s < 0) {
@@ -358,6 +382,31 @@ void Engine::enter(int64_t block) {
                                           [&](const Slot& s) { return s.block >= 0 && blocks_[s.block].held; });
   max_materialized_ = std::max<int64_t>(max_materialized_, materialized);
   prefetch_after(keep);
+  plan_staging(block);
+}
+
+bool Engine::bytes_ready(const Block& blk, int64_t block) {
+  return !blk.staged || (staging_ && staging_->ready(block));
+}
+
+void Engine::plan_staging(int64_t block) {
+  if (!staging_) {
+    return;
+  }
+  // The staged blocks that will need an upload next, in the learned execution order.
+  std::vector<Staging::Request> order;
+  int64_t b = block;
+  for (size_t steps = 0; steps < blocks_.size() && order.size() < static_cast<size_t>(staging_->buffers()); ++steps) {
+    b = blocks_[b].next;
+    if (b < 0 || b == block) {
+      break;
+    }
+    const Block& next = blocks_[b];
+    if (next.staged && next.slot < 0) {
+      order.push_back({b, next.host.const_data_ptr(), next.nbytes});
+    }
+  }
+  staging_->plan(order);
 }
 
 void Engine::release(Block& blk) {
@@ -427,6 +476,9 @@ void Engine::invalidate() {
   }
   for (Block& blk : blocks_) {
     blk.slot = -1;
+  }
+  if (staging_) {
+    staging_->forget();
   }
 }
 
@@ -498,6 +550,19 @@ c10::Dict<std::string, int64_t> Engine::stats() {
   out.insert("forward_h2d_bytes", h2d_bytes_ - h2d_at_forward_);
   out.insert("max_resident_blocks", max_resident_);
   out.insert("max_materialized_blocks", max_materialized_);
+  int64_t staged = 0;
+  int64_t staged_host = 0;
+  for (const Block& blk : blocks_) {
+    staged += blk.staged ? 1 : 0;
+    staged_host += blk.staged ? blk.nbytes : 0;
+  }
+  const Staging::Counts counts = staging_ ? staging_->counts() : Staging::Counts{0, 0, 0};
+  out.insert("staged_blocks", staged);
+  out.insert("pinned_bytes", host_bytes_ - staged_host);
+  out.insert("staging_buffer_bytes", staging_ ? staging_->buffers() * staging_->buffer_bytes() : 0);
+  out.insert("staged_bytes", counts.bytes);
+  out.insert("stagings", counts.fills);
+  out.insert("staging_waits", counts.waits);
   return out;
 }
 
@@ -522,16 +587,17 @@ std::shared_ptr<Engine> lookup(int64_t handle) {
 
 }  // namespace
 
-int64_t engine_create(c10::Device device, int64_t prefetch) {
-  auto engine = std::make_shared<Engine>(device, prefetch);
+int64_t engine_create(c10::Device device, int64_t prefetch, int64_t staging_threads) {
+  auto engine = std::make_shared<Engine>(device, prefetch, staging_threads);
   const int64_t handle = next_handle++;
   std::lock_guard<std::mutex> lock(registry_mutex);
   registry().emplace(handle, std::move(engine));
   return handle;
 }
 
-int64_t engine_add_block(int64_t engine, const at::Tensor& host, at::TensorList params, at::IntArrayRef offsets) {
-  return lookup(engine)->add_block(host, params, offsets);
+int64_t engine_add_block(int64_t engine, const at::Tensor& host, at::TensorList params, at::IntArrayRef offsets,
+                         bool staged) {
+  return lookup(engine)->add_block(host, params, offsets, staged);
 }
 
 void engine_enter(int64_t engine, int64_t block) { lookup(engine)->enter(block); }

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "faults.h"
+#include "staging.h"
 #include "swap.h"
 #include "transfer.h"
 
@@ -19,11 +20,13 @@ namespace fastvideo_offload {
 
 class Engine {
  public:
-  Engine(c10::Device device, int64_t prefetch);
+  // `staging_threads`: host threads that stage pageable blocks (add_block(..., staged=true)).
+  Engine(c10::Device device, int64_t prefetch, int64_t staging_threads = 1);
   Engine(const Engine&) = delete;
   Engine& operator=(const Engine&) = delete;
 
-  int64_t add_block(const at::Tensor& host, at::TensorList params, at::IntArrayRef offsets);
+  // `staged`: the buffer is pageable, and each upload reads it through a pinned staging buffer.
+  int64_t add_block(const at::Tensor& host, at::TensorList params, at::IntArrayRef offsets, bool staged);
   // Pre-hook: the block's bytes are on the device (prefetched, or copied now), the compute
   // stream waits for them, its parameters become views into its slot, and the next
   // `prefetch` blocks in execution order start copying.
@@ -62,6 +65,7 @@ class Engine {
     bool held = false;   // between enter and exit
     int64_t next = -1;   // block seen to run after this one; starts as registration order
     int home = -1;       // a resident block's own slot (after the ring), -1 when it streams
+    bool staged = false;  // pageable: its bytes come through staging_
   };
   struct Slot {
     at::Tensor buffer;   // undefined until first needed, and after trim
@@ -82,17 +86,21 @@ class Engine {
   void allocate_slot(int index);
   void free_slots_except(int keep);
   void upload(int64_t block, int slot);
+  bool bytes_ready(const Block& blk, int64_t block);
+  void plan_staging(int64_t block);
   void prefetch_after(const std::vector<int64_t>& keep);
   void release(Block& blk);
   void check_idle(const char* op) const;
 
   const c10::Device device_;
   const int64_t prefetch_;
+  const int64_t staging_threads_;
   const Faults faults_;
   std::mutex mutex_;
   std::vector<Block> blocks_;
   std::vector<Slot> slots_;
   int64_t slot_bytes_ = 0;  // the largest streamed block
+  int64_t staged_block_bytes_ = 0;  // the largest staged block: the size of a staging buffer
   int ring_ = 0;            // slots_[0, ring_) stream blocks; each one after is a resident block's home
   int64_t slot_budget_ = -1;
   int64_t last_entered_ = -1;
@@ -112,8 +120,11 @@ class Engine {
   int64_t slot_alloc_failures_ = 0;
   int64_t max_resident_ = 0;
   int64_t max_materialized_ = 0;
-  // Declared last, so destroyed first: it waits for in-flight copies before host buffers go.
+  // Destroyed before the host buffers: it waits for in-flight copies before they go.
   std::unique_ptr<Transfer> transfer_;
+  // Created by the first staged upload. Declared last, so destroyed first: it waits for the
+  // uploads reading its buffers, through fences of transfer_, which is still alive then.
+  std::unique_ptr<Staging> staging_;
 };
 
 }  // namespace fastvideo_offload

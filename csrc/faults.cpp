@@ -23,9 +23,11 @@ Faults Faults::from_env() {
       faults.skip_release_wait = true;
     } else if (name == "free_unsynchronized") {
       faults.free_unsynchronized = true;
+    } else if (name == "reuse_staging_early") {
+      faults.reuse_staging_early = true;
     } else if (!name.empty()) {
       TORCH_CHECK_VALUE(false, "FASTVIDEO_OFFLOAD_INJECT_FAULT: unknown fault '", name,
-                        "' (skip_ready_wait, skip_release_wait, free_unsynchronized)");
+                        "' (skip_ready_wait, skip_release_wait, free_unsynchronized, reuse_staging_early)");
     }
   }
   return faults;

@@ -24,8 +24,9 @@ at::Tensor pack_cuda(at::TensorList tensors, at::IntArrayRef offsets, int64_t nb
 #endif
 
 // engine.cpp
-int64_t engine_create(c10::Device device, int64_t prefetch);
-int64_t engine_add_block(int64_t engine, const at::Tensor& host, at::TensorList params, at::IntArrayRef offsets);
+int64_t engine_create(c10::Device device, int64_t prefetch, int64_t staging_threads);
+int64_t engine_add_block(int64_t engine, const at::Tensor& host, at::TensorList params, at::IntArrayRef offsets,
+                         bool staged);
 void engine_enter(int64_t engine, int64_t block);
 void engine_exit(int64_t engine, int64_t block);
 void engine_park(int64_t engine, int64_t block);

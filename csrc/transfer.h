@@ -13,6 +13,14 @@
 
 namespace fastvideo_offload {
 
+// A point in the copy stream the host can wait for: every upload issued before it has finished
+// reading its source (so a staging buffer it read may be refilled).
+class Fence {
+ public:
+  virtual ~Fence() = default;
+  virtual void wait() = 0;
+};
+
 class Transfer {
  public:
   virtual ~Transfer() = default;
@@ -20,6 +28,8 @@ class Transfer {
   virtual void set_slot_count(int count) = 0;
   // Copies `nbytes` host -> slot once the compute side has released the slot.
   virtual void upload(int slot, void* dst, const void* src, size_t nbytes) = 0;
+  // A fence after every upload issued so far.
+  virtual std::unique_ptr<Fence> fence() = 0;
   // Makes the caller's compute stream wait for the last upload into `slot`.
   virtual void wait_ready(int slot) = 0;
   // Marks, on the caller's compute stream, that the slot may be overwritten after this point.

@@ -54,12 +54,15 @@ def _alloc_host_fake(nbytes, pinned, device=None):
     return torch.empty(nbytes, dtype=torch.uint8, device="cpu")
 
 
-def engine_create(device: torch.device, prefetch: int) -> int:
-    return _ops.engine_create.default(device, prefetch)
+def engine_create(device: torch.device, prefetch: int, staging_threads: int = 1) -> int:
+    return _ops.engine_create.default(device, prefetch, staging_threads)
 
 
-def engine_add_block(engine: int, host: torch.Tensor, params: list[torch.Tensor], offsets: list[int]) -> int:
-    return _ops.engine_add_block.default(engine, host, params, offsets)
+def engine_add_block(
+    engine: int, host: torch.Tensor, params: list[torch.Tensor], offsets: list[int], staged: bool = False
+) -> int:
+    """`staged`: `host` is pageable, and each upload reads it through the engine's staging ring."""
+    return _ops.engine_add_block.default(engine, host, params, offsets, staged)
 
 
 engine_enter = _ops.engine_enter.default

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .pinning import PinPlan
 from .sources import assign
 from .store import BlockStore
 
@@ -205,10 +206,13 @@ class CheckpointWeights:
         self._by_tensor = by_tensor
 
     def host_stores(
-        self, blocks: list[tuple[list[str], list[nn.Parameter]]], pinned: bool, device: torch.device | None
+        self, blocks: list[tuple[list[str], list[nn.Parameter]]], pin: PinPlan, device: torch.device | None
     ) -> Iterator[BlockStore]:
+        # Which blocks are pinned is decided in block order, before the reads run in parallel.
+        wants = [pin.want(BlockStore.nbytes(params)) for _, params in blocks]
         with _Files(self.entries.values()) as files, ThreadPoolExecutor(_threads(len(blocks))) as pool:
-            futures = [pool.submit(self._read_block, files, names, params, pinned, device) for names, params in blocks]
+            futures = [pool.submit(self._read_block, files, names, params, pin, want, device)
+                       for (names, params), want in zip(blocks, wants)]
             try:
                 for future in futures:
                     store = future.result()
@@ -229,8 +233,8 @@ class CheckpointWeights:
             value = _read(files, entry)
         return value.to(device=device, dtype=tensor.dtype)
 
-    def _read_block(self, files, names, params, pinned, device) -> BlockStore:
-        store = BlockStore.allocate(names, params, pinned, device)
+    def _read_block(self, files, names, params, pin, want, device) -> BlockStore:
+        store = pin.alloc(want, lambda pinned: BlockStore.allocate(names, params, pinned, device))
         for view, offset, p in zip(store.views, store.offsets, params):
             entry = self._by_tensor[id(p)]
             if entry.dtype == view.dtype and view.is_contiguous():

@@ -19,6 +19,7 @@ from .blocks import BlockList, find_block_lists
 from .checkpoint import CheckpointWeights
 from .hooks import attach_block_hooks
 from .outside import OutsideCalls
+from .pinning import PinPlan, check_pin_budget, is_allocation_failure, resolve as resolve_pin_budget
 from .placement import OffloadReport
 from .retained import RetainedCheck
 from .sources import LiveWeights, assign
@@ -107,6 +108,8 @@ class OffloadHandle:
         group: str | None = None,
         device_budget: int | str | None = None,
         source: LiveWeights | CheckpointWeights | None = None,
+        host_pin_budget: int | str | None = None,
+        staging_threads: int = 1,
     ):
         # Weak: the model holds the handle (attribute, hooks), so a strong reference back would make
         # a cycle, and `del model` would free neither slots nor host memory until a GC pass.
@@ -143,14 +146,15 @@ class OffloadHandle:
             [held for params in block_params for p in params for held in formats.holders(names[id(p)][0], p)]
         )
 
-        self._engine = _ops.engine_create(device, prefetch)
+        self._engine = _ops.engine_create(device, prefetch, staging_threads)
         self._finalizer = weakref.finalize(self, _ops.engine_destroy, self._engine)
         self._stores: list[BlockStore] = []
         self._hooks = []
         self._outside: OutsideCalls | None = None
         undo = _Undo(model, offloaded)
         try:
-            self._pack_blocks(blocks, block_params, names, source)
+            pin = PinPlan(resolve_pin_budget(host_pin_budget), device.type == "cuda")
+            self._pack_blocks(blocks, block_params, names, source, pin)
             self._move_resident(offloaded, source)
             host_views = {
                 n: host for store in self._stores for p, host in store.host_weights() for n in names[id(p)]
@@ -200,23 +204,23 @@ class OffloadHandle:
                     if buf is not None:
                         module._buffers[name] = source.resident(buf, self.device)
 
-    def _pack_blocks(self, blocks, block_params, names, source) -> None:
+    def _pack_blocks(self, blocks, block_params, names, source, pin: PinPlan) -> None:
         pinned = self.device.type == "cuda"
         target = self.device if pinned else None
         total = sum(BlockStore.nbytes(params) for params in block_params)
         stores = source.host_stores([([names[id(p)][0] for p in params], params) for params in block_params],
-                                    pinned, target)
+                                    pin, target)
         with contextlib.closing(stores), tqdm(total=total, unit="B", unit_scale=True, leave=False, disable=None,
                                               desc=f"fastvideo_offload: {source.label}") as progress:
             for index, ((path, block), params) in enumerate(zip(blocks, block_params)):
                 try:
                     store = next(stores)
                 except Exception as exc:
-                    if not _is_allocation_failure(exc):
+                    if not is_allocation_failure(exc):
                         raise
                     obtained = sum(s.buffer.numel() for s in self._stores)
                     raise _out_of_host_memory(exc, path, pinned, total, obtained) from exc
-                _ops.engine_add_block(self._engine, store.buffer, store.params, store.offsets)
+                _ops.engine_add_block(self._engine, store.buffer, store.params, store.offsets, store.staged)
                 self._stores.append(store)
                 self._hooks += attach_block_hooks(block, path, self._engine, index, self.device.type)
                 progress.update(store.buffer.numel())
@@ -418,12 +422,6 @@ def _staying_bytes(model: nn.Module, offloaded: set[int]) -> int:
     return sum(map(formats.nbytes, tensors.values()))  # a tensor subclass by its inner tensors
 
 
-def _is_allocation_failure(exc: Exception) -> bool:
-    # cudaHostAlloc fails as "CUDA error: out of memory", posix_memalign as "could not allocate".
-    text = str(exc).lower()
-    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in text or "could not allocate" in text
-
-
 def _out_of_host_memory(exc: Exception, block: str, pinned: bool, total: int, obtained: int) -> Exception:
     """`exc` (a failed host allocation for `block`) with how much enable asked for and got."""
     kind = "pinned host" if pinned else "host"
@@ -483,6 +481,8 @@ def enable(
     device_budget: int | str | None = None,
     checkpoint: str | os.PathLike | CheckpointWeights | None = None,
     share=None,
+    host_pin_budget: int | str | None = None,
+    staging_threads: int = 1,
 ) -> OffloadHandle | PipelineHandle:
     """Offloads `model`'s transformer blocks to host memory and streams each one to `device`
     just before it runs, `prefetch` blocks ahead. Everything else moves to `device`.
@@ -502,6 +502,11 @@ def enable(
     torch.distributed's default group (or of that group): every rank of it must call `enable` with
     the same weights; see share.py.
 
+    `host_pin_budget` (bytes, or "auto": what the cgroup limit and MemAvailable leave, less
+    headroom; see pinning.py): the blocks within it are pinned, the others stay pageable and are
+    copied ahead of their upload into a small ring of pinned staging buffers by `staging_threads`
+    host threads. None: every block pinned.
+
     Given a diffusers DiffusionPipeline, places every component under one budget and returns a
     pipeline.PipelineHandle (see pipeline.py)."""
     if isinstance(prefetch, bool) or not isinstance(prefetch, int):
@@ -511,12 +516,17 @@ def enable(
     if group is not None and not isinstance(group, str):
         raise TypeError(f"group must be a string, got {type(group).__name__}")
     check_budget(device_budget)
+    check_pin_budget(host_pin_budget)
+    if isinstance(staging_threads, bool) or not isinstance(staging_threads, int):
+        raise TypeError(f"staging_threads must be an int, got {type(staging_threads).__name__}")
+    if not 1 <= staging_threads <= 64:
+        raise ValueError(f"staging_threads must be in [1, 64], got {staging_threads}")
     from .pipeline import enable_pipeline, is_pipeline  # it imports this module
 
     if is_pipeline(model):
-        if checkpoint is not None or share is not None:
-            raise ValueError("checkpoint= and share= apply to a model: a pipeline's components load their own "
-                             "weights and are not shared between ranks")
+        if checkpoint is not None or share is not None or host_pin_budget is not None:
+            raise ValueError("checkpoint=, share= and host_pin_budget= apply to a model: a pipeline's components "
+                             "load their own weights and are not shared between ranks")
         return enable_pipeline(model, device, prefetch, blocks, group, device_budget)
     if not isinstance(model, nn.Module):
         raise TypeError(f"enable expects an nn.Module or a diffusers DiffusionPipeline, got {type(model).__name__}")
@@ -525,6 +535,9 @@ def enable(
     if checkpoint is not None and share is not None:
         raise ValueError("checkpoint= and share= together are not supported yet: a node's ranks would need to "
                          "agree on the checkpoint instead of comparing their weights")
+    if share is not None and host_pin_budget is not None:
+        raise ValueError("share= and host_pin_budget= together are not supported yet: a node's shared store is "
+                         "registered (pinned) whole")
     shared = node_share.resolve(share)
     try:
         device = resolve_device(device)
@@ -532,7 +545,8 @@ def enable(
             source = checkpoint or shared
         else:
             source = CheckpointWeights(checkpoint)
-        return OffloadHandle(model, device, prefetch, find_block_lists(model, blocks), group, device_budget, source)
+        return OffloadHandle(model, device, prefetch, find_block_lists(model, blocks), group, device_budget, source,
+                             host_pin_budget, staging_threads)
     except BaseException as exc:
         if shared is not None:
             shared.abandon(exc)  # the other ranks wait for this one in the share's first step

@@ -79,7 +79,8 @@ class NodeShare(LiveWeights):
         self.group = group
         self._joined = False
 
-    def host_stores(self, blocks, pinned: bool, device: torch.device | None):
+    def host_stores(self, blocks, pin, device: torch.device | None):
+        # `pin` is unused: a node's region is registered whole (enable refuses a pin budget with share).
         # Collective: the node's ranks agree on one copy, which its leader packs here.
         region = self.region(self, blocks, device or torch.device("cpu"))
         for index, (names, params) in enumerate(blocks):

@@ -2,8 +2,9 @@
 model and loading one straight from a checkpoint (checkpoint.py). A source
 
 - `check(model)`: refuses, before anything changes, a model it cannot give every weight;
-- `host_stores(blocks, pinned, device)`: yields each block's filled host store in order, given
-  `(names, params)` per block; a parameter leaves it holding real bytes (the engine refuses meta);
+- `host_stores(blocks, pin, device)`: yields each block's filled host store in order, given
+  `(names, params)` per block, each pinned or staged as `pin` (pinning.PinPlan) decides; a parameter
+  leaves it holding real bytes (the engine refuses meta);
 - `resident(tensor, device)`: a parameter or buffer that stays out of the blocks, on `device`
   (`tensor` itself where nothing changes).
 
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from .pinning import PinPlan
 from .store import BlockStore
 
 
@@ -44,10 +46,10 @@ class LiveWeights:
             )
 
     def host_stores(
-        self, blocks: list[tuple[list[str], list[nn.Parameter]]], pinned: bool, device: torch.device | None
+        self, blocks: list[tuple[list[str], list[nn.Parameter]]], pin: PinPlan, device: torch.device | None
     ) -> Iterator[BlockStore]:
         for names, params in blocks:
-            yield BlockStore.pack(names, params, pinned, device)
+            yield pin.store(BlockStore.nbytes(params), lambda pinned: BlockStore.pack(names, params, pinned, device))
 
     def resident(self, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
         # Already on the device: the tensor itself, so a buffer keeps its object and a parameter its data.

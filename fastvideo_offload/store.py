@@ -18,6 +18,7 @@ class BlockStore:
     offsets: list[int]
     views: list[torch.Tensor]  # each holder's bytes in `buffer`, with its dtype, shape and strides
     weights: list[tuple[torch.nn.Parameter, int]]  # each parameter the module holds, and its count of holders
+    staged: bool = False  # pageable, outside the pin budget: its uploads go through the staging ring
 
     @staticmethod
     def nbytes(params: list[torch.nn.Parameter]) -> int:

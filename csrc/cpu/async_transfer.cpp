@@ -6,7 +6,9 @@
 //                            kernels), which poisons the slot first.
 // A wait binds to the latest record at the time of the call, as cudaStreamWaitEvent does.
 // Poisoned slots (0xFF bytes: NaN in every float type) make any read outside a block's window
-// show in the output; the checker raises on every ordering violation it sees.
+// show in the output; the checker raises on every ordering violation it sees. A release keeps the
+// slot's bytes before poisoning them, for a cache hit to put back: the upload's source may be a
+// staging buffer that holds another block by then.
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -15,6 +17,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <deque>
+#include <memory>
 #include <mutex>
 #include <random>
 #include <string>
@@ -93,6 +96,11 @@ class AsyncCpuTransfer final : public Transfer {
     raise_violation();
   }
 
+  std::unique_ptr<Fence> fence() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return std::make_unique<CopiesFence>(this, copies_issued_);
+  }
+
   void wait_ready(int slot) override {
     std::unique_lock<std::mutex> lock(mutex_);
     raise_violation();
@@ -103,6 +111,7 @@ class AsyncCpuTransfer final : public Transfer {
     if (s.stale) {
       // Released (and so poisoned) since its last copy, and entered again from the cache: the
       // copy engine puts the same bytes back, ordered after the release like any upload.
+      s.src = s.kept->data();
       enqueue_copy(slot);
       s.stale = false;
     }
@@ -121,7 +130,9 @@ class AsyncCpuTransfer final : public Transfer {
     s.in_use = false;
     s.stale = s.src != nullptr;
     s.settled = false;
-    releases_.push_back({slot, ++s.released.recorded, s.dst, s.nbytes});
+    // Each release keeps into its own buffer: an earlier one may still be read by a copy.
+    s.kept = s.src != nullptr ? std::make_shared<std::vector<unsigned char>>(s.nbytes) : nullptr;
+    releases_.push_back({slot, ++s.released.recorded, s.dst, s.nbytes, s.kept});
     changed_.notify_all();
     raise_violation();
     if (ran_unwaited) {
@@ -156,6 +167,19 @@ class AsyncCpuTransfer final : public Transfer {
     uint64_t recorded = 0;
     uint64_t completed = 0;
   };
+  // Copies run in issue order, so "every copy issued before" is one count.
+  class CopiesFence final : public Fence {
+   public:
+    CopiesFence(AsyncCpuTransfer* owner, uint64_t issued) : owner_(owner), issued_(issued) {}
+    void wait() override {
+      std::unique_lock<std::mutex> lock(owner_->mutex_);
+      owner_->changed_.wait(lock, [&] { return owner_->copies_done_ >= issued_; });
+    }
+
+   private:
+    AsyncCpuTransfer* owner_;
+    uint64_t issued_;
+  };
   struct SlotState {
     Event ready;
     Event released;
@@ -165,6 +189,7 @@ class AsyncCpuTransfer final : public Transfer {
     bool in_use = false;  // a block waited for it and has not released it
     bool stale = false;   // released (poisoned) since its last copy
     bool settled = true;  // the host has waited for every copy and release of it
+    std::shared_ptr<std::vector<unsigned char>> kept;  // the bytes the last release poisoned
   };
   struct Copy {
     int slot;
@@ -173,12 +198,14 @@ class AsyncCpuTransfer final : public Transfer {
     void* dst;
     const void* src;
     size_t nbytes;
+    std::shared_ptr<std::vector<unsigned char>> hold;  // keeps a release's copy alive while it is read
   };
   struct Release {
     int slot;
     uint64_t record;
     void* dst;
     size_t nbytes;
+    std::shared_ptr<std::vector<unsigned char>> keep;  // the slot's bytes before they are poisoned
   };
 
   SlotState& slot_at(int slot) {
@@ -190,7 +217,8 @@ class AsyncCpuTransfer final : public Transfer {
   void enqueue_copy(int slot) {
     SlotState& s = slot_at(slot);
     s.settled = false;
-    copies_.push_back({slot, s.released.recorded, ++s.ready.recorded, s.dst, s.src, s.nbytes});
+    ++copies_issued_;
+    copies_.push_back({slot, s.released.recorded, ++s.ready.recorded, s.dst, s.src, s.nbytes, s.kept});
     changed_.notify_all();
   }
 
@@ -249,6 +277,7 @@ class AsyncCpuTransfer final : public Transfer {
       }
       lock.lock();
       slots_[copy.slot].ready.completed = copy.record;
+      ++copies_done_;
       copying_ = false;
       changed_.notify_all();
     }
@@ -268,6 +297,9 @@ class AsyncCpuTransfer final : public Transfer {
       lock.unlock();
       pause(rng);
       if (release.nbytes > 0) {
+        if (release.keep != nullptr) {
+          std::memcpy(release.keep->data(), release.dst, release.nbytes);
+        }
         std::memset(release.dst, kPoison, release.nbytes);
       }
       lock.lock();
@@ -287,6 +319,8 @@ class AsyncCpuTransfer final : public Transfer {
   bool copying_ = false;
   bool releasing_ = false;
   bool stopping_ = false;
+  uint64_t copies_issued_ = 0;
+  uint64_t copies_done_ = 0;
   std::string violation_;
   // Started last: they use every member above.
   std::thread copier_;

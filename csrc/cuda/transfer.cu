@@ -17,6 +17,21 @@
 namespace fastvideo_offload {
 namespace {
 
+// An event recorded on the copy stream; the host waits for it before a staging buffer is refilled.
+class EventFence final : public Fence {
+ public:
+  EventFence(c10::DeviceIndex device, cudaStream_t stream) {
+    c10::cuda::CUDAGuard guard(device);
+    C10_CUDA_CHECK(cudaEventCreateWithFlags(&event_, cudaEventDisableTiming));
+    C10_CUDA_CHECK(cudaEventRecord(event_, stream));
+  }
+  ~EventFence() override { C10_CUDA_CHECK_WARN(cudaEventDestroy(event_)); }
+  void wait() override { C10_CUDA_CHECK(cudaEventSynchronize(event_)); }
+
+ private:
+  cudaEvent_t event_ = nullptr;
+};
+
 class CudaTransfer final : public Transfer {
  public:
   explicit CudaTransfer(c10::DeviceIndex device) : device_(device) {
@@ -62,6 +77,8 @@ class CudaTransfer final : public Transfer {
     C10_CUDA_CHECK(cudaMemcpyAsync(dst, src, nbytes, cudaMemcpyHostToDevice, copy_stream_));
     C10_CUDA_CHECK(cudaEventRecord(ready_.at(slot), copy_stream_));
   }
+
+  std::unique_ptr<Fence> fence() override { return std::make_unique<EventFence>(device_, copy_stream_); }
 
   void wait_ready(int slot) override {
     c10::cuda::CUDAGuard guard(device_);

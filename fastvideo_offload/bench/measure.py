@@ -152,6 +152,37 @@ def pack_throughput(params: list[torch.Tensor], threads: int) -> float:
     return nbytes / best / 1e9
 
 
+def staging_throughput(threads: int, block_bytes: int = 32 << 20, blocks: int = 4, steps: int = 4) -> float:
+    """GB/s through the staging ring with `threads` host threads, on the synchronous CPU device:
+    pageable blocks entered and left in turn with no compute, so each byte is copied twice
+    (pageable -> staging buffer by the threads, staging buffer -> slot by the upload), the two
+    overlapped. Compare with copy_ceiling(cpu), one memcpy."""
+    engine = _ops.engine_create(torch.device("cpu"), 1, threads)
+    try:
+        keep = []
+        for _ in range(blocks):
+            host = _ops.alloc_host(block_bytes, False)
+            host.fill_(1)  # the pages exist before they are timed
+            param = torch.empty(block_bytes, dtype=torch.uint8)
+            _ops.engine_add_block(engine, host, [param], [0], True)
+            keep.append((host, param))
+
+        def step():
+            for b in range(blocks):
+                _ops.engine_enter(engine, b)
+                _ops.engine_exit(engine, b)
+
+        step()  # allocates the slots and staging buffers
+        before = _ops.engine_stats(engine)["staged_bytes"]
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        elapsed = time.perf_counter() - start
+        return (_ops.engine_stats(engine)["staged_bytes"] - before) / elapsed / 1e9
+    finally:
+        _ops.engine_destroy(engine)
+
+
 def engine_timeline(model: nn.Module, inputs: tuple, device: torch.device) -> dict[str, list]:
     """Per-block intervals (ms from the step's start) of copying and computing for one step of
     a model offloaded by this engine."""

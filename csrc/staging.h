@@ -1,0 +1,86 @@
+// The source of bytes for blocks kept in pageable host memory (outside the pinned budget): host
+// threads copy each one, ahead of its upload, into a small ring of pinned staging buffers; its
+// upload then reads the staging buffer. A buffer is refilled only after the upload that read it
+// has finished (its Fence), never before.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
+
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "faults.h"
+#include "transfer.h"
+
+namespace fastvideo_offload {
+
+class Staging {
+ public:
+  struct Request {
+    int64_t block;
+    const void* src;  // the block's pageable host buffer
+    int64_t nbytes;
+  };
+
+  // `buffers` staging buffers of `buffer_bytes` each, pinned for `device` when it is CUDA.
+  Staging(int buffers, int threads, int64_t buffer_bytes, c10::Device device, const Faults& faults);
+  Staging(const Staging&) = delete;
+  Staging& operator=(const Staging&) = delete;
+  // Waits for every upload that reads a staging buffer, then stops the threads.
+  ~Staging();
+
+  // The blocks to stage next, soonest first (the lookahead); buffers hold at most that many.
+  void plan(const std::vector<Request>& order);
+  // Whether `block`'s bytes are in a staging buffer now (a prefetch does not wait for them).
+  bool ready(int64_t block);
+  // The staging buffer with `request`'s bytes, staged now if it was not planned; the host waits
+  // (counted) while it is filled. The buffer is the caller's until `uploaded`.
+  const void* take(const Request& request, int* buffer);
+  // The upload from `buffer` was issued: the buffer is refilled once `done` has passed.
+  void uploaded(int buffer, std::unique_ptr<Fence> done);
+  // The host store changed: forget every staged block.
+  void forget();
+
+  struct Counts {
+    int64_t waits;   // takes that found their block not yet staged
+    int64_t bytes;   // bytes uploaded from staging buffers
+    int64_t fills;   // blocks uploaded from staging buffers
+  };
+  Counts counts() const;
+  int64_t buffer_bytes() const;
+  int buffers() const { return static_cast<int>(buffers_.size()); }
+
+ private:
+  enum class State { Free, Filling, Filled, Taken };
+  struct Buffer {
+    at::Tensor memory;
+    State state = State::Free;
+    Request request{-1, nullptr, 0};
+    std::unique_ptr<Fence> reading;  // the last upload from it, waited before it is refilled
+    bool fencing = false;            // a thread waits for `reading`
+    int64_t next_chunk = 0;          // the next piece a thread copies
+    int64_t chunks_left = 0;         // pieces not copied yet
+  };
+
+  int find(int64_t block) const;
+  int assign(const Request& request, const std::vector<int64_t>& keep);
+  void work();
+
+  const Faults faults_;
+  mutable std::mutex mutex_;
+  std::condition_variable changed_;
+  std::vector<Buffer> buffers_;
+  std::vector<int> order_;  // buffers being filled, soonest first
+  bool stopping_ = false;
+  int64_t waits_ = 0;
+  int64_t staged_bytes_ = 0;
+  int64_t staged_blocks_ = 0;
+  std::vector<std::thread> threads_;  // last: they use every member above
+};
+
+}  // namespace fastvideo_offload

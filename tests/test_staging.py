@@ -1,0 +1,218 @@
+"""The pinned-memory budget (enable's host_pin_budget): blocks outside it stay pageable and reach
+the device through the engine's staging ring (csrc/staging.cpp), on both CPU devices."""
+
+import copy
+import logging
+
+import pytest
+import torch
+
+import fastvideo_offload as fo
+from fastvideo_offload import _ops, pinning
+from fastvideo_offload.bench import measure
+from fastvideo_offload.store import BlockStore
+from models import Interleaved, TinyDiT, tiny_input
+
+LAYERS = 6
+GiB = 1 << 30
+
+
+@pytest.fixture(params=["sync", "async"])
+def cpu_device(request, monkeypatch):
+    """Both CPU devices; on the asynchronous one, copies and releases with random delays."""
+    monkeypatch.setenv("FASTVIDEO_OFFLOAD_CPU_TRANSFER", request.param)
+    monkeypatch.setenv("FASTVIDEO_OFFLOAD_ASYNC_DELAY_US", "300")
+    monkeypatch.setenv("FASTVIDEO_OFFLOAD_ASYNC_CHUNK_BYTES", "8192")
+    monkeypatch.delenv("FASTVIDEO_OFFLOAD_INJECT_FAULT", raising=False)
+    return monkeypatch
+
+
+def block_bytes(model) -> list[int]:
+    return [BlockStore.nbytes(list(b.parameters())) for b in model.blocks]
+
+
+def run(model, inputs):
+    with torch.no_grad():
+        return [model(x) for x in inputs]
+
+
+@pytest.mark.parametrize("prefetch", [0, 1, 2])
+@pytest.mark.parametrize("pinned_blocks", [0, 2, LAYERS])
+def test_staged_is_bit_identical_and_counted_exactly(cpu_device, prefetch, pinned_blocks):
+    reference = TinyDiT(layers=LAYERS)
+    inputs = [tiny_input() for _ in range(4)]
+    expected = run(reference, inputs)
+    model = copy.deepcopy(reference)
+    sizes = block_bytes(model)
+    handle = fo.enable(model, device="cpu", prefetch=prefetch, host_pin_budget=sum(sizes[:pinned_blocks]))
+    stats = handle.stats()
+    staged = sizes[pinned_blocks:]
+    assert stats["staged_blocks"] == len(staged)
+    assert stats["pinned_bytes"] == sum(sizes[:pinned_blocks])
+    counts = []
+    with torch.no_grad():
+        for x, e in zip(inputs, expected):
+            assert torch.equal(model(x), e)
+            s = handle.stats()
+            counts.append((s["staged_bytes"], s["stagings"]))
+    # Every block is uploaded once a step (the ring holds fewer than all), each staged one
+    # through exactly one staging: the steady state stages exactly the staged blocks' bytes.
+    for (bytes0, fills0), (bytes1, fills1) in zip(counts[1:], counts[2:]):
+        assert bytes1 - bytes0 == sum(staged)
+        assert fills1 - fills0 == len(staged)
+    assert handle.stats()["staging_buffer_bytes"] == (prefetch + 2) * max(staged, default=0) * bool(staged)
+    handle.disable()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters()))
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_staging_threads_and_learned_order(cpu_device, threads):
+    """Lists that interleave run in another order than registered: staging follows the order learned."""
+    reference = Interleaved()
+    inputs = [tiny_input() for _ in range(3)]
+    expected = run(reference, inputs)
+    model = copy.deepcopy(reference)
+    handle = fo.enable(model, device="cpu", prefetch=1, host_pin_budget=0, staging_threads=threads)
+    assert all(torch.equal(e, g) for e, g in zip(expected, run(model, inputs)))
+    assert handle.stats()["staged_blocks"] == handle.stats()["blocks"]
+
+
+def test_reusing_a_staging_buffer_before_its_upload_finished_is_caught(cpu_device):
+    """The fault refills a staging buffer while the copy engine still reads it: the slot gets
+    another block's bytes, and the outputs show it (slow copies make the overlap certain)."""
+    cpu_device.setenv("FASTVIDEO_OFFLOAD_CPU_TRANSFER", "async")
+    cpu_device.setenv("FASTVIDEO_OFFLOAD_ASYNC_DELAY_US", "2000")
+    cpu_device.setenv("FASTVIDEO_OFFLOAD_INJECT_FAULT", "reuse_staging_early")
+    reference = TinyDiT(layers=LAYERS)
+    inputs = [tiny_input() for _ in range(3)]
+    expected = run(reference, inputs)
+    model = copy.deepcopy(reference)
+    fo.enable(model, device="cpu", prefetch=1, host_pin_budget=0)
+    assert not all(torch.equal(e, g) for e, g in zip(expected, run(model, inputs)))
+
+
+def test_auto_budget_arithmetic():
+    meminfo = "MemTotal:       16777216 kB\nMemFree: 1 kB\nMemAvailable:   12582912 kB\n"  # 16 GiB, 12 GiB
+
+    def reader(files):
+        return lambda path: files.get(path, meminfo if path == "/proc/meminfo" else None)
+
+    # No cgroup limit: 12 GiB available less max(2 GiB, 16 GiB / 4).
+    assert pinning.auto_budget(reader({"/sys/fs/cgroup/memory.max": "max\n"})) == 8 * GiB
+    # cgroup v2 limit of 8 GiB with 3 GiB used: 5 GiB available less max(2 GiB, 2 GiB).
+    v2 = {"/sys/fs/cgroup/memory.max": f"{8 * GiB}\n", "/sys/fs/cgroup/memory.current": f"{3 * GiB}\n"}
+    assert pinning.auto_budget(reader(v2)) == 3 * GiB
+    # cgroup v1 limit of 12 GiB with 10 GiB used: 2 GiB available, all of it headroom.
+    v1 = {"/sys/fs/cgroup/memory/memory.limit_in_bytes": f"{12 * GiB}\n",
+          "/sys/fs/cgroup/memory/memory.usage_in_bytes": f"{10 * GiB}\n"}
+    assert pinning.auto_budget(reader(v1)) == 0
+    # v1 without a limit says about 2**63.
+    assert pinning.auto_budget(reader({"/sys/fs/cgroup/memory/memory.limit_in_bytes": "9223372036854771712"})) == 8 * GiB
+    with pytest.raises(RuntimeError, match="MemAvailable"):
+        pinning.auto_budget(lambda path: "MemTotal: 1 kB\n" if path == "/proc/meminfo" else None)
+
+
+def test_auto_budget_on_this_machine(cpu_device):
+    available = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemAvailable"))
+    budget = pinning.auto_budget()
+    assert 0 <= budget <= available
+    reference = TinyDiT()
+    model = copy.deepcopy(reference)
+    handle = fo.enable(model, device="cpu", host_pin_budget="auto")
+    # This model is far below any real budget: every block pinned.
+    assert handle.stats()["staged_blocks"] == 0
+    x = tiny_input()
+    assert torch.equal(run(model, [x])[0], run(reference, [x])[0])
+
+
+def test_a_pinning_failure_part_way_falls_back_to_staging(cpu_device, monkeypatch, caplog):
+    pinned = []
+
+    def pin_twice(self, make):
+        if len(pinned) == 2:
+            raise RuntimeError("CUDA error: out of memory")
+        pinned.append(1)
+        return make(self.cuda)
+
+    monkeypatch.setattr(pinning.PinPlan, "_pin", pin_twice)
+    reference = TinyDiT(layers=LAYERS)
+    inputs = [tiny_input() for _ in range(3)]
+    model = copy.deepcopy(reference)
+    sizes = block_bytes(model)
+    with caplog.at_level(logging.WARNING, logger="fastvideo_offload"):
+        handle = fo.enable(model, device="cpu", prefetch=1, host_pin_budget=GiB)
+    assert "pinning host memory failed" in caplog.text
+    assert handle.stats()["staged_blocks"] == LAYERS - 2
+    assert handle.stats()["pinned_bytes"] == sum(sizes[:2])
+    assert all(torch.equal(e, g) for e, g in zip(run(reference, inputs), run(model, inputs)))
+
+
+def test_a_budget_smaller_than_a_block_stages_every_block(cpu_device):
+    reference = TinyDiT()
+    model = copy.deepcopy(reference)
+    handle = fo.enable(model, device="cpu", host_pin_budget=1)
+    assert handle.stats()["staged_blocks"] == 4 and handle.stats()["pinned_bytes"] == 0
+    x = tiny_input()
+    assert torch.equal(run(model, [x])[0], run(reference, [x])[0])
+
+
+def test_weights_change_trim_and_disable_with_staged_blocks(cpu_device):
+    reference = TinyDiT(layers=LAYERS)
+    model = copy.deepcopy(reference)
+    sizes = block_bytes(model)
+    handle = fo.enable(model, device="cpu", prefetch=1, host_pin_budget=sum(sizes[:3]))
+    x = tiny_input()
+    run(model, [x, x])  # staging buffers now hold blocks ahead, with the old weights
+    with handle.mutate(model.blocks[4]), torch.no_grad():
+        model.blocks[4].proj.weight.add_(1.0)
+    with torch.no_grad():
+        reference.blocks[4].proj.weight.add_(1.0)
+    assert torch.equal(run(model, [x])[0], run(reference, [x])[0])
+    new = TinyDiT(layers=LAYERS).state_dict()
+    model.load_state_dict(new)
+    reference.load_state_dict(new)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in new.items())
+    assert torch.equal(run(model, [x])[0], run(reference, [x])[0])
+    handle.trim()
+    assert torch.equal(run(model, [x])[0], run(reference, [x])[0])
+    handle.disable()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters()))
+
+
+def test_bad_arguments_leave_the_model_alone():
+    model = TinyDiT()
+    reference = copy.deepcopy(model)
+    for kwargs, error in [
+        ({"host_pin_budget": -1}, ValueError),
+        ({"host_pin_budget": "some"}, TypeError),
+        ({"host_pin_budget": 1.5}, TypeError),
+        ({"staging_threads": 0}, ValueError),
+        ({"staging_threads": "2"}, TypeError),
+        ({"host_pin_budget": 0, "share": "node"}, ValueError),
+    ]:
+        with pytest.raises(error):
+            fo.enable(model, device="cpu", **kwargs)
+    assert fo.offloader.handle_of(model) is None
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters()))
+    with pytest.raises(ValueError, match="staging_threads"):
+        _ops.engine_create(torch.device("cpu"), 1, 0)
+
+
+def test_staging_throughput_measures_staged_bytes(cpu_device):
+    assert measure.staging_throughput(2, block_bytes=1 << 20, blocks=3, steps=2) > 0
+
+
+def test_a_checkpoint_loads_into_pinned_and_staged_blocks(cpu_device, tmp_path):
+    accelerate = pytest.importorskip("accelerate")
+    from safetensors.torch import save_file
+
+    reference = TinyDiT(layers=LAYERS)
+    save_file(reference.state_dict(), str(tmp_path / "m.safetensors"))
+    with accelerate.init_empty_weights():  # buffers stay real: the non-persistent RoPE-like table
+        model = TinyDiT(layers=LAYERS)
+    sizes = block_bytes(reference)
+    handle = fo.enable(model, device="cpu", checkpoint=tmp_path / "m.safetensors", host_pin_budget=sum(sizes[:2]))
+    assert handle.stats()["staged_blocks"] == LAYERS - 2
+    assert handle.stats()["pinned_bytes"] == sum(sizes[:2])
+    inputs = [tiny_input() for _ in range(3)]
+    assert all(torch.equal(e, g) for e, g in zip(run(reference, inputs), run(model, inputs)))
