@@ -30,8 +30,8 @@ run_tests "other tests" 60 "tests --ignore=tests/test_cuda.py --ignore=tests/tes
 
 start=$(date +%s)
 timeout 120 $py -m fastvideo_offload bench --layers "${LAYERS:-8}" --steps 2 --warmup 1 \
-  --modes "resident,ours p1,ours p2,ours budget auto,ours budget 24 GB card" --time-limit "${BENCH_TIME_LIMIT:-75}" \
-  --sections main,short_clip,wan22,hooks,pack_GBps \
+  --modes "resident,ours p1,ours p2,ours pin 3 blocks,ours budget auto,ours budget 24 GB card" --time-limit "${BENCH_TIME_LIMIT:-75}" \
+  --sections main,short_clip,wan22,hooks,pack_GBps,staging_GBps \
   --json "$out/bench.json" --table "$out/bench.txt" --plot "$out/bench.png" > "$out/bench.log" 2>&1
 bench=$?
 [ "$bench" = 0 ] || tail -20 "$out/bench.log"

@@ -73,7 +73,7 @@ def test_a_time_limit_skips_what_is_left_and_still_reports(tmp_path):
     assert results["wan22"] == {"failed": "not run: time limit"}
     assert "wan22: failed: not run: time limit" in proc.stdout
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    assert [t["met"] for t in results["targets"]] == [None] * (8 + 3 + len(modes.budget_modes(device)))
+    assert [t["met"] for t in results["targets"]] == [None] * (9 + 3 + len(modes.budget_modes(device)))
     assert results["load"] == results["node"] == {"failed": "not run: time limit"}
 
 
@@ -101,7 +101,7 @@ def test_a_run_cut_off_keeps_its_table_and_verdicts(tmp_path, monkeypatch):
     results = json.loads(out_json.read_text())
     assert results["complete"] is False
     assert "resident after ours" in results["short_clip"]["modes"] and "wan22" not in results
-    assert len(results["targets"]) == 8 + 3 + len(modes.budget_modes(torch.device("cpu")))
+    assert len(results["targets"]) == 9 + 3 + len(modes.budget_modes(torch.device("cpu")))
     text = out_table.read_text()
     assert "short clip" in text and "resident after ours" in text
     assert "targets (set for an H100" in text and "wan22: not run yet" in text

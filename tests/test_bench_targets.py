@@ -16,6 +16,7 @@ def results(**changes):
             "resident": {"median_ms": 1000.0, "overhead_pct": 0.0, "peak_device_bytes": 42 * GiB + 5 * GiB},
             "ours p1": {"median_ms": 1005.0, "overhead_pct": 0.5, "peak_device_bytes": 9 * GiB},
             "ours p2": {"median_ms": 1020.0, "overhead_pct": 2.0, "peak_device_bytes": 12 * GiB},
+            "ours pin 3 blocks": {"median_ms": 1060.0},
         }},
         "short_clip": {"modes": {
             "ours p1": {"h2d_GBps_per_step": 46.0},
@@ -45,6 +46,8 @@ def test_each_target_is_met_or_missed_at_its_limit():
     assert t["ours p1: short-clip copy rate vs ceiling"]["met"] is True  # 46 >= 45
     assert t["ours p2: short-clip copy rate vs ceiling"]["met"] is False  # 44 < 45
     assert t["Wan2.2 switch stall vs one block's copy"]["met"] is True
+    staged = t["ours pin 3 blocks: time per step vs every block pinned"]  # 1060 / 1005 > 1.05
+    assert staged["value"] == pytest.approx(1060 / 1005) and staged["met"] is False
     auto = t["ours budget auto: short-clip time vs resident"]
     assert auto["value"] == pytest.approx(1.04) and auto["limit"] == 1.05 and auto["met"] is True
 

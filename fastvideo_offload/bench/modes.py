@@ -123,6 +123,18 @@ def _ours_budget(budget: Callable[[nn.Module, int], int | str], prefetch: int = 
     return prepare
 
 
+#: Blocks pinned in the staging row; the others stream through the pinned staging ring.
+PINNED_BLOCKS = 3
+
+
+def _ours_pinned(blocks: int, prefetch: int = 1):
+    def prepare(model, device):
+        block = BlockStore.nbytes(list(model.blocks[0].parameters()))
+        offloader.enable(model, device=device, prefetch=prefetch, host_pin_budget=blocks * block)
+
+    return prepare
+
+
 def _gpu_only(device: torch.device) -> str | None:
     if device.type != "cuda":
         return "a GPU's budget row; on a CPU the budget rows keep shares of the blocks"
@@ -192,6 +204,7 @@ def all_modes() -> list[Mode]:
         Mode("ours p1 async", _ours_async(1), _cpu_only),
         *(Mode(f"ours budget {share:.0%}", _ours_budget(lambda model, slots, s=share: share_budget(model, s, slots)),
                _cpu_budget) for share in CPU_BUDGET_SHARES),
+        Mode(f"ours pin {PINNED_BLOCKS} blocks", _ours_pinned(PINNED_BLOCKS)),
         Mode("ours budget auto", _ours_budget(lambda model, slots: "auto"), _gpu_only),
         Mode("ours budget 24 GB card", _ours_budget(lambda model, slots: CARD_24GB_BUDGET), _gpu_only),
         Mode("fastvideo", _fastvideo, _needs("fastvideo", cuda=True)),

@@ -146,6 +146,7 @@ def table(results: dict) -> str:
         ("wan22", "Wan2.2 pair ({layers} blocks each, {tokens} tokens), expert switch after step {switch_step}:"),
         ("hooks", "hook overhead, host time per block per step ({layers} near-empty blocks):"),
         ("pack_GBps", "host packing:"),
+        ("staging_GBps", "host staging (pageable blocks -> pinned ring -> slot, no compute, each byte copied twice):"),
         ("load", "load, checkpoint on disk -> ready to run ({files} safetensors shards, host store "
                  "{store_bytes_mb:.1f} MB, {non_block_bytes_mb:.1f} MB of weights outside the blocks):"),
         ("node", "node, host bytes per node (the ranks' PSS growth less device slots and weights outside the "

@@ -25,7 +25,7 @@ RESIDENT = "resident"
 
 logger = logging.getLogger("fastvideo_offload.bench")
 
-SECTIONS = ("main", "short_clip", "wan22", "hooks", "pack_GBps", "load", "node")
+SECTIONS = ("main", "short_clip", "wan22", "hooks", "pack_GBps", "staging_GBps", "load", "node")
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -169,6 +169,12 @@ def run(args: argparse.Namespace) -> dict:
     bench.section("pack_GBps", lambda: {
         "threads_1": measure.pack_throughput(params, 1),
         f"threads_{torch.get_num_threads()}": measure.pack_throughput(params, torch.get_num_threads()),
+    })
+    # Pageable blocks through the pinned staging ring, no compute: against one memcpy, each byte
+    # is copied twice (into the ring by the host threads, from it by the upload).
+    bench.section("staging_GBps", lambda: {
+        "memcpy": measure.copy_ceiling(torch.device("cpu")),
+        **{f"threads_{n}": measure.staging_throughput(n) for n in (1, 2, 4)},
     })
     # Each way and each rank count in processes of their own, after this process's measurements.
     bench.section("load", lambda: load.compare(_factory(shape, dtype, device), shape, dtype, device, bench.out_of_time))

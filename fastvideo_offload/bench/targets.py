@@ -1,4 +1,4 @@
-"""The benchmark's five device targets (set for an H100 at Wan2.1-14B's block shape), judged from a
+"""The benchmark's six device targets (set for an H100 at Wan2.1-14B's block shape), judged from a
 run's results: what was reached, against what limit, and whether it was met; three host targets
 judged on any machine (loading from a checkpoint, one store per node); and a check that holds on
 any machine: each budget row copies per step exactly its streamed blocks' bytes.
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .modes import budget_modes
+from .modes import PINNED_BLOCKS, budget_modes
 
 OVERHEAD_PCT = 1.0
 PEAK_FACTOR = 1.1
@@ -20,6 +20,9 @@ COPY_RATE_FRACTION = 0.9
 #: Budget = free memory on the short clip, against resident.
 BUDGET_FACTOR = 1.05
 BUDGET_AUTO = "ours budget auto"
+#: A pin budget of PINNED_BLOCKS blocks (the rest staged) against every block pinned ("ours p1").
+STAGING_FACTOR = 1.05
+STAGED = f"ours pin {PINNED_BLOCKS} blocks"
 #: Host targets, judged on any machine: loading, against diffusers' way and the host store.
 LOAD_SPEEDUP = 2.0
 LOAD_PEAK_FACTOR = 1.05
@@ -98,6 +101,15 @@ def budget_time(results: dict) -> dict:
     return _target(name, ratio, BUDGET_FACTOR, "x")
 
 
+def staging_time(results: dict) -> dict:
+    name = f"{STAGED}: time per step vs every block pinned"
+    rows = _modes(results, "main")
+    staged, pinned = rows.get(STAGED, {}), rows.get("ours p1", {})
+    if staged.get("median_ms") is None or pinned.get("median_ms") is None:
+        return _missing(name, "x", staged.get("skipped") or _not_measured(results, "ours p1 or this mode"))
+    return _target(name, staged["median_ms"] / pinned["median_ms"], STAGING_FACTOR, "x")
+
+
 def budget_copies(results: dict, mode: str) -> dict:
     """In the main scenario and the short clip, bytes copied in a step at steady state against
     the bytes of the blocks the plan streams."""
@@ -164,6 +176,7 @@ def judge(results: dict) -> list[dict]:
         copy_rate(results, "ours p2"),
         switch_stall(results),
         budget_time(results),
+        staging_time(results),
     ]
     gpu = results["machine"].get("gpu") is not None
     if not gpu:
