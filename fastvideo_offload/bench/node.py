@@ -69,6 +69,9 @@ def launch(n: int, shared: bool) -> list[dict]:
                            PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
                            # Freed tensors go back to the OS at once, so PSS shows what is live.
                            MALLOC_MMAP_THRESHOLD_="131072")
+                # The synchronous CPU device: the asynchronous one, a test instrument, keeps a host
+                # copy of each slot it releases, which is no part of what a node holds on a GPU.
+                env.pop("FASTVIDEO_OFFLOAD_CPU_TRANSFER", None)
                 with open(f"{out}/log{rank}.txt", "w") as log:
                     procs.append(subprocess.Popen(
                         [sys.executable, "-m", "fastvideo_offload.bench.node", out, str(int(shared)),
