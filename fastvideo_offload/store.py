@@ -31,14 +31,22 @@ class BlockStore:
     ) -> BlockStore:
         """`device`: the CUDA device a pinned buffer is for, so its context (not the current
         device's) owns the pinning."""
+        def packed(tensors, offsets, nbytes):
+            if not tensors:
+                return torch.empty(0, dtype=torch.uint8)
+            return _ops.pack(tensors, offsets, nbytes, pinned, device)
+
+        return cls._laid_out(names, params, packed)
+
+    @classmethod
+    def _laid_out(cls, names, params, buffer_for) -> BlockStore:
+        """A store of `params`' holders (formats.holders) at their aligned offsets in the buffer that
+        `buffer_for(tensors, offsets, nbytes)` gives."""
         held = [formats.holders(name, p) for name, p in zip(names, params)]
         flat = [h for hs in held for h in hs]
         tensors = [formats.plain(h) for _, h in flat]
         offsets, nbytes = _ops.layout(tensors)
-        if tensors:
-            buffer = _ops.pack(tensors, offsets, nbytes, pinned, device)
-        else:
-            buffer = torch.empty(0, dtype=torch.uint8)
+        buffer = buffer_for(tensors, offsets, nbytes)
         views = [_view(buffer, off, t) for off, t in zip(offsets, tensors)]
         weights = [(p, len(hs)) for p, hs in zip(params, held)]
         return cls([n for n, _ in flat], [h for _, h in flat], buffer, offsets, views, weights)
@@ -75,16 +83,13 @@ class BlockStore:
     def over(cls, names: list[str], params: list[torch.nn.Parameter], buffer: torch.Tensor) -> BlockStore:
         """A store laid out as `pack` lays it out, in `buffer` (exactly `nbytes(params)` bytes that
         someone else allocated: a node's shared region). Its bytes are not written here."""
-        held = [formats.holders(name, p) for name, p in zip(names, params)]
-        flat = [h for hs in held for h in hs]
-        tensors = [formats.plain(h) for _, h in flat]
-        offsets, nbytes = _ops.layout(tensors)
-        if buffer.dtype != torch.uint8 or buffer.dim() != 1 or buffer.numel() != nbytes:
-            raise ValueError(f"BlockStore.over: expected a 1-D uint8 buffer of {nbytes} bytes, got {buffer.dtype} "
-                             f"{tuple(buffer.shape)}")
-        views = [_view(buffer, off, t) for off, t in zip(offsets, tensors)]
-        weights = [(p, len(hs)) for p, hs in zip(params, held)]
-        return cls([n for n, _ in flat], [h for _, h in flat], buffer, offsets, views, weights)
+        def given(tensors, offsets, nbytes):
+            if buffer.dtype != torch.uint8 or buffer.dim() != 1 or buffer.numel() != nbytes:
+                raise ValueError(f"BlockStore.over: expected a 1-D uint8 buffer of {nbytes} bytes, got "
+                                 f"{buffer.dtype} {tuple(buffer.shape)}")
+            return buffer
+
+        return cls._laid_out(names, params, given)
 
 
 def _span_bytes(t: torch.Tensor) -> int:
