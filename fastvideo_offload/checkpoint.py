@@ -216,9 +216,7 @@ class CheckpointWeights:
             try:
                 for future in futures:
                     store = future.result()
-                    with torch.no_grad():
-                        for p, view in zip(store.params, store.views):
-                            assign(p, view)
+                    self.adopt(store)
                     yield store
             finally:
                 # Stopped early (a failed block): blocks not started yet are not read at all.
@@ -233,15 +231,42 @@ class CheckpointWeights:
             value = _read(files, entry)
         return value.to(device=device, dtype=tensor.dtype)
 
+    def fill(self, stores: list[BlockStore]) -> None:
+        """Reads each block into a store someone else laid out (a node's shared region), blocks in
+        parallel; the parameters stay on the meta device until `adopt`."""
+        with _Files(self.entries.values()) as files, ThreadPoolExecutor(_threads(len(stores))) as pool:
+            for future in [pool.submit(self._read_into_store, files, store) for store in stores]:
+                future.result()
+
+    def adopt(self, store: BlockStore) -> None:
+        """The block's parameters leave the meta device for their views in `store`."""
+        with torch.no_grad():
+            for p, view in zip(store.params, store.views):
+                assign(p, view)
+
+    def identity(self, blocks: list[tuple[list[str], list[nn.Parameter]]]) -> list:
+        """Where each block tensor's bytes are: ranks of a node that share one store agree on it
+        instead of each reading the checkpoint to compare. A file is known by its inode, size and
+        modification time, so two paths to one file agree and a rewritten file does not."""
+        def where(p):
+            entry = self._by_tensor[id(p)]
+            st = os.stat(entry.file)
+            return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, entry.offset, str(entry.dtype))
+
+        return [[where(p) for p in params] for _, params in blocks]
+
     def _read_block(self, files, names, params, pin, want, device) -> BlockStore:
         store = pin.alloc(want, lambda pinned: BlockStore.allocate(names, params, pinned, device))
-        for view, offset, p in zip(store.views, store.offsets, params):
+        self._read_into_store(files, store)
+        return store
+
+    def _read_into_store(self, files, store: BlockStore) -> None:
+        for view, offset, p in zip(store.views, store.offsets, store.params):
             entry = self._by_tensor[id(p)]
             if entry.dtype == view.dtype and view.is_contiguous():
                 _read_into(files, entry, store.buffer, offset)
             else:
                 view.copy_(_read(files, entry))
-        return store
 
 
 def _renamed(entries: dict[str, Entry], rename) -> dict[str, Entry]:

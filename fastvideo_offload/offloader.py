@@ -107,7 +107,7 @@ class OffloadHandle:
         lists: list[BlockList],
         group: str | None = None,
         device_budget: int | str | None = None,
-        source: LiveWeights | CheckpointWeights | None = None,
+        source: LiveWeights | CheckpointWeights | node_share.NodeShare | None = None,
         host_pin_budget: int | str | None = None,
         staging_threads: int = 1,
     ):
@@ -500,7 +500,7 @@ def enable(
 
     `share="node"` (or a ProcessGroup) keeps one host copy of the blocks per node for the ranks of
     torch.distributed's default group (or of that group): every rank of it must call `enable` with
-    the same weights; see share.py.
+    the same weights, or the same `checkpoint`, which the node's leader alone reads; see share.py.
 
     `host_pin_budget` (bytes, or "auto": what the cgroup limit and MemAvailable leave, less
     headroom; see pinning.py): the blocks within it are pinned, the others stay pageable and are
@@ -532,19 +532,15 @@ def enable(
         raise TypeError(f"enable expects an nn.Module or a diffusers DiffusionPipeline, got {type(model).__name__}")
     if getattr(model, _HANDLE_ATTR, None) is not None:
         raise RuntimeError(f"offload is already enabled on this {type(model).__name__}; disable it first")
-    if checkpoint is not None and share is not None:
-        raise ValueError("checkpoint= and share= together are not supported yet: a node's ranks would need to "
-                         "agree on the checkpoint instead of comparing their weights")
-    if share is not None and host_pin_budget is not None:
-        raise ValueError("share= and host_pin_budget= together are not supported yet: a node's shared store is "
-                         "registered (pinned) whole")
     shared = node_share.resolve(share)
     try:
         device = resolve_device(device)
-        if checkpoint is None or isinstance(checkpoint, CheckpointWeights):
-            source = checkpoint or shared
+        if checkpoint is None:
+            source = LiveWeights()
         else:
-            source = CheckpointWeights(checkpoint)
+            source = checkpoint if isinstance(checkpoint, CheckpointWeights) else CheckpointWeights(checkpoint)
+        if shared is not None:
+            source = shared.over(source)
         return OffloadHandle(model, device, prefetch, find_block_lists(model, blocks), group, device_budget, source,
                              host_pin_budget, staging_threads)
     except BaseException as exc:

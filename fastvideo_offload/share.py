@@ -1,8 +1,8 @@
 """One host store per node: the ranks of a group that run on one node map one copy of the blocks.
 
 The node's leader (its lowest rank in the group) creates an anonymous memfd sized for every block
-and packs the blocks into it; the node's other ranks open it through /proc/<leader pid>/fd/<fd>
-and map the same pages. The memory has no name in any file system, so nothing outlives the
+and fills it (packs its loaded weights, or reads the checkpoint into it); the node's other ranks
+open it through /proc/<leader pid>/fd/<fd> and map the same pages. The memory has no name in any file system, so nothing outlives the
 processes: it goes when the last one that maps it exits, SIGKILL included. Every step is agreed
 through torch.distributed (all_gather_object over the group): a rank that fails makes every rank
 raise instead of leaving the others waiting.
@@ -68,23 +68,41 @@ class _Failed:
     message: str
 
 
-class NodeShare(LiveWeights):
+class NodeShare:
     """The agreement of one `enable(..., share=...)` call among the ranks of `group`. Every rank
     of the group must call `enable` with it. As the source of enable's host stores (sources.py),
-    it gives views into the node's one copy instead of packing a store of this rank's own."""
-
-    label = "sharing blocks"
+    it gives views into the node's one copy, which the node's leader fills from `source` (the
+    model's own weights, or a checkpoint's), instead of a store of this rank's own."""
 
     def __init__(self, group):
         self.group = group
+        self.source = LiveWeights()
         self._joined = False
 
+    def over(self, source) -> NodeShare:
+        """The source the node's leader fills the shared store from."""
+        self.source = source
+        return self
+
+    @property
+    def label(self) -> str:
+        return f"{self.source.label}, shared on this node"
+
+    def check(self, model) -> None:
+        self.source.check(model)
+
+    def resident(self, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+        return self.source.resident(tensor, device)
+
     def host_stores(self, blocks, pin, device: torch.device | None):
-        # `pin` is unused: a node's region is registered whole (enable refuses a pin budget with share).
-        # Collective: the node's ranks agree on one copy, which its leader packs here.
-        region = self.region(self, blocks, device or torch.device("cpu"))
+        # Collective: the node's ranks agree on one copy, which its leader fills here. Then each
+        # rank pins (registers) the blocks within its own pin budget and stages the others.
+        region = self.region(blocks)
         for index, (names, params) in enumerate(blocks):
-            yield region.store(index, names, params)
+            store = pin.store(BlockStore.nbytes(params),
+                              lambda pinned: region.store(index, names, params, self if pinned else None, device))
+            self.source.adopt(store)
+            yield store
 
     def abandon(self, exc: BaseException) -> None:
         """This rank's `enable` failed before its first step: the others learn it there and raise."""
@@ -111,21 +129,27 @@ class NodeShare(LiveWeights):
                 raise RuntimeError(f"share: rank {rank} of the group failed while {what}: {v.message}")
         return values
 
-    def region(self, owner, blocks: list[tuple[list[str], list[torch.nn.Parameter]]], device) -> SharedRegion:
-        """Collective: the node's one copy of `blocks` (names, parameters), packed by its leader,
-        mapped here and checked to hold this rank's own weights. `owner` (this share, which the
-        handle keeps) unpins it on CUDA when it goes."""
+    def region(self, blocks: list[tuple[list[str], list[torch.nn.Parameter]]]) -> SharedRegion:
+        """Collective: the node's one copy of `blocks` (names, parameters), filled by its leader
+        and mapped here; this rank's own weights are checked to be its bytes, or (from a
+        checkpoint) to come from the same file ranges. Every rank runs the same steps, whatever
+        its node decided, so that none waits for a step another skips."""
         me = dist.get_rank(self.group)
-        infos = self._step("describing its blocks", lambda: (_node(), os.getpid(), _signature(blocks)))
+        infos = self._step("describing its blocks",
+                           lambda: (_node(), os.getpid(), _signature(blocks), self.source.identity(blocks)))
         # Every rank judges every node from the same gathered values, so all raise together.
         leaders = [next(q for q, other in enumerate(infos) if other[0] == info[0]) for info in infos]
         for r, info in enumerate(infos):
-            if info[2] != infos[leaders[r]][2]:
+            first = infos[leaders[r]]
+            if info[2] != first[2]:
                 raise Refused(
                     f"share: rank {r} offloads blocks that differ from rank {leaders[r]}'s on its node (names, dtypes, "
-                    f"shapes or strides: {_first_difference(info[2], infos[leaders[r]][2])}); only ranks holding the "
+                    f"shapes or strides: {_first_difference(info[2], first[2])}); only ranks holding the "
                     "same model can share a host store"
                 )
+            if info[3] != first[3]:
+                raise Refused(f"share: {_different_origins(r, info[3], leaders[r], first[3])}; ranks that share a "
+                              "host store enable all from the same checkpoint, or all from their loaded weights")
         leader = leaders[me]
         sizes = [BlockStore.nbytes(params) for _, params in blocks]
         offsets = []
@@ -134,14 +158,16 @@ class NodeShare(LiveWeights):
             offsets.append(total)
             total += -(-n // _PAGE) * _PAGE  # each block on pages of its own
         region = SharedRegion(offsets, sizes)
+        compare = infos[me][3] is None  # loaded weights are compared; a checkpoint's ranges were
         try:
             created = self._step("creating the shared memory", lambda: region.create(total) if me == leader else None)
-            _, leader_pid, _ = infos[leader]
+            _, leader_pid, _, _ = infos[leader]
             self._step("mapping the shared memory", lambda: region.open(leader, leader_pid, *created[leader])
                        if me != leader else None)
             region.close_fd()  # every rank of the node has its own mapping now
-            self._step("packing the blocks", lambda: region.fill(blocks) if me == leader else None)
-            mismatches = self._step("comparing its weights", lambda: region.differences(blocks) if me != leader else [])
+            self._step("filling the shared store", lambda: region.fill(self.source, blocks) if me == leader else None)
+            mismatches = self._step("comparing its weights",
+                                    lambda: region.differences(blocks) if me != leader and compare else [])
             different = [(r, names) for r, names in enumerate(mismatches) if names]
             if different:
                 r, names = different[0]
@@ -150,14 +176,19 @@ class NodeShare(LiveWeights):
                     f"({', '.join(names[:3])}{'...' if len(names) > 3 else ''}); ranks holding different weights "
                     "cannot share a host store: load the same weights on every rank, or enable without share="
                 )
-            if device.type == "cuda":
-                region.pin(owner, device)
         except BaseException as exc:
             # The frames of the failed step hold views of the mapping; clearing them lets it go now.
             traceback.clear_frames(exc.__traceback__)
             region.release()
             raise
         return region
+
+
+def _different_origins(rank: int, identity, leader: int, leaders: list | None) -> str:
+    if identity is None or leaders is None:
+        ways = ("its loaded weights", "a checkpoint") if identity is None else ("a checkpoint", "its loaded weights")
+        return f"rank {rank} enables from {ways[0]}, rank {leader} on its node from {ways[1]}"
+    return f"rank {rank} reads its blocks from other checkpoint files (or other bytes of them) than rank {leader}"
 
 
 def _first_difference(a: list, b: list) -> str:
@@ -228,16 +259,18 @@ class SharedRegion:
                 pass
             self._map = None
 
-    def store(self, index: int, names: list[str], params: list[torch.nn.Parameter]) -> BlockStore:
+    def store(self, index: int, names: list[str], params: list[torch.nn.Parameter], owner=None,
+              device: torch.device | None = None) -> BlockStore:
+        """Block `index`'s store in the mapping; with an `owner`, registered (pinned) for the CUDA
+        `device`'s copies until the owner goes."""
         off = self.offsets[index]
-        return BlockStore.over(names, params, self._base[off : off + self.sizes[index]])
+        memory = self._base[off : off + self.sizes[index]]
+        if owner is not None:
+            _pin(memory, owner, device)
+        return BlockStore.over(names, params, memory)
 
-    def fill(self, blocks) -> None:
-        with torch.no_grad():
-            for index, (names, params) in enumerate(blocks):
-                store = self.store(index, names, params)
-                for holder, view in zip(store.params, store.views):
-                    span(view).copy_(span(formats.plain(holder)))
+    def fill(self, source, blocks) -> None:
+        source.fill([self.store(index, names, params) for index, (names, params) in enumerate(blocks)])
 
     def differences(self, blocks) -> list[str]:
         """The names of this rank's parameters whose bytes are not the region's: an exact check,
@@ -251,18 +284,23 @@ class SharedRegion:
                     different.append(name)
         return different
 
-    def pin(self, owner, device: torch.device) -> None:
-        """Page-locks the mapping in place for `device`'s copies, until `owner` goes."""
-        cudart = torch.cuda.cudart()
-        ptr, size = self._base.data_ptr(), self._base.numel()
-        with torch.cuda.device(device):
-            err = cudart.cudaHostRegister(ptr, size, 0)
-        if int(err) != 0:
-            raise RuntimeError(f"share: cudaHostRegister of {size} bytes of shared host memory failed ({err})")
-        weakref.finalize(owner, _unpin, ptr, device)
 
 
-def _unpin(ptr: int, device: torch.device) -> None:
+def _pin(memory: torch.Tensor, owner, device: torch.device) -> None:
+    """Page-locks `memory` (a block's pages of the mapping) in place for `device`'s copies, until
+    `owner` goes. The finalizer holds `memory`, so the pages stay mapped until they are unlocked."""
+    cudart = torch.cuda.cudart()
+    with torch.cuda.device(device):
+        err = cudart.cudaHostRegister(memory.data_ptr(), memory.numel(), 0)
+    if int(err) == 2:  # cudaErrorMemoryAllocation: the pin budget's fall-back stages the block instead
+        raise torch.OutOfMemoryError(f"share: cudaHostRegister of {memory.numel()} bytes of shared host memory: "
+                                     "out of memory")
+    if int(err) != 0:
+        raise RuntimeError(f"share: cudaHostRegister of {memory.numel()} bytes of shared host memory failed ({err})")
+    weakref.finalize(owner, _unpin, memory, device)
+
+
+def _unpin(memory: torch.Tensor, device: torch.device) -> None:
     # The engine's copies from the mapping must be done before its pages are unlocked.
     torch.cuda.synchronize(device)
-    torch.cuda.cudart().cudaHostUnregister(ptr)
+    torch.cuda.cudart().cudaHostUnregister(memory.data_ptr())

@@ -8,6 +8,12 @@ model and loading one straight from a checkpoint (checkpoint.py). A source
 - `resident(tensor, device)`: a parameter or buffer that stays out of the blocks, on `device`
   (`tensor` itself where nothing changes).
 
+For a node's shared store (share.py), which lays the stores out itself:
+- `identity(blocks)`: what the node's ranks must agree on before one of them fills the store
+  (None: the weights themselves, compared byte for byte after the fill);
+- `fill(stores)`: writes each block's weights into its store;
+- `adopt(store)`: the block's parameters hold real bytes afterwards.
+
 `label` names the work on the progress bar."""
 
 from __future__ import annotations
@@ -17,8 +23,9 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from . import formats
 from .pinning import PinPlan
-from .store import BlockStore
+from .store import BlockStore, span
 
 
 def assign(p: nn.Parameter, data: torch.Tensor) -> None:
@@ -50,6 +57,18 @@ class LiveWeights:
     ) -> Iterator[BlockStore]:
         for names, params in blocks:
             yield pin.store(BlockStore.nbytes(params), lambda pinned: BlockStore.pack(names, params, pinned, device))
+
+    def identity(self, blocks) -> None:
+        return None
+
+    def fill(self, stores: list[BlockStore]) -> None:
+        with torch.no_grad():
+            for store in stores:
+                for holder, view in zip(store.params, store.views):
+                    span(view).copy_(span(formats.plain(holder)))
+
+    def adopt(self, store: BlockStore) -> None:
+        pass  # the parameters hold their own bytes until the engine swaps them out
 
     def resident(self, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
         # Already on the device: the tensor itself, so a buffer keeps its object and a parameter its data.

@@ -12,6 +12,7 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from conftest import requires_cuda
 from models import TinyDiT
 
@@ -21,7 +22,7 @@ from fastvideo_offload import share
 WORKER = os.path.join(os.path.dirname(__file__), "share_worker.py")
 #: The ranks import the package this test imports (a worktree's, not an installed one).
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(fo.__file__))
-from share_worker import DIM, LAYERS  # noqa: E402
+from share_worker import DIM, LAYERS, PINNED, dim_of  # noqa: E402
 
 
 def _free_port() -> int:
@@ -83,12 +84,23 @@ class Ranks:
         return "\n".join(open(path).read()[-3000:] for path in sorted(glob.glob(f"{self.out}/log*.txt")))
 
 
-def _reference() -> torch.Tensor:
-    torch.manual_seed(0)
-    model = TinyDiT(DIM, LAYERS).eval()
+def _model(dim: int, seed: int = 0) -> TinyDiT:
+    torch.manual_seed(seed)
+    return TinyDiT(dim, LAYERS).eval()
+
+
+def _reference(dim: int = DIM) -> torch.Tensor:
     x = torch.randn(1, 16, 8, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
-        return model(x)
+        return _model(dim)(x)
+
+
+def _write_checkpoints(tmp_path, mode: str) -> None:
+    """What the checkpoint modes read: model.safetensors (the weights of seed 0, as the other modes
+    build them) and other.safetensors (seed 1)."""
+    save_file(_model(dim_of(mode)).state_dict(), f"{tmp_path}/model.safetensors")
+    if mode == "checkpoint-differ":
+        save_file(_model(dim_of(mode), seed=1).state_dict(), f"{tmp_path}/other.safetensors")
 
 
 def _holders(pid: int) -> list[str]:
@@ -143,6 +155,49 @@ def test_ranks_share_one_store_bit_identical(tmp_path, n, no_leftovers):
     assert _holders(results[0]["pid"]) == []
 
 
+@pytest.mark.parametrize("n", [2, 4])
+def test_ranks_share_one_store_read_from_a_checkpoint(tmp_path, n, no_leftovers):
+    """enable(checkpoint=..., share="node"): the node's leader alone reads the blocks, straight
+    into the shared store; the other ranks read only the headers and the weights outside the blocks."""
+    _write_checkpoints(tmp_path, "checkpoint")
+    with Ranks(tmp_path, n, "checkpoint") as ranks:
+        results = ranks.wait()
+    assert all("error" not in r and "exit" not in r for r in results), ranks.logs()
+    reference = _reference()
+    for rank, r in enumerate(results):
+        assert torch.equal(torch.load(f"{tmp_path}/out{rank}.pt"), reference)
+        assert r["second_equal"]
+    store = results[0]["host_bytes"]
+    node = _host_bytes_per_node(results)
+    reads = [r["read_bytes"] for r in results]
+    print(f"\n{n} ranks from a checkpoint: store {store} B; node PSS growth less slots {node} B "
+          f"({node / store:.3f} x the store); bytes read per rank {reads}")
+    assert reads[0] >= 0.99 * store  # the store's padding between tensors is never read
+    assert all(read <= 0.01 * store for read in reads[1:])
+    if os.environ.get("FASTVIDEO_OFFLOAD_CPU_TRANSFER") != "async":
+        assert node <= 1.1 * store  # as in the test above
+    assert _holders(results[0]["pid"]) == []
+
+
+@pytest.mark.parametrize("mode", ["pin", "checkpoint-pin"])
+def test_shared_store_with_a_pin_budget_stages_the_rest(tmp_path, mode, no_leftovers):
+    """Each rank pins the shared blocks within its budget and stages the others from the shared
+    pages through its own staging ring: outputs exact, on both CPU devices."""
+    if mode.startswith("checkpoint"):
+        _write_checkpoints(tmp_path, mode)
+    with Ranks(tmp_path, 2, mode) as ranks:
+        results = ranks.wait()
+    assert all("error" not in r and "exit" not in r for r in results), ranks.logs()
+    reference = _reference(dim_of(mode))
+    block = results[0]["host_bytes"] // LAYERS
+    for rank, r in enumerate(results):
+        assert torch.equal(torch.load(f"{tmp_path}/out{rank}.pt"), reference)
+        assert r["second_equal"]
+        assert (r["staged_blocks"], r["pinned_bytes"]) == (LAYERS - PINNED, PINNED * block)
+        assert r["stagings"] == 2 * (LAYERS - PINNED)  # two forwards, each staged block once per forward
+        assert r["staged_bytes"] == r["stagings"] * block
+
+
 def test_without_share_each_rank_holds_a_copy(tmp_path):
     """The measurement above can see copies: without share=, 2 ranks hold about 2 stores."""
     with Ranks(tmp_path, 2, "plain") as ranks:
@@ -161,10 +216,24 @@ def test_ranks_with_different_weights_refuse(tmp_path, no_leftovers):
         assert r["model_unchanged"] and not r["holds_memfd"]
 
 
-@pytest.mark.parametrize("killed, step", [(0, "stall-fill"), (1, "stall-open")])
+def test_ranks_reading_different_checkpoints_refuse(tmp_path, no_leftovers):
+    _write_checkpoints(tmp_path, "checkpoint-differ")
+    with Ranks(tmp_path, 2, "checkpoint-differ") as ranks:
+        results = ranks.wait()
+    for r in results:
+        assert r.get("error", "").startswith(
+            "Refused: share: rank 1 reads its blocks from other checkpoint files (or other bytes of them) than rank 0"
+        ), r
+        assert r["model_unchanged"] and not r["holds_memfd"]
+
+
+@pytest.mark.parametrize("killed, step", [(0, "stall-fill"), (0, "checkpoint-stall-fill"), (1, "stall-open")])
 def test_sigkill_during_load_leaves_nothing(tmp_path, killed, step, no_leftovers):
-    """The leader killed while it packs, or a rank killed before it mapped: the survivor raises,
-    its model as it was, and holds nothing; once it exits, no process holds the memory."""
+    """The leader killed while it packs or reads the checkpoint, or a rank killed before it
+    mapped: the survivor raises, its model as it was, and holds nothing; once it exits, no
+    process holds the memory."""
+    if step.startswith("checkpoint"):
+        _write_checkpoints(tmp_path, step)
     with Ranks(tmp_path, 2, step) as ranks:
         ranks.wait_for("stalled")
         ranks.procs[killed].send_signal(signal.SIGKILL)
