@@ -16,9 +16,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from fastvideo_cpu import load, on_cpu, run, tiny_wan  # noqa: E402
-from share_worker import _write, holds_memfd  # noqa: E402
+from share_worker import _write, holds_memfd, read_bytes  # noqa: E402
 
 import fastvideo_offload as fo  # noqa: E402
+from fastvideo_offload.checkpoint import CheckpointWeights  # noqa: E402
 from fastvideo_offload.share import NodeShare  # noqa: E402
 
 
@@ -40,9 +41,12 @@ def main(out: str, mode: str) -> None:
     logging.getLogger("fastvideo_offload").setLevel(logging.INFO)
     fo.patch_fastvideo()
     dtype = torch.bfloat16 if mode == "load" else torch.float32  # FastVideo's Wan loads in bf16
+    read = 0
     if mode == "load":
         reference = load(f"{out}/wan", offload=False)
+        read = read_bytes()
         model = load(f"{out}/wan", offload=True)
+        read = read_bytes() - read
     else:
         from fastvideo.models.loader import component_loader
 
@@ -56,6 +60,9 @@ def main(out: str, mode: str) -> None:
         "rank": rank,
         "sequence_parallel": get_sp_world_size(),
         "shared": isinstance(handle._source, NodeShare),
+        "from_checkpoint": isinstance(getattr(handle._source, "source", None), CheckpointWeights),
+        "read_bytes": read,
+        "host_bytes": handle.stats()["host_bytes"],
         "maps_store": holds_memfd(),
         "equal": all(torch.equal(run(model, step, dtype=dtype), run(reference, step, dtype=dtype)) for step in range(2)),
         "messages": messages.seen,

@@ -194,17 +194,18 @@ def test_load_and_node_sections_are_consistent(tmp_path, monkeypatch):
     store = node_section["store_bytes"]
     assert list(node_section["ranks"]) == ["1", "2"]
     for n, row in node_section["ranks"].items():
-        for key in ("shared", "unshared"):
+        for key in ("shared", "checkpoint", "unshared"):
             cell = row[key]
             assert len(cell["per_rank"]) == int(n) and cell["x_store"] == cell["node_bytes"] / store
             for r in cell["per_rank"]:
                 assert r["host_bytes"] == r["pss_growth_bytes"] - r["device_bytes"] - r["non_block_bytes"]
     two = node_section["ranks"]["2"]
     assert two["shared"]["node_bytes"] < 0.75 * two["unshared"]["node_bytes"]
+    assert two["checkpoint"]["node_bytes"] < 0.75 * two["unshared"]["node_bytes"]
     host = [t for t in results["targets"] if t.get("host")]
     assert [t["met"] is not None for t in host] == [True] * 3
     table = report.table(results)
-    assert "load, checkpoint on disk" in table and "host targets (any machine)" in table and "unshared MB" in table
+    assert "load, checkpoint on disk" in table and "host targets (any machine)" in table and "shared, from ckpt MB" in table
 
 
 def test_help_lists_every_mode(capsys):

@@ -122,13 +122,14 @@ def test_a_cpu_run_judges_no_target_but_checks_its_budget_rows():
 def test_host_targets_are_judged_on_any_machine():
     r = results(machine={"gpu": None},
                 load={"diffusers_vs_ours": 2.5, "ways": {"ours": {"x_store": 1.02}, "diffusers": {}}},
-                node={"ranks": {"1": {"shared": {"x_store": 1.01}}, "2": {"shared": {"x_store": 1.12}},
+                node={"ranks": {"1": {"shared": {"x_store": 1.01}, "checkpoint": {"x_store": 1.02}},
+                                "2": {"shared": {"x_store": 1.04}, "checkpoint": {"x_store": 1.12}},
                                 "4": {"shared": {"skipped": "time limit"}}}})
     t = by_name(targets.judge(r))
     assert t["load: diffusers' time / ours"]["met"] is True
     assert t["load: ours' peak RSS growth vs store"]["met"] is True
-    node = t["node: host bytes, shared, vs store (worst N)"]
-    assert (node["value"], node["met"]) == (1.12, False)  # the worst rank count is judged
+    node = t["node: host bytes, shared, vs store (worst N and way)"]
+    assert (node["value"], node["met"]) == (1.12, False)  # the worst rank count and way is judged
     missing = by_name(targets.judge(results(load={"ways": {"ours": {"skipped": "time limit"}}})))
     assert missing["load: diffusers' time / ours"]["why"] == "time limit"
-    assert missing["node: host bytes, shared, vs store (worst N)"]["why"] == "the node was not measured"
+    assert missing["node: host bytes, shared, vs store (worst N and way)"]["why"] == "the node was not measured"

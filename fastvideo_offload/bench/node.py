@@ -1,11 +1,12 @@
 """Node: host bytes per node when 1, 2 or 4 ranks (real processes in a gloo group) offload one
-model, with `share="node"` (one store per node) and without (a store per rank, as FastVideo's own
+model, with `share="node"` (one store per node; from each rank's loaded weights, and from a
+checkpoint that the node's leader alone reads) and without (a store per rank, as FastVideo's own
 offload keeps). Measured as the sum of the ranks' PSS growth (/proc/self/smaps_rollup) across
 building, enabling and one forward, less what is not the host store on a GPU machine: each rank's
 device slots and the weights outside the blocks (here the device is the CPU). The model is small
 enough for a CPU, on every machine: this measures host memory only.
 
-    python -m fastvideo_offload.bench.node OUT SHARE SHAPE_JSON   (one rank; RANK, WORLD_SIZE from the env)
+    python -m fastvideo_offload.bench.node OUT WAY SHAPE_JSON   (one rank; RANK, WORLD_SIZE from the env)
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import replace
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import save_file
 
 from .. import offloader
 from . import measure, modes
@@ -34,6 +36,8 @@ DTYPE = torch.float32
 RANKS = (1, 2, 4)
 TOKENS = 16
 TIMEOUT_S = 180
+#: How the ranks enable: the row's columns.
+WAYS = ("shared", "checkpoint", "unshared")
 
 
 def compare(ranks: tuple[int, ...], out_of_time) -> dict:
@@ -42,12 +46,12 @@ def compare(ranks: tuple[int, ...], out_of_time) -> dict:
                "ranks": {}}
     for n in ranks:
         row = section["ranks"][str(n)] = {}
-        for key, shared in (("shared", True), ("unshared", False)):
+        for key in WAYS:
             if out_of_time():
                 row[key] = {"skipped": "time limit"}
                 continue
             try:
-                per_rank = launch(n, shared)
+                per_rank = launch(n, key)
             except Exception as exc:  # noqa: BLE001  (one launch failing must not cost the others)
                 row[key] = {"skipped": f"failed: {type(exc).__name__}: {exc}"[:500]}
                 continue
@@ -56,11 +60,14 @@ def compare(ranks: tuple[int, ...], out_of_time) -> dict:
     return section
 
 
-def launch(n: int, shared: bool) -> list[dict]:
-    """Runs `n` ranks to the end, within TIMEOUT_S, and returns what each measured; whatever is
-    still running when it leaves is killed."""
+def launch(n: int, way: str) -> list[dict]:
+    """Runs `n` ranks enabling one of the WAYS to the end, within TIMEOUT_S, and returns what each
+    measured; whatever is still running when it leaves is killed."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     with tempfile.TemporaryDirectory(prefix="fastvideo_offload-node-") as out:
+        if way == "checkpoint":
+            torch.manual_seed(0)
+            save_file(build(SHAPE, DTYPE).state_dict(), f"{out}/model.safetensors")
         procs = []
         try:
             for rank in range(n):
@@ -74,7 +81,7 @@ def launch(n: int, shared: bool) -> list[dict]:
                 env.pop("FASTVIDEO_OFFLOAD_CPU_TRANSFER", None)
                 with open(f"{out}/log{rank}.txt", "w") as log:
                     procs.append(subprocess.Popen(
-                        [sys.executable, "-m", "fastvideo_offload.bench.node", out, str(int(shared)),
+                        [sys.executable, "-m", "fastvideo_offload.bench.node", out, way,
                          json.dumps(SHAPE.as_dict())], env=env, stdout=log, stderr=subprocess.STDOUT))
             deadline = time.monotonic() + TIMEOUT_S
             for p in procs:
@@ -101,7 +108,7 @@ def _settle() -> None:
     ctypes.CDLL(None).malloc_trim(0)
 
 
-def rank_main(out: str, shared: bool, shape: WanShape) -> None:
+def rank_main(out: str, way: str, shape: WanShape) -> None:
     rank = int(os.environ["RANK"])
     # A file store in the launch's own directory: no port to pick, gone with the directory.
     dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank,
@@ -112,9 +119,13 @@ def rank_main(out: str, shared: bool, shape: WanShape) -> None:
     _settle()
     dist.barrier()
     before = measure.proc_bytes("Pss:", table="smaps_rollup")
-    torch.manual_seed(0)
-    model = build(shape, DTYPE)
-    handle = offloader.enable(model, device="cpu", share="node" if shared else None)
+    if way == "checkpoint":
+        model = build_empty(shape, DTYPE)
+        handle = offloader.enable(model, device="cpu", share="node", checkpoint=f"{out}/model.safetensors")
+    else:
+        torch.manual_seed(0)
+        model = build(shape, DTYPE)
+        handle = offloader.enable(model, device="cpu", share="node" if way == "shared" else None)
     with torch.inference_mode():
         model(*x)
     _settle()
@@ -134,4 +145,4 @@ def rank_main(out: str, shared: bool, shape: WanShape) -> None:
 
 if __name__ == "__main__":
     shape = WanShape(**json.loads(sys.argv[3]))
-    rank_main(sys.argv[1], sys.argv[2] == "1", replace(shape, patch=tuple(shape.patch)))
+    rank_main(sys.argv[1], sys.argv[2], replace(shape, patch=tuple(shape.patch)))

@@ -97,14 +97,18 @@ def _load_table(section: dict) -> list[str]:
     return lines
 
 
+#: The node section's columns: how the ranks enabled, and its heading.
+_NODE_COLUMNS = (("shared", "shared MB"), ("checkpoint", "shared, from ckpt MB"), ("unshared", "unshared MB"))
+
+
 def _node_table(section: dict) -> list[str]:
-    lines = [f"  {'ranks':<8}{'shared MB':>12}{'x store':>9}{'unshared MB':>14}{'x store':>9}"]
+    lines = [f"  {'ranks':<8}" + "".join(f"{title:>22}{'x store':>9}" for _, title in _NODE_COLUMNS)]
     for n, row in section["ranks"].items():
         cells = []
-        for key in ("shared", "unshared"):
+        for key, _ in _NODE_COLUMNS:
             cell = row.get(key, {})
             if "node_bytes" in cell:
-                cells.append(f"{cell['node_bytes'] / MB:>{12 if key == 'shared' else 14}.1f}{cell['x_store']:>9.2f}")
+                cells.append(f"{cell['node_bytes'] / MB:>22.1f}{cell['x_store']:>9.2f}")
             else:
                 cells.append(f"  {key}: {cell.get('skipped', 'not run')}")
         lines.append(f"  {n:<8}" + "".join(cells))

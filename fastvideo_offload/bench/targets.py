@@ -156,11 +156,12 @@ def load_peak(results: dict) -> dict:
 
 
 def node_shared(results: dict) -> dict:
-    """The largest of the measured rank counts' host bytes per node with share="node"."""
-    name = "node: host bytes, shared, vs store (worst N)"
+    """The largest of the measured rank counts' host bytes per node with share="node", filled
+    from loaded weights or from a checkpoint."""
+    name = "node: host bytes, shared, vs store (worst N and way)"
     node = results.get("node", {})
-    measured = [row["shared"]["x_store"] for row in node.get("ranks", {}).values()
-                if "x_store" in row.get("shared", {})]
+    measured = [row[way]["x_store"] for row in node.get("ranks", {}).values() for way in ("shared", "checkpoint")
+                if "x_store" in row.get(way, {})]
     if not measured:
         return _missing(name, "x", node.get("failed") or _not_measured(results, "the node"))
     return _target(name, max(measured), NODE_FACTOR, "x")

@@ -12,8 +12,9 @@ What is replaced, in FastVideo's own modules (all restored by `unpatch_fastvideo
   checkpoint straight into the host store (fastvideo_checkpoint.py), or, where that path cannot
   follow FastVideo's, loaded into host memory first; the GPU never holds the whole DiT.
 - With several ranks (FastVideo's world group: sequence-parallel workers), each DiT's host store
-  is shared per node (`share=` the world group's gloo group): the share compares the ranks' loaded
-  weights byte for byte, and where they differ every rank keeps its own store.
+  is shared per node (`share=` the world group's gloo group). From the checkpoint, the node's
+  leader alone reads the blocks into it, the ranks having agreed on the files; from loaded weights,
+  the share compares them byte for byte. Where the ranks differ, every rank keeps its own store.
 - `lora_pipeline._get_hook_ctx`: LoRA conversion, merge and unmerge of an offloaded block run
   inside `OffloadHandle.mutate(block)`, which writes the change back to the host store.
 - `WorkerMultiprocProc.worker_main`: FastVideo's VideoGenerator loads and runs the DiT in
@@ -74,12 +75,11 @@ def _ranks():
 
 def _offload(model: torch.nn.Module, checkpoint=None) -> None:
     try:
-        # From a checkpoint there is one rank: the loader falls back to loading first where there are several.
         handle = offloader.enable(model, device=_device(), group=GROUP, checkpoint=checkpoint, share=_ranks())
     except share.Refused as exc:
         # Every rank was refused alike, so every rank retries alone.
         logger.warning("fastvideo_offload: each rank keeps its own host store of %s: %s", type(model).__name__, exc)
-        handle = offloader.enable(model, device=_device(), group=GROUP)
+        handle = offloader.enable(model, device=_device(), group=GROUP, checkpoint=checkpoint)
     model._layerwise_offload_manager = _ReleaseManager(handle)
 
 

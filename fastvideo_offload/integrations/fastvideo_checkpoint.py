@@ -10,8 +10,9 @@ requires_grad, quantization, regional compile) runs as before.
 
 What this path cannot do exactly as FastVideo does falls back to FastVideo's own load into host
 memory (enable then packs it), with the reason logged: a whole-parameter LoRA adapter, quantized
-linears, several ranks (the node share compares loaded weights, see fastvideo.py), and a
-checkpoint the model does not fit exactly (merged or extra keys, zero-initialised parameters).
+linears, and a checkpoint the model does not fit exactly (merged or extra keys, zero-initialised
+parameters). With several ranks on a node, the node's leader alone reads the blocks, into the
+store the ranks share (fastvideo.py).
 """
 
 from __future__ import annotations
@@ -55,7 +56,6 @@ def wrap_state_dict_load(original, offload):
 
 
 def _why_not(model, dense_lora_patch) -> str | None:
-    from fastvideo.distributed.parallel_state import get_world_group, model_parallel_is_initialized
     from fastvideo.layers.linear import UnquantizedLinearMethod
 
     if dense_lora_patch is not None:
@@ -65,8 +65,6 @@ def _why_not(model, dense_lora_patch) -> str | None:
                  and not isinstance(m.quant_method, UnquantizedLinearMethod)]
     if quantized:
         return f"{quantized[0]} and {len(quantized) - 1} other module(s) are quantized after loading"
-    if model_parallel_is_initialized() and get_world_group().world_size > 1:
-        return "several ranks share a node's host store, which compares their loaded weights"
     return None
 
 
