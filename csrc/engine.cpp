@@ -298,6 +298,7 @@ void Engine::upload(int64_t block, int slot_index) {
       // Enough buffers for the prefetched uploads in flight and one being filled ahead.
       staging_ = std::make_unique<Staging>(static_cast<int>(prefetch_) + 2, static_cast<int>(staging_threads_),
                                            staged_block_bytes_, device_, faults_);
+      staging_->trace(trace_staging_);
     }
     src = staging_->take({block, blk.host.const_data_ptr(), blk.nbytes}, &staging_buffer);
   }
@@ -488,6 +489,28 @@ void Engine::trim() {
   free_all_slots();
 }
 
+void Engine::trace_staging(bool on) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  trace_staging_ = on;
+  if (staging_) {
+    staging_->trace(on);
+  }
+}
+
+at::Tensor Engine::staging_trace() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  const std::vector<Staging::Piece> pieces = staging_ ? staging_->take_trace() : std::vector<Staging::Piece>{};
+  at::Tensor out = at::empty({static_cast<int64_t>(pieces.size()), 4}, at::kLong);
+  int64_t* row = out.data_ptr<int64_t>();
+  for (const Staging::Piece& piece : pieces) {
+    *row++ = piece.block;
+    *row++ = piece.thread;
+    *row++ = piece.start_ns;
+    *row++ = piece.end_ns;
+  }
+  return out;
+}
+
 void Engine::free_all_slots() {
   prefetch_alloc_blocked_ = false;
   if (slots_.empty()) {
@@ -558,6 +581,7 @@ c10::Dict<std::string, int64_t> Engine::stats() {
   }
   const Staging::Counts counts = staging_ ? staging_->counts() : Staging::Counts{0, 0, 0};
   out.insert("staged_blocks", staged);
+  out.insert("staging_threads", staging_threads_);
   out.insert("pinned_bytes", host_bytes_ - staged_host);
   out.insert("staging_buffer_bytes", staging_ ? staging_->buffers() * staging_->buffer_bytes() : 0);
   out.insert("staged_bytes", counts.bytes);
@@ -609,6 +633,8 @@ void engine_invalidate(int64_t engine) { lookup(engine)->invalidate(); }
 void engine_trim(int64_t engine) { lookup(engine)->trim(); }
 void engine_set_resident(int64_t engine, at::IntArrayRef blocks) { lookup(engine)->set_resident(blocks); }
 c10::Dict<std::string, int64_t> engine_stats(int64_t engine) { return lookup(engine)->stats(); }
+void engine_trace_staging(int64_t engine, bool on) { lookup(engine)->trace_staging(on); }
+at::Tensor engine_staging_trace(int64_t engine) { return lookup(engine)->staging_trace(); }
 
 void engine_destroy(int64_t engine) {
   std::shared_ptr<Engine> doomed = lookup(engine);

@@ -52,6 +52,11 @@ class Engine {
   void set_resident(at::IntArrayRef blocks);
   c10::Dict<std::string, int64_t> stats();
   bool busy();
+  // Whether the staging threads record each piece they copy (see Staging::trace).
+  void trace_staging(bool on);
+  // The pieces recorded since the last call, int64 [n, 4]: block, staging thread, start and end
+  // (steady_clock ns); clears them.
+  at::Tensor staging_trace();
 
  private:
   struct Block {
@@ -120,6 +125,7 @@ class Engine {
   int64_t slot_alloc_failures_ = 0;
   int64_t max_resident_ = 0;
   int64_t max_materialized_ = 0;
+  bool trace_staging_ = false;  // as trace_staging() left it: a ring made later starts so
   // Destroyed before the host buffers: it waits for in-flight copies before they go.
   std::unique_ptr<Transfer> transfer_;
   // Created by the first staged upload. Declared last, so destroyed first: it waits for the
