@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <unordered_map>
 #include <unordered_set>
+#include <utility>
 
 #include "host_store.h"
 #include "ops.h"
@@ -487,6 +488,24 @@ void Engine::trim() {
   std::lock_guard<std::mutex> lock(mutex_);
   check_idle("trim");
   free_all_slots();
+  free_staging();
+}
+
+void Engine::free_staging() {
+  if (!staging_) {
+    return;
+  }
+  // Its pinned buffers are as idle as the slots; the next staged upload makes a new ring.
+  const Staging::Counts counts = staging_->counts();
+  staged_before_.waits += counts.waits;
+  staged_before_.bytes += counts.bytes;
+  staged_before_.fills += counts.fills;
+  for (const Staging::Piece& piece : staging_->take_trace()) {
+    if (trace_before_.size() < Staging::kTracePieces) {
+      trace_before_.push_back(piece);
+    }
+  }
+  staging_.reset();  // waits for the uploads that read its buffers
 }
 
 void Engine::trace_staging(bool on) {
@@ -499,7 +518,11 @@ void Engine::trace_staging(bool on) {
 
 at::Tensor Engine::staging_trace() {
   std::lock_guard<std::mutex> lock(mutex_);
-  const std::vector<Staging::Piece> pieces = staging_ ? staging_->take_trace() : std::vector<Staging::Piece>{};
+  std::vector<Staging::Piece> pieces = std::exchange(trace_before_, {});
+  if (staging_) {
+    const std::vector<Staging::Piece> recent = staging_->take_trace();
+    pieces.insert(pieces.end(), recent.begin(), recent.end());
+  }
   at::Tensor out = at::empty({static_cast<int64_t>(pieces.size()), 4}, at::kLong);
   int64_t* row = out.data_ptr<int64_t>();
   for (const Staging::Piece& piece : pieces) {
@@ -579,7 +602,11 @@ c10::Dict<std::string, int64_t> Engine::stats() {
     staged += blk.staged ? 1 : 0;
     staged_host += blk.staged ? blk.nbytes : 0;
   }
-  const Staging::Counts counts = staging_ ? staging_->counts() : Staging::Counts{0, 0, 0};
+  Staging::Counts counts = staged_before_;
+  if (staging_) {
+    const Staging::Counts now = staging_->counts();
+    counts = {counts.waits + now.waits, counts.bytes + now.bytes, counts.fills + now.fills};
+  }
   out.insert("staged_blocks", staged);
   out.insert("staging_threads", staging_threads_);
   out.insert("pinned_bytes", host_bytes_ - staged_host);

@@ -220,6 +220,29 @@ def test_weights_change_trim_and_disable_with_staged_blocks(cpu_device):
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters()))
 
 
+def test_trim_frees_the_staging_ring(cpu_device):
+    """An idle model's pinned staging buffers go with its slots; the next staged upload makes the
+    ring again. Its counts and trace go on across it."""
+    reference = TinyDiT(layers=LAYERS)
+    model = copy.deepcopy(reference)
+    handle = fo.enable(model, device="cpu", prefetch=1, host_pin_budget=sum(block_bytes(model)[:2]))
+    _ops.engine_trace_staging(handle._engine, True)
+    x = tiny_input()
+    expected = run(reference, [x])[0]
+    assert torch.equal(run(model, [x])[0], expected)
+    ring, stagings = handle.stats()["staging_buffer_bytes"], handle.stats()["stagings"]
+    assert ring > 0
+    handle.trim()
+    stats = handle.stats()
+    assert stats["staging_buffer_bytes"] == 0 and stats["device_bytes"] == 0
+    assert stats["stagings"] == stagings
+    assert len(_ops.engine_staging_trace(handle._engine)) >= stagings  # the freed ring's trace
+    assert torch.equal(run(model, [x])[0], expected)
+    stats = handle.stats()
+    assert stats["staging_buffer_bytes"] == ring and stats["stagings"] >= 2 * stagings
+    assert len(_ops.engine_staging_trace(handle._engine)) >= stagings  # the new ring traces too
+
+
 def test_bad_arguments_leave_the_model_alone():
     model = TinyDiT()
     reference = copy.deepcopy(model)
