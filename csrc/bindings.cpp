@@ -32,14 +32,19 @@ TORCH_LIBRARY(fastvideo_offload, m) {
   m.def("engine_trim(int engine) -> ()", &engine_trim);
   m.def("engine_set_resident(int engine, int[] blocks) -> ()", &engine_set_resident);
   m.def("engine_stats(int engine) -> Dict(str, int)", &engine_stats);
+  // While on, the staging threads record each piece they copy; the trace returns them, int64 [n, 4]
+  // (block, staging thread, start and end in steady_clock ns), and clears them.
+  m.def("engine_trace_staging(int engine, bool on) -> ()", &engine_trace_staging);
+  m.def("engine_staging_trace(int engine) -> Tensor");
   m.def("engine_destroy(int engine) -> ()", &engine_destroy);
 }
 
 TORCH_LIBRARY_IMPL(fastvideo_offload, CompositeExplicitAutograd, m) {
   // Reads only sizes, strides and dtypes, so it also runs on meta and fake tensors.
   m.impl("layout", &layout);
-  // Takes no tensor, so no backend key picks it; Explicit (not a catch-all) lets it have a fake.
+  // These take no tensor, so no backend key picks them; Explicit (not a catch-all) lets them have a fake.
   m.impl("alloc_host", &alloc_host);
+  m.impl("engine_staging_trace", &engine_staging_trace);
 }
 
 TORCH_LIBRARY_IMPL(fastvideo_offload, CPU, m) { m.impl("pack", &pack_cpu); }

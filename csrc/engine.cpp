@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <unordered_map>
 #include <unordered_set>
+#include <utility>
 
 #include "host_store.h"
 #include "ops.h"
@@ -298,6 +299,7 @@ void Engine::upload(int64_t block, int slot_index) {
       // Enough buffers for the prefetched uploads in flight and one being filled ahead.
       staging_ = std::make_unique<Staging>(static_cast<int>(prefetch_) + 2, static_cast<int>(staging_threads_),
                                            staged_block_bytes_, device_, faults_);
+      staging_->trace(trace_staging_);
     }
     src = staging_->take({block, blk.host.const_data_ptr(), blk.nbytes}, &staging_buffer);
   }
@@ -486,6 +488,50 @@ void Engine::trim() {
   std::lock_guard<std::mutex> lock(mutex_);
   check_idle("trim");
   free_all_slots();
+  free_staging();
+}
+
+void Engine::free_staging() {
+  if (!staging_) {
+    return;
+  }
+  // Its pinned buffers are as idle as the slots; the next staged upload makes a new ring.
+  const Staging::Counts counts = staging_->counts();
+  staged_before_.waits += counts.waits;
+  staged_before_.bytes += counts.bytes;
+  staged_before_.fills += counts.fills;
+  for (const Staging::Piece& piece : staging_->take_trace()) {
+    if (trace_before_.size() < Staging::kTracePieces) {
+      trace_before_.push_back(piece);
+    }
+  }
+  staging_.reset();  // waits for the uploads that read its buffers
+}
+
+void Engine::trace_staging(bool on) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  trace_staging_ = on;
+  if (staging_) {
+    staging_->trace(on);
+  }
+}
+
+at::Tensor Engine::staging_trace() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::vector<Staging::Piece> pieces = std::exchange(trace_before_, {});
+  if (staging_) {
+    const std::vector<Staging::Piece> recent = staging_->take_trace();
+    pieces.insert(pieces.end(), recent.begin(), recent.end());
+  }
+  at::Tensor out = at::empty({static_cast<int64_t>(pieces.size()), 4}, at::kLong);
+  int64_t* row = out.data_ptr<int64_t>();
+  for (const Staging::Piece& piece : pieces) {
+    *row++ = piece.block;
+    *row++ = piece.thread;
+    *row++ = piece.start_ns;
+    *row++ = piece.end_ns;
+  }
+  return out;
 }
 
 void Engine::free_all_slots() {
@@ -556,8 +602,13 @@ c10::Dict<std::string, int64_t> Engine::stats() {
     staged += blk.staged ? 1 : 0;
     staged_host += blk.staged ? blk.nbytes : 0;
   }
-  const Staging::Counts counts = staging_ ? staging_->counts() : Staging::Counts{0, 0, 0};
+  Staging::Counts counts = staged_before_;
+  if (staging_) {
+    const Staging::Counts now = staging_->counts();
+    counts = {counts.waits + now.waits, counts.bytes + now.bytes, counts.fills + now.fills};
+  }
   out.insert("staged_blocks", staged);
+  out.insert("staging_threads", staging_threads_);
   out.insert("pinned_bytes", host_bytes_ - staged_host);
   out.insert("staging_buffer_bytes", staging_ ? staging_->buffers() * staging_->buffer_bytes() : 0);
   out.insert("staged_bytes", counts.bytes);
@@ -609,6 +660,8 @@ void engine_invalidate(int64_t engine) { lookup(engine)->invalidate(); }
 void engine_trim(int64_t engine) { lookup(engine)->trim(); }
 void engine_set_resident(int64_t engine, at::IntArrayRef blocks) { lookup(engine)->set_resident(blocks); }
 c10::Dict<std::string, int64_t> engine_stats(int64_t engine) { return lookup(engine)->stats(); }
+void engine_trace_staging(int64_t engine, bool on) { lookup(engine)->trace_staging(on); }
+at::Tensor engine_staging_trace(int64_t engine) { return lookup(engine)->staging_trace(); }
 
 void engine_destroy(int64_t engine) {
   std::shared_ptr<Engine> doomed = lookup(engine);

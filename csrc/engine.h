@@ -44,7 +44,7 @@ class Engine {
   void set_slot_budget(int64_t nbytes);
   // The host store changed: forget every block cached in a slot.
   void invalidate();
-  // Frees the device slots (an idle model, such as the other Wan2.2 expert).
+  // Frees the device slots and the staging ring (an idle model, such as the other Wan2.2 expert).
   void trim();
   // These blocks stay on the device once copied (each in a slot of its own, never reused for
   // another block); the others stream through the ring. Frees every slot, so the next forward
@@ -52,6 +52,11 @@ class Engine {
   void set_resident(at::IntArrayRef blocks);
   c10::Dict<std::string, int64_t> stats();
   bool busy();
+  // Whether the staging threads record each piece they copy (see Staging::trace).
+  void trace_staging(bool on);
+  // The pieces recorded since the last call, int64 [n, 4]: block, staging thread, start and end
+  // (steady_clock ns); clears them.
+  at::Tensor staging_trace();
 
  private:
   struct Block {
@@ -91,6 +96,7 @@ class Engine {
   void prefetch_after(const std::vector<int64_t>& keep);
   void release(Block& blk);
   void check_idle(const char* op) const;
+  void free_staging();
 
   const c10::Device device_;
   const int64_t prefetch_;
@@ -120,10 +126,15 @@ class Engine {
   int64_t slot_alloc_failures_ = 0;
   int64_t max_resident_ = 0;
   int64_t max_materialized_ = 0;
+  // What the staging rings freed by trim counted and traced: stats and the trace go on across trims.
+  Staging::Counts staged_before_{0, 0, 0};
+  std::vector<Staging::Piece> trace_before_;
+  bool trace_staging_ = false;  // as trace_staging() left it: a ring made later starts so
   // Destroyed before the host buffers: it waits for in-flight copies before they go.
   std::unique_ptr<Transfer> transfer_;
-  // Created by the first staged upload. Declared last, so destroyed first: it waits for the
-  // uploads reading its buffers, through fences of transfer_, which is still alive then.
+  // Created by the first staged upload, and again by the first after a trim. Declared last, so
+  // destroyed first: it waits for the uploads reading its buffers, through fences of transfer_,
+  // which is still alive then.
   std::unique_ptr<Staging> staging_;
 };
 

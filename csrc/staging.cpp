@@ -4,13 +4,16 @@
 //               buffer first, so several threads finish the block needed next before the others.
 //   take():     the engine's upload reads the filled buffer (waiting, counted, if it is not yet);
 //   uploaded(): the buffer is free again, to be refilled once that upload has passed its Fence.
+//   trace():    while on, each piece a thread copies is recorded with its block, thread and times.
 #include "staging.h"
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
+#include <utility>
 
 #include "host_store.h"
 
@@ -22,6 +25,11 @@ namespace {
 constexpr int64_t kPieceBytes = int64_t{4} << 20;
 
 int64_t pieces(int64_t nbytes) { return std::max<int64_t>(1, (nbytes + kPieceBytes - 1) / kPieceBytes); }
+
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
 
 }  // namespace
 
@@ -36,7 +44,7 @@ Staging::Staging(int buffers, int threads, int64_t buffer_bytes, c10::Device dev
     b.memory = alloc_host(buffer_bytes, pinned, pinned ? std::optional<c10::Device>(device) : std::nullopt);
   }
   for (int t = 0; t < threads; ++t) {
-    threads_.emplace_back([this] { work(); });
+    threads_.emplace_back([this, t] { work(t); });
   }
 }
 
@@ -168,7 +176,17 @@ void Staging::forget() {
   }
 }
 
-void Staging::work() {
+void Staging::trace(bool on) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  tracing_ = on;
+}
+
+std::vector<Staging::Piece> Staging::take_trace() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return std::exchange(trace_, {});
+}
+
+void Staging::work(int thread) {
   std::unique_lock<std::mutex> lock(mutex_);
   for (;;) {
     int i = -1;
@@ -203,9 +221,15 @@ void Staging::work() {
     const int64_t n = std::min(kPieceBytes, b.request.nbytes - offset);
     auto* dst = static_cast<char*>(b.memory.data_ptr()) + offset;
     const auto* src = static_cast<const char*>(b.request.src) + offset;
+    const bool traced = tracing_;
+    const int64_t start = traced ? now_ns() : 0;
     lock.unlock();
     std::memcpy(dst, src, static_cast<size_t>(n));
+    const int64_t end = traced ? now_ns() : 0;
     lock.lock();
+    if (traced && trace_.size() < kTracePieces) {
+      trace_.push_back({b.request.block, thread, start, end});
+    }
     if (--b.chunks_left == 0) {
       b.state = State::Filled;
       order_.erase(std::find(order_.begin(), order_.end(), i));

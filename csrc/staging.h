@@ -46,6 +46,21 @@ class Staging {
   // The host store changed: forget every staged block.
   void forget();
 
+  // One piece of a fill, as a staging thread copied it: timestamps from std::chrono::steady_clock
+  // (CLOCK_MONOTONIC on Linux, Python's time.monotonic_ns()), so callers can put them beside their own.
+  struct Piece {
+    int64_t block;
+    int64_t thread;
+    int64_t start_ns;
+    int64_t end_ns;
+  };
+  // Bounds the trace of a caller that never reads it: later pieces are dropped.
+  static constexpr size_t kTracePieces = size_t{1} << 18;
+  // Whether the threads record each piece they copy (off: one branch per piece, no clock read).
+  void trace(bool on);
+  // The pieces recorded since the last call, in the order they finished; clears them.
+  std::vector<Piece> take_trace();
+
   struct Counts {
     int64_t waits;   // takes that found their block not yet staged
     int64_t bytes;   // bytes uploaded from staging buffers
@@ -69,7 +84,7 @@ class Staging {
 
   int find(int64_t block) const;
   int assign(const Request& request, const std::vector<int64_t>& keep);
-  void work();
+  void work(int thread);
 
   const Faults faults_;
   mutable std::mutex mutex_;
@@ -80,6 +95,8 @@ class Staging {
   int64_t waits_ = 0;
   int64_t staged_bytes_ = 0;
   int64_t staged_blocks_ = 0;
+  bool tracing_ = false;
+  std::vector<Piece> trace_;
   std::vector<std::thread> threads_;  // last: they use every member above
 };
 

@@ -90,6 +90,23 @@ def engine_stats(engine: int) -> dict[str, int]:
     return dict(_ops.engine_stats.default(engine))
 
 
+def engine_trace_staging(engine: int, on: bool) -> None:
+    """Whether the engine's staging threads record each piece they copy into the staging ring."""
+    _ops.engine_trace_staging.default(engine, on)
+
+
+def engine_staging_trace(engine: int) -> torch.Tensor:
+    """The pieces recorded since the last call, int64 [n, 4]: block, staging thread, start and end
+    in nanoseconds of CLOCK_MONOTONIC (`time.monotonic_ns()`); clears them. [0, 4] when the
+    engine stages nothing."""
+    return _ops.engine_staging_trace.default(engine)
+
+
+@torch.library.register_fake("fastvideo_offload::engine_staging_trace")
+def _engine_staging_trace_fake(engine):
+    return torch.empty(torch.library.get_ctx().new_dynamic_size(), 4, dtype=torch.int64, device="cpu")
+
+
 def engine_destroy(engine: int) -> None:
     _ops.engine_destroy.default(engine)
 

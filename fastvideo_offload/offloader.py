@@ -331,7 +331,8 @@ class OffloadHandle:
         return stats
 
     def trim(self) -> None:
-        """Frees this model's device slots until its next forward (an idle Wan2.2 expert)."""
+        """Frees this model's device slots and pinned staging buffers until its next forward (an
+        idle Wan2.2 expert)."""
         _ops.engine_trim(self._engine)
 
     @property

@@ -80,6 +80,20 @@ def test_engine_rejects_unknown_handles_and_blocks():
         _ops.engine_stats(engine)
 
 
+def test_the_staging_trace_ops_check_their_engine():
+    with pytest.raises(ValueError, match="no offload engine with handle"):
+        _ops.engine_trace_staging(123456, True)
+    with pytest.raises(ValueError, match="no offload engine with handle"):
+        _ops.engine_staging_trace(123456)
+    engine = _ops.engine_create(torch.device("cpu"), 1)
+    try:
+        _ops.engine_trace_staging(engine, True)
+        trace = _ops.engine_staging_trace(engine)  # no staged block, so no staging ring
+        assert trace.shape == (0, 4) and trace.dtype == torch.int64
+    finally:
+        _ops.engine_destroy(engine)
+
+
 def test_engine_rejects_bad_arguments():
     with pytest.raises(ValueError, match="prefetch must be >= 0"):
         _ops.engine_create(torch.device("cpu"), -2)
@@ -172,6 +186,14 @@ def test_alloc_host_rejects_bad_arguments():
         _ops.alloc_host(16, True, torch.device("cpu"))
     with pytest.raises(RuntimeError, match="could not allocate"):
         _ops.alloc_host(2**62, False)
+
+
+def test_opcheck_engine_staging_trace():
+    engine = _ops.engine_create(torch.device("cpu"), 1)
+    try:
+        torch.library.opcheck(ops.engine_staging_trace.default, (engine,), test_utils=("test_schema", "test_faketensor"))
+    finally:
+        _ops.engine_destroy(engine)
 
 
 def test_opcheck_alloc_host():

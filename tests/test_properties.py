@@ -132,6 +132,8 @@ def test_unknown_engines_and_blocks(handle, block):
         lambda: _ops.engine_park(handle, block),
         lambda: _ops.engine_set_slot_budget(handle, block),
         lambda: _ops.engine_stats(handle),
+        lambda: _ops.engine_trace_staging(handle, True),
+        lambda: _ops.engine_staging_trace(handle),
     ):
         with pytest.raises(EXPECTED):
             call()

@@ -3,6 +3,8 @@ the device through the engine's staging ring (csrc/staging.cpp), on both CPU dev
 
 import copy
 import logging
+import time
+from collections import Counter
 
 import pytest
 import torch
@@ -81,6 +83,39 @@ def test_staging_threads_and_learned_order(cpu_device, threads):
     handle = fo.enable(model, device="cpu", prefetch=1, host_pin_budget=0, staging_threads=threads)
     assert all(torch.equal(e, g) for e, g in zip(expected, run(model, inputs)))
     assert handle.stats()["staged_blocks"] == handle.stats()["blocks"]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_staging_trace_records_every_fill(cpu_device, threads):
+    """While tracing is on, the staging threads record each piece they copy, on the clock of
+    time.monotonic_ns(). TinyDiT's blocks are one piece each, so a row is one fill."""
+    model = TinyDiT(layers=LAYERS)
+    pinned, steps, prefetch = 2, 3, 1
+    handle = fo.enable(model, device="cpu", prefetch=prefetch, host_pin_budget=sum(block_bytes(model)[:pinned]),
+                       staging_threads=threads)
+    engine = handle._engine
+    _ops.engine_trace_staging(engine, True)  # before the ring exists: it starts tracing when made
+    before = time.monotonic_ns()
+    run(model, [tiny_input() for _ in range(steps)])
+    after = time.monotonic_ns()
+    trace = _ops.engine_staging_trace(engine)
+    stagings = handle.stats()["stagings"]
+    block, thread, start, end = trace.T
+    assert set(block.tolist()) == set(range(pinned, LAYERS))  # the staged blocks only
+    assert ((thread >= 0) & (thread < threads)).all()
+    assert (before <= start).all() and (start <= end).all() and (end <= after).all()
+    # A fill is recorded when its copy ends and counted in `stagings` when an upload takes it,
+    # which it does once. So every fill taken is in the trace, and the trace also has those the
+    # ring (prefetch + 2 buffers) filled ahead for the next step: each staged block was filled
+    # once per step, or once more.
+    assert stagings <= len(trace) <= stagings + prefetch + 2
+    assert set(Counter(block.tolist()).values()) <= {steps, steps + 1}
+    assert len(_ops.engine_staging_trace(engine)) == 0  # read and cleared
+    _ops.engine_trace_staging(engine, False)
+    run(model, [tiny_input()])  # takes the fills that were in progress, traced, when it was switched off
+    _ops.engine_staging_trace(engine)
+    run(model, [tiny_input()])
+    assert len(_ops.engine_staging_trace(engine)) == 0
 
 
 def test_reusing_a_staging_buffer_before_its_upload_finished_is_caught(cpu_device):
@@ -183,6 +218,29 @@ def test_weights_change_trim_and_disable_with_staged_blocks(cpu_device):
     assert torch.equal(run(model, [x])[0], run(reference, [x])[0])
     handle.disable()
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters()))
+
+
+def test_trim_frees_the_staging_ring(cpu_device):
+    """An idle model's pinned staging buffers go with its slots; the next staged upload makes the
+    ring again. Its counts and trace go on across it."""
+    reference = TinyDiT(layers=LAYERS)
+    model = copy.deepcopy(reference)
+    handle = fo.enable(model, device="cpu", prefetch=1, host_pin_budget=sum(block_bytes(model)[:2]))
+    _ops.engine_trace_staging(handle._engine, True)
+    x = tiny_input()
+    expected = run(reference, [x])[0]
+    assert torch.equal(run(model, [x])[0], expected)
+    ring, stagings = handle.stats()["staging_buffer_bytes"], handle.stats()["stagings"]
+    assert ring > 0
+    handle.trim()
+    stats = handle.stats()
+    assert stats["staging_buffer_bytes"] == 0 and stats["device_bytes"] == 0
+    assert stats["stagings"] == stagings
+    assert len(_ops.engine_staging_trace(handle._engine)) >= stagings  # the freed ring's trace
+    assert torch.equal(run(model, [x])[0], expected)
+    stats = handle.stats()
+    assert stats["staging_buffer_bytes"] == ring and stats["stagings"] >= 2 * stagings
+    assert len(_ops.engine_staging_trace(handle._engine)) >= stagings  # the new ring traces too
 
 
 def test_bad_arguments_leave_the_model_alone():
