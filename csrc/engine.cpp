@@ -77,8 +77,6 @@ bool Engine::busy() {
 }
 
 int64_t Engine::add_block(const at::Tensor& host, at::TensorList params, at::IntArrayRef offsets, bool staged) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  TORCH_CHECK(slots_.empty(), "add_block: blocks are added before the first forward (or after trim)");
   TORCH_CHECK_VALUE(host.defined() && host.device().is_cpu() && host.scalar_type() == at::kByte && host.dim() == 1 &&
                         host.is_contiguous(),
                     "add_block: the host buffer must be a contiguous 1-D uint8 CPU tensor");
@@ -87,16 +85,46 @@ int64_t Engine::add_block(const at::Tensor& host, at::TensorList params, at::Int
     TORCH_CHECK_VALUE(host.is_pinned(), "add_block: a block offloaded to ", device_,
                       " needs a pinned host buffer, or every copy would block the host");
   }
+  Block blk;
+  blk.host = host;
+  blk.nbytes = host.numel();
+  blk.staged = staged && blk.nbytes > 0;
+  blk.segments.push_back({host.const_data_ptr(), 0, blk.nbytes});
+  return add(std::move(blk), params, offsets);
+}
+
+int64_t Engine::add_gathered_block(at::TensorList sources, int64_t nbytes, at::TensorList params,
+                                   at::IntArrayRef offsets) {
+  TORCH_CHECK_VALUE(sources.size() == params.size(), "add_gathered_block: got ", sources.size(), " sources for ",
+                    params.size(), " parameters");
+  check_layout(params, offsets, nbytes, "add_gathered_block");
+  Block blk;
+  blk.host = at::empty({0}, at::TensorOptions().dtype(at::kByte));
+  blk.nbytes = nbytes;
+  blk.staged = nbytes > 0;
+  for (size_t i = 0; i < sources.size(); ++i) {
+    const at::Tensor& s = sources[i];
+    TORCH_CHECK_VALUE(s.defined() && s.device().is_cpu() && s.is_contiguous(), "add_gathered_block: source ", i,
+                      " must be a contiguous CPU tensor");
+    TORCH_CHECK_VALUE(s.nbytes() == static_cast<size_t>(span_bytes(params[i])), "add_gathered_block: source ", i,
+                      " has ", s.nbytes(), " bytes, its parameter spans ", span_bytes(params[i]));
+    blk.sources.push_back(s);
+    blk.segments.push_back({s.const_data_ptr(), offsets[i], static_cast<int64_t>(s.nbytes())});
+  }
+  return add(std::move(blk), params, offsets);
+}
+
+int64_t Engine::add(Block blk, at::TensorList params, at::IntArrayRef offsets) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  TORCH_CHECK(slots_.empty(), "add_block: blocks are added before the first forward (or after trim)");
+  // A ring sized for the blocks so far, filling from their segments, is for them only.
+  free_staging();
   std::unordered_set<const c10::TensorImpl*> seen;
   for (const Block& blk : blocks_) {
     for (const at::Tensor& p : blk.params) {
       seen.insert(p.unsafeGetTensorImpl());
     }
   }
-  Block blk;
-  blk.host = host;
-  blk.nbytes = host.numel();
-  blk.staged = staged && blk.nbytes > 0;
   for (size_t i = 0; i < params.size(); ++i) {
     const at::Tensor& p = params[i];
     TORCH_CHECK_VALUE(!p.is_meta(), "add_block: parameter ", i,
@@ -292,16 +320,18 @@ void Engine::upload(int64_t block, int slot_index) {
     slot.block = -1;
   }
   // The source of the bytes: a pinned block's own buffer, or the staging buffer holding a staged one.
-  const void* src = blk.host.const_data_ptr();
+  const void* src = nullptr;
   int staging_buffer = -1;
-  if (blk.staged) {
+  if (!blk.staged) {
+    src = blk.host.const_data_ptr();
+  } else {
     if (!staging_) {
       // Enough buffers for the prefetched uploads in flight and one being filled ahead.
       staging_ = std::make_unique<Staging>(static_cast<int>(prefetch_) + 2, static_cast<int>(staging_threads_),
                                            staged_block_bytes_, device_, faults_);
       staging_->trace(trace_staging_);
     }
-    src = staging_->take({block, blk.host.const_data_ptr(), blk.nbytes}, &staging_buffer);
+    src = staging_->take(staging_request(block), &staging_buffer);
   }
   transfer_->upload(slot_index, slot.buffer.data_ptr(), src, static_cast<size_t>(blk.nbytes));
   if (staging_buffer >= 0) {
@@ -405,10 +435,15 @@ void Engine::plan_staging(int64_t block) {
     }
     const Block& next = blocks_[b];
     if (next.staged && next.slot < 0) {
-      order.push_back({b, next.host.const_data_ptr(), next.nbytes});
+      order.push_back(staging_request(b));
     }
   }
   staging_->plan(order);
+}
+
+Staging::Request Engine::staging_request(int64_t block) const {
+  const Block& blk = blocks_[block];
+  return {block, blk.segments.data(), static_cast<int64_t>(blk.segments.size()), blk.nbytes};
 }
 
 void Engine::release(Block& blk) {
@@ -649,6 +684,11 @@ int64_t engine_create(c10::Device device, int64_t prefetch, int64_t staging_thre
 int64_t engine_add_block(int64_t engine, const at::Tensor& host, at::TensorList params, at::IntArrayRef offsets,
                          bool staged) {
   return lookup(engine)->add_block(host, params, offsets, staged);
+}
+
+int64_t engine_add_gathered_block(int64_t engine, at::TensorList sources, int64_t nbytes, at::TensorList params,
+                                  at::IntArrayRef offsets) {
+  return lookup(engine)->add_gathered_block(sources, nbytes, params, offsets);
 }
 
 void engine_enter(int64_t engine, int64_t block) { lookup(engine)->enter(block); }

@@ -27,6 +27,10 @@ class Engine {
 
   // `staged`: the buffer is pageable, and each upload reads it through a pinned staging buffer.
   int64_t add_block(const at::Tensor& host, at::TensorList params, at::IntArrayRef offsets, bool staged);
+  // A block whose host bytes are not one buffer: `sources[i]` holds parameter i's bytes (pages
+  // mapped from a checkpoint file). Always staged: the staging threads gather the sources into a
+  // staging buffer laid out as `offsets` say, `nbytes` in all, and the upload copies that.
+  int64_t add_gathered_block(at::TensorList sources, int64_t nbytes, at::TensorList params, at::IntArrayRef offsets);
   // Pre-hook: the block's bytes are on the device (prefetched, or copied now), the compute
   // stream waits for them, its parameters become views into its slot, and the next
   // `prefetch` blocks in execution order start copying.
@@ -60,7 +64,9 @@ class Engine {
 
  private:
   struct Block {
-    at::Tensor host;                        // exact-size host buffer, read by every upload
+    at::Tensor host;                        // exact-size host buffer, read by every upload (gathered: empty)
+    std::vector<at::Tensor> sources;        // a gathered block's tensors, kept alive for its segments
+    std::vector<Staging::Segment> segments;  // where a staged block's bytes are
     std::vector<at::Tensor> params;         // the Parameter objects themselves
     std::vector<TensorLayout> layouts;      // where each one sits in the buffer
     std::vector<at::Tensor> placeholders;   // what each one holds outside its forward
@@ -80,6 +86,8 @@ class Engine {
   };
 
   Block& block_at(int64_t block, const char* op);
+  int64_t add(Block blk, at::TensorList params, at::IntArrayRef offsets);
+  Staging::Request staging_request(int64_t block) const;
   std::vector<int64_t> window(int64_t block) const;
   int claim_slot(const std::vector<int64_t>& keep, bool required);
   bool allocate(int index, bool required);

@@ -27,6 +27,8 @@ at::Tensor pack_cuda(at::TensorList tensors, at::IntArrayRef offsets, int64_t nb
 int64_t engine_create(c10::Device device, int64_t prefetch, int64_t staging_threads);
 int64_t engine_add_block(int64_t engine, const at::Tensor& host, at::TensorList params, at::IntArrayRef offsets,
                          bool staged);
+int64_t engine_add_gathered_block(int64_t engine, at::TensorList sources, int64_t nbytes, at::TensorList params,
+                                  at::IntArrayRef offsets);
 void engine_enter(int64_t engine, int64_t block);
 void engine_exit(int64_t engine, int64_t block);
 void engine_park(int64_t engine, int64_t block);

@@ -26,6 +26,18 @@ constexpr int64_t kPieceBytes = int64_t{4} << 20;
 
 int64_t pieces(int64_t nbytes) { return std::max<int64_t>(1, (nbytes + kPieceBytes - 1) / kPieceBytes); }
 
+// Bytes [begin, end) of the request's staging buffer `base`, from the segments that overlap them.
+void gather(const Staging::Request& request, char* base, int64_t begin, int64_t end) {
+  for (int64_t k = 0; k < request.count; ++k) {
+    const Staging::Segment& s = request.segments[k];
+    const int64_t lo = std::max(begin, s.offset);
+    const int64_t hi = std::min(end, s.offset + s.nbytes);
+    if (lo < hi) {
+      std::memcpy(base + lo, static_cast<const char*>(s.src) + (lo - s.offset), static_cast<size_t>(hi - lo));
+    }
+  }
+}
+
 int64_t now_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
       .count();
@@ -219,12 +231,12 @@ void Staging::work(int thread) {
     }
     const int64_t offset = b.next_chunk++ * kPieceBytes;
     const int64_t n = std::min(kPieceBytes, b.request.nbytes - offset);
-    auto* dst = static_cast<char*>(b.memory.data_ptr()) + offset;
-    const auto* src = static_cast<const char*>(b.request.src) + offset;
+    auto* base = static_cast<char*>(b.memory.data_ptr());
+    const Request request = b.request;
     const bool traced = tracing_;
     const int64_t start = traced ? now_ns() : 0;
     lock.unlock();
-    std::memcpy(dst, src, static_cast<size_t>(n));
+    gather(request, base, offset, offset + n);
     const int64_t end = traced ? now_ns() : 0;
     lock.lock();
     if (traced && trace_.size() < kTracePieces) {

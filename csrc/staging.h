@@ -21,10 +21,19 @@ namespace fastvideo_offload {
 
 class Staging {
  public:
+  // Where some of a block's bytes are in host memory, and where they go in the staging buffer.
+  struct Segment {
+    const void* src;
+    int64_t offset;
+    int64_t nbytes;
+  };
   struct Request {
     int64_t block;
-    const void* src;  // the block's pageable host buffer
-    int64_t nbytes;
+    // The block's bytes: its pageable buffer as one segment, or one per tensor where they lie
+    // elsewhere (pages mapped from a checkpoint). The engine owns them while the block exists.
+    const Segment* segments;
+    int64_t count;
+    int64_t nbytes;  // of the staging buffer it fills; bytes between segments are left as they are
   };
 
   // `buffers` staging buffers of `buffer_bytes` each, pinned for `device` when it is CUDA.
@@ -75,7 +84,7 @@ class Staging {
   struct Buffer {
     at::Tensor memory;
     State state = State::Free;
-    Request request{-1, nullptr, 0};
+    Request request{-1, nullptr, 0, 0};
     std::unique_ptr<Fence> reading;  // the last upload from it, waited before it is refilled
     bool fencing = false;            // a thread waits for `reading`
     int64_t next_chunk = 0;          // the next piece a thread copies

@@ -65,6 +65,14 @@ def engine_add_block(
     return _ops.engine_add_block.default(engine, host, params, offsets, staged)
 
 
+def engine_add_gathered_block(
+    engine: int, sources: list[torch.Tensor], nbytes: int, params: list[torch.Tensor], offsets: list[int]
+) -> int:
+    """A staged block whose parameter i's bytes are `sources[i]` (pages mapped from a checkpoint):
+    the staging threads gather them into a buffer of `nbytes` laid out as `offsets` say."""
+    return _ops.engine_add_gathered_block.default(engine, sources, nbytes, params, offsets)
+
+
 engine_enter = _ops.engine_enter.default
 engine_exit = _ops.engine_exit.default
 engine_reset = _ops.engine_reset.default

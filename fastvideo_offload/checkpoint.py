@@ -6,13 +6,17 @@ A safetensors file is an 8-byte little-endian header length, a JSON header mappi
 name to its dtype, shape and [begin, end) byte range after the header, then the bytes. Headers
 are read and checked against the model before anything changes; the bytes are read with
 os.preadv into the destination itself, or, where a cast or other strides are needed, into one
-tensor's worth of scratch first."""
+tensor's worth of scratch first. A block outside the pin budget whose tensors need no cast is not
+read at all: its tensors stay in the file's pages, mapped, and the staging threads gather them
+from there, so the page cache holds the only host copy."""
 
 from __future__ import annotations
 
 import ctypes
 import json
+import logging
 import math
+import mmap
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +40,8 @@ _DTYPES = {
 _MAX_READ = 0x7FFFF000
 # Reading is mostly waiting on the disk and memcpy out of the page cache; more threads than this gain nothing.
 _MAX_THREADS = 8
+
+logger = logging.getLogger("fastvideo_offload")
 
 
 @dataclass(frozen=True)
@@ -210,18 +216,40 @@ class CheckpointWeights:
     ) -> Iterator[BlockStore]:
         # Which blocks are pinned is decided in block order, before the reads run in parallel.
         wants = [pin.want(BlockStore.nbytes(params)) for _, params in blocks]
+        mapped = _Mapped()
         with _Files(self.entries.values()) as files, ThreadPoolExecutor(_threads(len(blocks))) as pool:
-            futures = [pool.submit(self._read_block, files, names, params, pin, want, device)
-                       for (names, params), want in zip(blocks, wants)]
+            futures = [
+                None if not want and self._mappable(params)
+                else pool.submit(self._read_block, files, names, params, pin, want, device)
+                for (names, params), want in zip(blocks, wants)
+            ]
             try:
-                for future in futures:
-                    store = future.result()
+                for (names, params), future in zip(blocks, futures):
+                    if future is None:
+                        store = BlockStore.gathered_from(names, params, [mapped.tensor(self._by_tensor[id(p)])
+                                                                         for p in params])
+                    else:
+                        store = future.result()
                     self.adopt(store)
                     yield store
             finally:
                 # Stopped early (a failed block): blocks not started yet are not read at all.
                 for future in futures:
-                    future.cancel()
+                    if future is not None:
+                        future.cancel()
+        if mapped.nbytes:
+            logger.info("%.1f MiB of staged blocks stay in the checkpoint's pages (mapped, copy-on-write): the page "
+                        "cache holds their only host copy; the files must not change while the model is offloaded",
+                        mapped.nbytes / 2**20)
+
+    def _mappable(self, params: list[nn.Parameter]) -> bool:
+        """Whether a block's tensors can be used where the checkpoint holds them: no cast, each
+        contiguous and at an offset its dtype can be viewed at."""
+        for p in params:
+            entry = self._by_tensor[id(p)]
+            if entry.dtype != p.dtype or not p.is_contiguous() or entry.offset % p.element_size():
+                return False
+        return True
 
     def resident(self, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
         entry = self._by_tensor.get(id(tensor))
@@ -306,6 +334,27 @@ def _read_into(files: _Files, entry: Entry, buffer: torch.Tensor, offset: int) -
             raise CheckpointError(f"{entry.file}: truncated: it ended after {done} of the {entry.nbytes} bytes of "
                                   f"tensor {entry.key}")
         done += got
+
+
+class _Mapped:
+    """Each checkpoint file mapped whole, private: reads come from the page cache's pages, and a
+    write (load_state_dict, mutate) copies the page it touches for this process, never into the file."""
+
+    def __init__(self):
+        self._bases: dict[str, torch.Tensor] = {}
+        self.nbytes = 0
+
+    def tensor(self, entry: Entry) -> torch.Tensor:
+        base = self._bases.get(entry.file)
+        if base is None:
+            try:
+                with open(entry.file, "rb") as f:
+                    pages = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            except OSError as exc:
+                raise CheckpointError(f"{entry.file}: cannot be mapped ({exc})") from exc
+            base = self._bases[entry.file] = torch.frombuffer(pages, dtype=torch.uint8)
+        self.nbytes += entry.nbytes
+        return base[entry.offset : entry.offset + entry.nbytes].view(entry.dtype).view(entry.shape)
 
 
 class _Files:

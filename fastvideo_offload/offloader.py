@@ -218,12 +218,12 @@ class OffloadHandle:
                 except Exception as exc:
                     if not is_allocation_failure(exc):
                         raise
-                    obtained = sum(s.buffer.numel() for s in self._stores)
+                    obtained = sum(s.size for s in self._stores)
                     raise _out_of_host_memory(exc, path, pinned, total, obtained) from exc
-                _ops.engine_add_block(self._engine, store.buffer, store.params, store.offsets, store.staged)
+                store.add_to(self._engine)
                 self._stores.append(store)
                 self._hooks += attach_block_hooks(block, path, self._engine, index, self.device.type)
-                progress.update(store.buffer.numel())
+                progress.update(store.size)
 
     def _weights_changed(self) -> None:
         _ops.engine_invalidate(self._engine)
@@ -324,10 +324,12 @@ class OffloadHandle:
         """Counters of the engine: blocks, host_bytes, h2d_bytes, uploads, prefetches,
         sync_loads, max_resident_blocks, device_bytes and more; `outside_resident_bytes`: the weights
         of block submodules kept on the device because they also run outside their block;
-        `retained_bytes`: block memory that offloading could not free (see retained.py)."""
+        `retained_bytes`: block memory that offloading could not free (see retained.py);
+        `mapped_bytes`: staged blocks' bytes left in a checkpoint's mapped pages (checkpoint.py)."""
         stats = _ops.engine_stats(self._engine)
         stats["outside_resident_bytes"] = self._outside.nbytes() if self._outside else 0
         stats["retained_bytes"] = self._retained_bytes
+        stats["mapped_bytes"] = sum(s.size for s in self._stores if s.gathered)
         return stats
 
     def trim(self) -> None:

@@ -1,4 +1,5 @@
-"""The host copy of one block: its parameters packed into one exact-size buffer."""
+"""The host copy of one block: its parameters packed into one exact-size buffer, or, for a
+block staged from a checkpoint, its tensors left where the checkpoint's mapped pages hold them."""
 
 from __future__ import annotations
 
@@ -14,11 +15,23 @@ class BlockStore:
     # One entry per holder (formats.holders): a plain parameter, or a wrapper subclass's inner tensor.
     names: list[str]  # qualified names in the model, for error messages
     params: list[torch.Tensor]  # the tensors whose .data the engine swaps
-    buffer: torch.Tensor  # uint8, exactly as large as the packed holders
-    offsets: list[int]
-    views: list[torch.Tensor]  # each holder's bytes in `buffer`, with its dtype, shape and strides
+    buffer: torch.Tensor  # uint8, exactly as large as the packed holders (gathered: empty)
+    offsets: list[int]  # of each holder in `buffer`, and in a device slot
+    views: list[torch.Tensor]  # each holder's bytes in host memory, with its dtype, shape and strides
     weights: list[tuple[torch.nn.Parameter, int]]  # each parameter the module holds, and its count of holders
     staged: bool = False  # pageable, outside the pin budget: its uploads go through the staging ring
+    size: int = -1  # the packed bytes: `buffer`'s, or what a gathered block's staging fills
+    gathered: bool = False  # `views` lie elsewhere (mapped pages), not in `buffer`
+
+    def __post_init__(self):
+        if self.size < 0:
+            self.size = self.buffer.numel()
+
+    def add_to(self, engine: int) -> int:
+        """Registers the block with the engine, which from now on swaps its parameters."""
+        if self.gathered:
+            return _ops.engine_add_gathered_block(engine, self.views, self.size, self.params, self.offsets)
+        return _ops.engine_add_block(engine, self.buffer, self.params, self.offsets, self.staged)
 
     @staticmethod
     def nbytes(params: list[torch.nn.Parameter]) -> int:
@@ -78,6 +91,14 @@ class BlockStore:
         buffer[end:].zero_()
         # A checkpoint's parameters are plain: each one is its own single holder.
         return cls(names, params, buffer, offsets, views, [(p, 1) for p in params])
+
+    @classmethod
+    def gathered_from(cls, names: list[str], params: list[torch.nn.Parameter], sources: list[torch.Tensor]) -> BlockStore:
+        """A staged store whose host bytes stay in `sources` (each parameter's value, contiguous,
+        in mapped pages of a checkpoint): nothing is allocated or copied; each staging gathers them."""
+        offsets, nbytes = _ops.layout([p.detach() for p in params])
+        return cls(names, params, torch.empty(0, dtype=torch.uint8), offsets, sources, [(p, 1) for p in params],
+                   staged=True, size=nbytes, gathered=True)
 
     @classmethod
     def over(cls, names: list[str], params: list[torch.nn.Parameter], buffer: torch.Tensor) -> BlockStore:

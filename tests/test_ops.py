@@ -135,6 +135,32 @@ def test_engine_rejects_bad_arguments():
         _ops.engine_destroy(engine)
 
 
+def test_a_gathered_block_checks_its_sources_and_gathers_them():
+    """Sources are each parameter's bytes elsewhere in host memory (a checkpoint's mapped pages):
+    checked against the parameters, then gathered into the slot layout on every upload."""
+    engine = _ops.engine_create(torch.device("cpu"), 0)
+    values = [torch.randn(3, 5), torch.randn(7)]
+    params = [torch.nn.Parameter(torch.empty_like(v)) for v in values]
+    offsets, total = _ops.layout([p.detach() for p in params])
+    try:
+        with pytest.raises(ValueError, match="got 1 sources for 2 parameters"):
+            _ops.engine_add_gathered_block(engine, values[:1], total, params, offsets)
+        with pytest.raises(ValueError, match="source 0 must be a contiguous CPU tensor"):
+            _ops.engine_add_gathered_block(engine, [values[0].t(), values[1]], total, params, offsets)
+        with pytest.raises(ValueError, match="source 1 has 24 bytes, its parameter spans 28"):
+            _ops.engine_add_gathered_block(engine, [values[0], values[1][:6]], total, params, offsets)
+        with pytest.raises(ValueError, match="does not fit"):
+            _ops.engine_add_gathered_block(engine, values, offsets[1], params, offsets)
+        assert _ops.engine_add_gathered_block(engine, values, total, params, offsets) == 0
+        assert all(p.numel() == 0 for p in params) and _ops.engine_stats(engine)["staged_blocks"] == 1
+        ops.engine_enter(engine, 0)
+        assert all(torch.equal(p, v) for p, v in zip(params, values))
+        ops.engine_exit(engine, 0)
+        assert _ops.engine_stats(engine)["staged_bytes"] == total
+    finally:
+        _ops.engine_destroy(engine)
+
+
 def test_pinned_memory_needs_cuda():
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
