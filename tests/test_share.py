@@ -290,21 +290,29 @@ def test_bad_share_arguments_leave_the_model_alone(monkeypatch):
 
 
 @requires_cuda
-def test_cuda_store_is_pinned_in_place(tmp_path):
-    """One rank on CUDA: the mapping is registered (pinned) in place and outputs are exact."""
+@pytest.mark.parametrize("pinned_blocks", [None, 2])
+def test_cuda_store_is_pinned_in_place(tmp_path, pinned_blocks):
+    """One rank on CUDA: the mapping's blocks are registered (pinned) in place, all of them or those
+    within a pin budget (the others staged from the shared pages), and outputs are exact."""
     import torch.distributed as dist
+
+    from fastvideo_offload.store import BlockStore
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:
         torch.manual_seed(0)
         model = TinyDiT().eval()
         x = torch.randn(1, 16, 8)
+        budget = None if pinned_blocks is None else pinned_blocks * BlockStore.nbytes(list(model.blocks[0].parameters()))
+        pinned = len(model.blocks) if pinned_blocks is None else pinned_blocks
         with torch.no_grad():
             expected = model.cuda()(x.cuda())
             model.cpu()
-            handle = fo.enable(model, device="cuda", share="node")
-            assert all(store.buffer.is_pinned() for store in handle._stores)
-            assert torch.equal(model(x.cuda()), expected)
+            handle = fo.enable(model, device="cuda", share="node", host_pin_budget=budget)
+            assert [store.buffer.is_pinned() for store in handle._stores] == [i < pinned for i in range(4)]
+            assert [store.staged for store in handle._stores] == [i >= pinned for i in range(4)]
+            for _ in range(3):
+                assert torch.equal(model(x.cuda()), expected)
         handle.disable()
     finally:
         dist.destroy_process_group()
