@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from .modes import STREAM_ALL
+from .modes import STAGED, STREAM_ALL
 
 GiB = 2**30
 MB = 1e6
@@ -51,6 +51,18 @@ def _mode_table(rows: dict, ceiling: float) -> list[str]:
             f"{_num(peak and peak / GiB, '.2f'):>14}{_num(host and host / GiB, '.2f'):>10}{rate_text:>10}{exact:>7}"
         )
     return lines
+
+
+def _overlap_lines(rows: dict) -> list[str]:
+    return [
+        f"  {name}: staging overlapped compute {row['staging_overlap']:.0%} of its time (one step's timeline, "
+        f"{_threads(row['engine']['staging_threads'])})"
+        for name, row in rows.items() if "staging_overlap" in row
+    ]
+
+
+def _threads(n: int) -> str:
+    return f"{n} staging thread" + ("s" if n != 1 else "")
 
 
 def _budget_rows(rows: dict) -> dict:
@@ -165,6 +177,7 @@ def table(results: dict) -> str:
         if name in ("main", "short_clip"):
             out += _mode_table(section["modes"], ceiling)
             out.append(_resident_line(section))
+            out += _overlap_lines(section["modes"])
             out += _budget_table(section["modes"])
         elif name == "wan22":
             out.append(
@@ -221,8 +234,8 @@ def write_json(results: dict, path: str) -> None:
 
 
 def plot(results: dict, path: str) -> None:
-    """Overhead and peak memory per mode, this engine's copy/compute timeline, and the planner's
-    layout under each device budget."""
+    """Overhead and peak memory per mode, this engine's copy/compute timeline, the same with staging
+    for the staged row, and the planner's layout under each device budget."""
     try:
         import matplotlib
 
@@ -232,7 +245,12 @@ def plot(results: dict, path: str) -> None:
         raise RuntimeError("--plot needs matplotlib: pip install matplotlib") from exc
 
     rows = {k: v for k, v in results.get("main", {}).get("modes", {}).items() if "median_ms" in v}
-    fig, axes = plt.subplots(4, 1, figsize=(10, 14), gridspec_kw={"height_ratios": [1, 1, 1.2, 0.9]})
+    fig = plt.figure(figsize=(10, 17))
+    # The staged row's step is drawn whole and, beside it, around one fill: on a CPU a fill is too
+    # short to see at the scale of a step.
+    grid = fig.add_gridspec(5, 2, height_ratios=[1, 1, 1.2, 1.2, 0.9], width_ratios=[3, 1])
+    axes = [fig.add_subplot(grid[i, :]) for i in range(3)]
+    axes += [fig.add_subplot(grid[3, 0]), fig.add_subplot(grid[3, 1]), fig.add_subplot(grid[4, :])]
     names = list(rows)
     overhead = [rows[n].get("overhead_pct") or 0.0 for n in names]
     colors = ["#888" if n.startswith("resident") else "#2a7" if n.startswith("ours") else "#c64" for n in names]
@@ -263,10 +281,46 @@ def plot(results: dict, path: str) -> None:
         axes[2].set_xlabel("ms from the start of one step (ours, prefetch 1)")
     else:
         axes[2].axis("off")
-    _layout_strips(axes[3], _budget_rows(rows))
+    _staged_timeline(axes[3], axes[4], rows.get(STAGED, {}))
+    _layout_strips(axes[5], _budget_rows(rows))
     fig.tight_layout()
     fig.savefig(_make_parent(path), dpi=110)
     plt.close(fig)
+
+
+def _staged_timeline(ax, zoom, row: dict) -> None:
+    """The staged row's step: a lane per staging thread (its pieces shaded by block), copy and
+    compute; and, in `zoom`, the same around the step's first fill."""
+    timeline = row.get("timeline")
+    if not timeline or not timeline["staging"]:
+        ax.axis("off")
+        zoom.axis("off")
+        return
+    stats = row["engine"]
+    threads = stats["staging_threads"]
+    lanes = []
+    for t in range(threads):
+        pieces = [p for p in timeline["staging"] if p[2] == t]
+        lanes.append((f"staging thread {t}", [p[:2] for p in pieces], ["#47a" if p[3] % 2 else "#9bd" for p in pieces]))
+    lanes += [("copy", timeline["copy"], "#c64"), ("compute", timeline["compute"], "#2a7")]
+    for axis in (ax, zoom):
+        for y, (_, spans, shades) in enumerate(lanes):
+            axis.broken_barh(spans, (y * 10, 8), facecolors=shades)
+        axis.set_yticks([y * 10 + 4 for y in range(len(lanes))], [label for label, *_ in lanes])
+    ax.set_title(f"{STAGED}: {stats['staged_blocks']} of {stats['blocks']} blocks staged through the pinned ring by "
+                 f"{_threads(threads)}\nstaging overlapped compute {row['staging_overlap']:.0%} of its time")
+    ax.set_xlabel("ms from the start of one step (prefetch 1)")
+    # The first fill that began in the step (earlier ones were planned by the step before).
+    first = min((p for p in timeline["staging"] if p[0] >= 0), key=lambda p: p[0], default=timeline["staging"][0])
+    start, end = first[0], first[0] + first[1]
+    for begin, length, _, block in sorted(timeline["staging"]):
+        # The fill's pieces follow one another; the block's next fill is a step of compute later.
+        if block == first[3] and start <= begin <= 2 * end - start:
+            end = max(end, begin + length)
+    zoom.set_xlim(start - (end - start), end + (end - start))
+    zoom.tick_params(labelleft=False)
+    zoom.set_title(f"block {first[3]}'s fill, zoomed")
+    zoom.set_xlabel("ms")
 
 
 def _layout_strips(ax, rows: dict) -> None:
