@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from fastvideo_offload.bench import measure, modes, report, run
+from fastvideo_offload.bench import modes, overlap, report, run
 from fastvideo_offload.bench.model import CPU_SMALL, build, weight_bytes
 from fastvideo_offload.planner import plan, spread
 
@@ -197,8 +197,15 @@ def test_the_staged_row_has_a_staging_timeline(tmp_path, monkeypatch):
 def test_staging_overlap_counts_each_moment_once():
     # Staging busy 0-15 ms (two threads, overlapping); compute 2-6 and 12-22: 4 + 3 of 15 ms.
     lanes = {"staging": [[0, 10, 0, 3], [5, 10, 1, 4]], "copy": [], "compute": [[2, 4], [12, 10]]}
-    assert measure.staging_overlap(lanes) == pytest.approx(7 / 15)
-    assert measure.staging_overlap({**lanes, "staging": []}) is None
+    assert overlap.staging_overlap(lanes) == pytest.approx(7 / 15)
+    assert overlap.staging_overlap({**lanes, "staging": []}) is None
+
+
+
+def test_staging_pieces_group_into_fills():
+    # Block 3's pieces back to back, then its fill of the next step; block 4's between.
+    pieces = [[0, 1, 0, 3], [1, 1, 0, 3], [2, 1, 0, 4], [100, 1, 0, 3]]
+    assert sorted(overlap.fills(pieces)) == [[[0, 1, 0, 3], [1, 1, 0, 3]], [[2, 1, 0, 4]], [[100, 1, 0, 3]]]
 
 
 def test_load_and_node_sections_are_consistent(tmp_path, monkeypatch):

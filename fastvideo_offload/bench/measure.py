@@ -259,26 +259,3 @@ def _cpu_lanes(model: nn.Module, inputs: tuple) -> tuple[dict[str, list], int]:
         for h in handles:
             h.remove()
     return marks, now["start"]
-
-
-def staging_overlap(lanes: dict[str, list]) -> float | None:
-    """The share of the time some staging thread was copying during which some block was computing,
-    from a timeline's lanes; None when nothing was staged."""
-    staging = _union([(s, s + n) for s, n, *_ in lanes["staging"]])
-    busy = sum(end - start for start, end in staging)
-    if not busy:
-        return None
-    compute = _union([(s, s + n) for s, n in lanes["compute"]])
-    both = sum(max(0.0, min(e1, e2) - max(s1, s2)) for s1, e1 in staging for s2, e2 in compute)
-    return both / busy
-
-
-def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """Disjoint intervals covering the same time, so that an overlap is counted once."""
-    merged: list[list[float]] = []
-    for start, end in sorted(intervals):
-        if merged and start <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], end)
-        else:
-            merged.append([start, end])
-    return [(start, end) for start, end in merged]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+from . import overlap
 from .modes import STAGED, STREAM_ALL
 
 GiB = 2**30
@@ -290,7 +291,7 @@ def plot(results: dict, path: str) -> None:
 
 def _staged_timeline(ax, zoom, row: dict) -> None:
     """The staged row's step: a lane per staging thread (its pieces shaded by block), copy and
-    compute; and, in `zoom`, the same around the step's first fill."""
+    compute; and, in `zoom`, the same around one fill."""
     timeline = row.get("timeline")
     if not timeline or not timeline["staging"]:
         ax.axis("off")
@@ -304,22 +305,23 @@ def _staged_timeline(ax, zoom, row: dict) -> None:
         lanes.append((f"staging thread {t}", [p[:2] for p in pieces], ["#47a" if p[3] % 2 else "#9bd" for p in pieces]))
     lanes += [("copy", timeline["copy"], "#c64"), ("compute", timeline["compute"], "#2a7")]
     for axis in (ax, zoom):
-        for y, (_, spans, shades) in enumerate(lanes):
-            axis.broken_barh(spans, (y * 10, 8), facecolors=shades)
+        for y, (label, spans, shades) in enumerate(lanes):
+            # An outline keeps a fill or copy of a ms visible in a step of seconds; the compute bars
+            # keep the gaps between them.
+            outline = 0 if label == "compute" else 0.8
+            axis.broken_barh(spans, (y * 10, 8), facecolors=shades, edgecolors=shades, linewidth=outline)
         axis.set_yticks([y * 10 + 4 for y in range(len(lanes))], [label for label, *_ in lanes])
-    ax.set_title(f"{STAGED}: {stats['staged_blocks']} of {stats['blocks']} blocks staged through the pinned ring by "
-                 f"{_threads(threads)}\nstaging overlapped compute {row['staging_overlap']:.0%} of its time")
+    ax.set_title(f"{STAGED}: {stats['staged_blocks']} of {stats['blocks']} blocks staged by {_threads(threads)}\n"
+                 f"staging overlapped compute {row['staging_overlap']:.0%} of its time")
     ax.set_xlabel("ms from the start of one step (prefetch 1)")
-    # The first fill that began in the step (earlier ones were planned by the step before).
-    first = min((p for p in timeline["staging"] if p[0] >= 0), key=lambda p: p[0], default=timeline["staging"][0])
-    start, end = first[0], first[0] + first[1]
-    for begin, length, _, block in sorted(timeline["staging"]):
-        # The fill's pieces follow one another; the block's next fill is a step of compute later.
-        if block == first[3] and start <= begin <= 2 * end - start:
-            end = max(end, begin + length)
+    # A fill is a few ms on a CPU: the zoom shows the one that overlapped compute most, saying so,
+    # beside the share of the whole step above.
+    share, fill = max(((overlap.staging_overlap({"staging": f, "compute": timeline["compute"]}) or 0.0, f)
+                       for f in overlap.fills(timeline["staging"])), key=lambda pair: pair[0])
+    start, end = fill[0][0], max(p[0] + p[1] for p in fill)
     zoom.set_xlim(start - (end - start), end + (end - start))
     zoom.tick_params(labelleft=False)
-    zoom.set_title(f"block {first[3]}'s fill, zoomed")
+    zoom.set_title(f"block {fill[0][3]}'s fill, zoomed:\n{share:.0%} under compute\n(the step's most)", fontsize=9)
     zoom.set_xlabel("ms")
 
 

@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import offloader
-from . import load, measure, node, report, targets
+from . import load, measure, node, overlap, report, targets
 from .model import CPU_SMALL, WAN_14B, IdleBlocks, WanShape, build, inputs, weight_bytes
 from .modes import STAGED, STREAM_ALL, Mode, all_modes
 
@@ -249,9 +249,9 @@ def scenario(bench: Bench, name: str, shape, dtype, device, modes: list[Mode], t
         if timeline and row_name in (STREAM_ALL, STAGED):
             with torch.inference_mode():
                 row["timeline"] = measure.engine_timeline(model, make_inputs(0), device)
-            overlap = measure.staging_overlap(row["timeline"])
-            if overlap is not None:
-                row["staging_overlap"] = overlap
+            share = overlap.staging_overlap(row["timeline"])
+            if share is not None:
+                row["staging_overlap"] = share
         rows[row_name] = row
         del model, output
         _overheads(section)
