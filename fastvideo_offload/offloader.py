@@ -338,6 +338,12 @@ class OffloadHandle:
         _ops.engine_trim(self._engine)
 
     @property
+    def engine(self) -> int:
+        """The engine's integer handle, for the ops in `_ops` that the handle does not wrap (the
+        staging trace)."""
+        return self._engine
+
+    @property
     def enabled(self) -> bool:
         return self._finalizer.alive
 

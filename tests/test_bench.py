@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from fastvideo_offload.bench import modes, report, run
+from fastvideo_offload.bench import modes, overlap, report, run
 from fastvideo_offload.bench.model import CPU_SMALL, build, weight_bytes
 from fastvideo_offload.planner import plan, spread
 
@@ -168,6 +168,44 @@ def test_budget_rows_copy_exactly_their_streamed_blocks(tmp_path, monkeypatch):
     assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = report.table(results)
     assert "device budget" in table and "checks (any machine)" in table
+
+
+def test_the_staged_row_has_a_staging_timeline(tmp_path, monkeypatch):
+    """The staged row's step: staging pieces (its staged blocks only), copy and compute, and the
+    share of the staging time that overlapped compute, in the JSON, the table and the plot."""
+    bench_run = importlib.import_module("fastvideo_offload.bench.run")
+    monkeypatch.setattr(bench_run, "CPU_SMALL", replace(CPU_SMALL, dim=64, heads=1, ffn=64, text_dim=64))
+    layers = modes.PINNED_BLOCKS + 3
+    results = bench_run.main([*TINY, "--layers", str(layers), "--device", "cpu", "--sections", "main",
+                              "--modes", f"resident,{modes.STREAM_ALL},{modes.STAGED}",
+                              "--plot", str(tmp_path / "b.png")])
+    rows = results["main"]["modes"]
+    staged = rows[modes.STAGED]
+    assert staged["bit_identical"] is True
+    timeline = staged["timeline"]
+    assert set(timeline) == {"staging", "copy", "compute"} and timeline["copy"] and timeline["compute"]
+    assert timeline["staging"]
+    assert {block for *_, block in timeline["staging"]} <= set(range(modes.PINNED_BLOCKS, layers))
+    assert {thread for _, _, thread, _ in timeline["staging"]} <= set(range(staged["engine"]["staging_threads"]))
+    assert all(length >= 0 for _, length, *_ in timeline["staging"])
+    assert 0 <= staged["staging_overlap"] <= 1
+    assert rows[modes.STREAM_ALL]["timeline"]["staging"] == [] and "staging_overlap" not in rows[modes.STREAM_ALL]
+    assert f"{modes.STAGED}: staging overlapped compute" in report.table(results)
+    assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_staging_overlap_counts_each_moment_once():
+    # Staging busy 0-15 ms (two threads, overlapping); compute 2-6 and 12-22: 4 + 3 of 15 ms.
+    lanes = {"staging": [[0, 10, 0, 3], [5, 10, 1, 4]], "copy": [], "compute": [[2, 4], [12, 10]]}
+    assert overlap.staging_overlap(lanes) == pytest.approx(7 / 15)
+    assert overlap.staging_overlap({**lanes, "staging": []}) is None
+
+
+
+def test_staging_pieces_group_into_fills():
+    # Block 3's pieces back to back, then its fill of the next step; block 4's between.
+    pieces = [[0, 1, 0, 3], [1, 1, 0, 3], [2, 1, 0, 4], [100, 1, 0, 3]]
+    assert sorted(overlap.fills(pieces)) == [[[0, 1, 0, 3], [1, 1, 0, 3]], [[2, 1, 0, 4]], [[100, 1, 0, 3]]]
 
 
 def test_load_and_node_sections_are_consistent(tmp_path, monkeypatch):

@@ -93,7 +93,7 @@ def test_the_staging_trace_records_every_fill(cpu_device, threads):
     pinned, steps, prefetch = 2, 3, 1
     handle = fo.enable(model, device="cpu", prefetch=prefetch, host_pin_budget=sum(block_bytes(model)[:pinned]),
                        staging_threads=threads)
-    engine = handle._engine
+    engine = handle.engine
     _ops.engine_trace_staging(engine, True)  # before the ring exists: it starts tracing when made
     before = time.monotonic_ns()
     run(model, [tiny_input() for _ in range(steps)])
@@ -226,7 +226,7 @@ def test_trim_frees_the_staging_ring(cpu_device):
     reference = TinyDiT(layers=LAYERS)
     model = copy.deepcopy(reference)
     handle = fo.enable(model, device="cpu", prefetch=1, host_pin_budget=sum(block_bytes(model)[:2]))
-    _ops.engine_trace_staging(handle._engine, True)
+    _ops.engine_trace_staging(handle.engine, True)
     x = tiny_input()
     expected = run(reference, [x])[0]
     assert torch.equal(run(model, [x])[0], expected)
@@ -236,11 +236,11 @@ def test_trim_frees_the_staging_ring(cpu_device):
     stats = handle.stats()
     assert stats["staging_buffer_bytes"] == 0 and stats["device_bytes"] == 0
     assert stats["stagings"] == stagings
-    assert len(_ops.engine_staging_trace(handle._engine)) >= stagings  # the freed ring's trace
+    assert len(_ops.engine_staging_trace(handle.engine)) >= stagings  # the freed ring's trace
     assert torch.equal(run(model, [x])[0], expected)
     stats = handle.stats()
     assert stats["staging_buffer_bytes"] == ring and stats["stagings"] >= 2 * stagings
-    assert len(_ops.engine_staging_trace(handle._engine)) >= stagings  # the new ring traces too
+    assert len(_ops.engine_staging_trace(handle.engine)) >= stagings  # the new ring traces too
 
 
 def test_bad_arguments_leave_the_model_alone():

@@ -183,43 +183,68 @@ def staging_throughput(threads: int, block_bytes: int = 32 << 20, blocks: int = 
         _ops.engine_destroy(engine)
 
 
+#: The profiler event that marks a step's start on the host, to put the GPU's events on the host's clock.
+STEP_MARK = "fastvideo_offload step"
+
+
 def engine_timeline(model: nn.Module, inputs: tuple, device: torch.device) -> dict[str, list]:
-    """Per-block intervals (ms from the step's start) of copying and computing for one step of
-    a model offloaded by this engine."""
+    """One step of a model offloaded by this engine, in ms from the step's start: "copy" and
+    "compute", [start, length] per block; "staging", [start, length, thread, block] per piece a
+    staging thread copied into the pinned ring (none when every block is pinned), from the
+    engine's trace, which shares the host clock (CLOCK_MONOTONIC) with the marks here. Pieces
+    copied ahead for the next step end after the step."""
+    engine = offloader.handle_of(model).engine
+    _ops.engine_trace_staging(engine, True)
+    try:
+        _ops.engine_staging_trace(engine)  # what earlier steps staged
+        lanes, start_ns = _cuda_lanes(model, inputs, device) if device.type == "cuda" else _cpu_lanes(model, inputs)
+        trace = _ops.engine_staging_trace(engine).tolist()
+    finally:
+        _ops.engine_trace_staging(engine, False)
+    lanes["staging"] = [[(begin - start_ns) / 1e6, (end - begin) / 1e6, thread, block]
+                        for block, thread, begin, end in trace]
+    return lanes
 
-    def run():
-        return model(*inputs)
 
-    if device.type == "cuda":
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            run()
-            sync(device)
-        events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-        if not events:
-            return {"copy": [], "compute": []}
-        t0 = min(e.time_range.start for e in events)
+def _cuda_lanes(model: nn.Module, inputs: tuple, device: torch.device) -> tuple[dict[str, list], int]:
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        with torch.profiler.record_function(STEP_MARK):
+            start_ns = time.monotonic_ns()
+            model(*inputs)
+        sync(device)
+    events = prof.events()
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+    t0 = next(e.time_range.start for e in events if e.name == STEP_MARK and e.device_type == cpu)
+    # The mark may also show on the GPU's timeline (an annotation, not work).
+    kernels = [e for e in events if e.device_type == cuda and e.name != STEP_MARK]
 
-        def span(e):
-            return [(e.time_range.start - t0) / 1e3, (e.time_range.end - e.time_range.start) / 1e3]
+    def span(e):
+        return [(e.time_range.start - t0) / 1e3, (e.time_range.end - e.time_range.start) / 1e3]
 
-        return {
-            "copy": [span(e) for e in events if "HtoD" in e.name],
-            "compute": [span(e) for e in events if "Memcpy" not in e.name and "Memset" not in e.name],
-        }
+    return {
+        "copy": [span(e) for e in kernels if "HtoD" in e.name],
+        "compute": [span(e) for e in kernels if "Memcpy" not in e.name and "Memset" not in e.name],
+    }, start_ns
+
+
+def _cpu_lanes(model: nn.Module, inputs: tuple) -> tuple[dict[str, list], int]:
     # On the CPU the copies run inside the pre-hook: time it from just before to just after.
     marks: dict[str, list] = {"copy": [], "compute": []}
-    t0 = time.perf_counter()
     now = {}
 
+    def ms(ns: int) -> float:
+        return (ns - now["start"]) / 1e6
+
     def before_enter(module, args):
-        now["enter"] = time.perf_counter()
+        now["enter"] = time.monotonic_ns()
 
     def after_enter(module, args):
-        now["run"] = time.perf_counter()
-        marks["copy"].append([(now["enter"] - t0) * 1e3, (now["run"] - now["enter"]) * 1e3])
+        now["run"] = time.monotonic_ns()
+        marks["copy"].append([ms(now["enter"]), (now["run"] - now["enter"]) / 1e6])
 
     def after_run(module, args, output):
-        marks["compute"].append([(now["run"] - t0) * 1e3, (time.perf_counter() - now["run"]) * 1e3])
+        marks["compute"].append([ms(now["run"]), (time.monotonic_ns() - now["run"]) / 1e6])
 
     handles = []
     for path in offloader.handle_of(model).block_paths:
@@ -228,9 +253,9 @@ def engine_timeline(model: nn.Module, inputs: tuple, device: torch.device) -> di
             handles.append(block.register_forward_pre_hook(after_enter))
             handles.append(block.register_forward_hook(after_run, prepend=True))
     try:
-        t0 = time.perf_counter()
-        run()
+        now["start"] = time.monotonic_ns()
+        model(*inputs)
     finally:
         for h in handles:
             h.remove()
-    return marks
+    return marks, now["start"]

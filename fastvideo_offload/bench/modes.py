@@ -125,6 +125,7 @@ def _ours_budget(budget: Callable[[nn.Module, int], int | str], prefetch: int = 
 
 #: Blocks pinned in the staging row; the others stream through the pinned staging ring.
 PINNED_BLOCKS = 3
+STAGED = f"ours pin {PINNED_BLOCKS} blocks"
 
 
 def _ours_pinned(blocks: int, prefetch: int = 1):
@@ -204,7 +205,7 @@ def all_modes() -> list[Mode]:
         Mode("ours p1 async", _ours_async(1), _cpu_only),
         *(Mode(f"ours budget {share:.0%}", _ours_budget(lambda model, slots, s=share: share_budget(model, s, slots)),
                _cpu_budget) for share in CPU_BUDGET_SHARES),
-        Mode(f"ours pin {PINNED_BLOCKS} blocks", _ours_pinned(PINNED_BLOCKS)),
+        Mode(STAGED, _ours_pinned(PINNED_BLOCKS)),
         Mode("ours budget auto", _ours_budget(lambda model, slots: "auto"), _gpu_only),
         Mode("ours budget 24 GB card", _ours_budget(lambda model, slots: CARD_24GB_BUDGET), _gpu_only),
         Mode("fastvideo", _fastvideo, _needs("fastvideo", cuda=True)),

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import os
 
-from .modes import STREAM_ALL
+from . import overlap
+from .modes import STAGED, STREAM_ALL
 
 GiB = 2**30
 MB = 1e6
@@ -51,6 +52,18 @@ def _mode_table(rows: dict, ceiling: float) -> list[str]:
             f"{_num(peak and peak / GiB, '.2f'):>14}{_num(host and host / GiB, '.2f'):>10}{rate_text:>10}{exact:>7}"
         )
     return lines
+
+
+def _overlap_lines(rows: dict) -> list[str]:
+    return [
+        f"  {name}: staging overlapped compute {row['staging_overlap']:.0%} of its time (one step's timeline, "
+        f"{_threads(row['engine']['staging_threads'])})"
+        for name, row in rows.items() if "staging_overlap" in row
+    ]
+
+
+def _threads(n: int) -> str:
+    return f"{n} staging thread" + ("s" if n != 1 else "")
 
 
 def _budget_rows(rows: dict) -> dict:
@@ -169,6 +182,7 @@ def table(results: dict) -> str:
         if name in ("main", "short_clip"):
             out += _mode_table(section["modes"], ceiling)
             out.append(_resident_line(section))
+            out += _overlap_lines(section["modes"])
             out += _budget_table(section["modes"])
         elif name == "wan22":
             out.append(
@@ -225,8 +239,8 @@ def write_json(results: dict, path: str) -> None:
 
 
 def plot(results: dict, path: str) -> None:
-    """Overhead and peak memory per mode, this engine's copy/compute timeline, and the planner's
-    layout under each device budget."""
+    """Overhead and peak memory per mode, this engine's copy/compute timeline, the same with staging
+    for the staged row, and the planner's layout under each device budget."""
     try:
         import matplotlib
 
@@ -236,7 +250,12 @@ def plot(results: dict, path: str) -> None:
         raise RuntimeError("--plot needs matplotlib: pip install matplotlib") from exc
 
     rows = {k: v for k, v in results.get("main", {}).get("modes", {}).items() if "median_ms" in v}
-    fig, axes = plt.subplots(4, 1, figsize=(10, 14), gridspec_kw={"height_ratios": [1, 1, 1.2, 0.9]})
+    fig = plt.figure(figsize=(10, 17))
+    # The staged row's step is drawn whole and, beside it, around one fill: on a CPU a fill is too
+    # short to see at the scale of a step.
+    grid = fig.add_gridspec(5, 2, height_ratios=[1, 1, 1.2, 1.2, 0.9], width_ratios=[3, 1])
+    axes = [fig.add_subplot(grid[i, :]) for i in range(3)]
+    axes += [fig.add_subplot(grid[3, 0]), fig.add_subplot(grid[3, 1]), fig.add_subplot(grid[4, :])]
     names = list(rows)
     overhead = [rows[n].get("overhead_pct") or 0.0 for n in names]
     colors = ["#888" if n.startswith("resident") else "#2a7" if n.startswith("ours") else "#c64" for n in names]
@@ -267,10 +286,47 @@ def plot(results: dict, path: str) -> None:
         axes[2].set_xlabel("ms from the start of one step (ours, prefetch 1)")
     else:
         axes[2].axis("off")
-    _layout_strips(axes[3], _budget_rows(rows))
+    _staged_timeline(axes[3], axes[4], rows.get(STAGED, {}))
+    _layout_strips(axes[5], _budget_rows(rows))
     fig.tight_layout()
     fig.savefig(_make_parent(path), dpi=110)
     plt.close(fig)
+
+
+def _staged_timeline(ax, zoom, row: dict) -> None:
+    """The staged row's step: a lane per staging thread (its pieces shaded by block), copy and
+    compute; and, in `zoom`, the same around one fill."""
+    timeline = row.get("timeline")
+    if not timeline or not timeline["staging"]:
+        ax.axis("off")
+        zoom.axis("off")
+        return
+    stats = row["engine"]
+    threads = stats["staging_threads"]
+    lanes = []
+    for t in range(threads):
+        pieces = [p for p in timeline["staging"] if p[2] == t]
+        lanes.append((f"staging thread {t}", [p[:2] for p in pieces], ["#47a" if p[3] % 2 else "#9bd" for p in pieces]))
+    lanes += [("copy", timeline["copy"], "#c64"), ("compute", timeline["compute"], "#2a7")]
+    for axis in (ax, zoom):
+        for y, (label, spans, shades) in enumerate(lanes):
+            # An outline keeps a fill or copy of a ms visible in a step of seconds; the compute bars
+            # keep the gaps between them.
+            outline = 0 if label == "compute" else 0.8
+            axis.broken_barh(spans, (y * 10, 8), facecolors=shades, edgecolors=shades, linewidth=outline)
+        axis.set_yticks([y * 10 + 4 for y in range(len(lanes))], [label for label, *_ in lanes])
+    ax.set_title(f"{STAGED}: {stats['staged_blocks']} of {stats['blocks']} blocks staged by {_threads(threads)}\n"
+                 f"staging overlapped compute {row['staging_overlap']:.0%} of its time")
+    ax.set_xlabel("ms from the start of one step (prefetch 1)")
+    # A fill is a few ms on a CPU: the zoom shows the one that overlapped compute most, saying so,
+    # beside the share of the whole step above.
+    share, fill = max(((overlap.staging_overlap({"staging": f, "compute": timeline["compute"]}) or 0.0, f)
+                       for f in overlap.fills(timeline["staging"])), key=lambda pair: pair[0])
+    start, end = fill[0][0], max(p[0] + p[1] for p in fill)
+    zoom.set_xlim(start - (end - start), end + (end - start))
+    zoom.tick_params(labelleft=False)
+    zoom.set_title(f"block {fill[0][3]}'s fill, zoomed:\n{share:.0%} under compute\n(the step's most)", fontsize=9)
+    zoom.set_xlabel("ms")
 
 
 def _layout_strips(ax, rows: dict) -> None:

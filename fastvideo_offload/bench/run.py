@@ -13,9 +13,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import offloader
-from . import load, measure, node, report, targets
+from . import load, measure, node, overlap, report, targets
 from .model import CPU_SMALL, WAN_14B, IdleBlocks, WanShape, build, inputs, weight_bytes
-from .modes import STREAM_ALL, Mode, all_modes
+from .modes import STAGED, STREAM_ALL, Mode, all_modes
 
 #: Many small Wan blocks with idle forwards: what is left of a step is the offloader's hooks.
 HOOK_SHAPE = WanShape(dim=16, heads=1, ffn=16, layers=64)
@@ -246,9 +246,12 @@ def scenario(bench: Bench, name: str, shape, dtype, device, modes: list[Mode], t
             bench.references[name] = output
         reference = bench.references.get(name)
         row["bit_identical"] = None if reference is None else bool(torch.equal(output, reference))
-        if timeline and row_name == "ours p1":
+        if timeline and row_name in (STREAM_ALL, STAGED):
             with torch.inference_mode():
                 row["timeline"] = measure.engine_timeline(model, make_inputs(0), device)
+            share = overlap.staging_overlap(row["timeline"])
+            if share is not None:
+                row["staging_overlap"] = share
         rows[row_name] = row
         del model, output
         _overheads(section)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .modes import PINNED_BLOCKS, budget_modes
+from .modes import STAGED, budget_modes
 
 OVERHEAD_PCT = 1.0
 PEAK_FACTOR = 1.1
@@ -22,7 +22,6 @@ BUDGET_FACTOR = 1.05
 BUDGET_AUTO = "ours budget auto"
 #: A pin budget of PINNED_BLOCKS blocks (the rest staged) against every block pinned ("ours p1").
 STAGING_FACTOR = 1.05
-STAGED = f"ours pin {PINNED_BLOCKS} blocks"
 #: Host targets, judged on any machine: loading, against diffusers' way and the host store.
 LOAD_SPEEDUP = 2.0
 LOAD_PEAK_FACTOR = 1.05
