@@ -215,9 +215,13 @@ def _cuda_lanes(model: nn.Module, inputs: tuple, device: torch.device) -> tuple[
         sync(device)
     events = prof.events()
     cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
-    t0 = next(e.time_range.start for e in events if e.name == STEP_MARK and e.device_type == cpu)
     # The mark may also show on the GPU's timeline (an annotation, not work).
     kernels = [e for e in events if e.device_type == cuda and e.name != STEP_MARK]
+    marks = [e.time_range.start for e in events if e.name == STEP_MARK and e.device_type == cpu]
+    if not marks and not kernels:
+        return {"copy": [], "compute": []}, start_ns
+    # Without the host mark the staging lane cannot be placed exactly: the first GPU event stands in.
+    t0 = marks[0] if marks else min(e.time_range.start for e in kernels)
 
     def span(e):
         return [(e.time_range.start - t0) / 1e3, (e.time_range.end - e.time_range.start) / 1e3]

@@ -247,11 +247,16 @@ def scenario(bench: Bench, name: str, shape, dtype, device, modes: list[Mode], t
         reference = bench.references.get(name)
         row["bit_identical"] = None if reference is None else bool(torch.equal(output, reference))
         if timeline and row_name in (STREAM_ALL, STAGED):
-            with torch.inference_mode():
-                row["timeline"] = measure.engine_timeline(model, make_inputs(0), device)
-            share = overlap.staging_overlap(row["timeline"])
-            if share is not None:
-                row["staging_overlap"] = share
+            try:
+                with torch.inference_mode():
+                    row["timeline"] = measure.engine_timeline(model, make_inputs(0), device)
+            except Exception as exc:  # noqa: BLE001  (a picture, not a measurement: the row stands without it)
+                logger.exception("bench: the timeline of %s failed", row_name)
+                row["timeline_failed"] = f"{type(exc).__name__}: {exc}"[:300]
+            else:
+                share = overlap.staging_overlap(row["timeline"])
+                if share is not None:
+                    row["staging_overlap"] = share
         rows[row_name] = row
         del model, output
         _overheads(section)
