@@ -36,6 +36,8 @@ TORCH_LIBRARY(fastvideo_offload, m) {
   m.def("engine_trim(int engine) -> ()", &engine_trim);
   m.def("engine_set_resident(int engine, int[] blocks) -> ()", &engine_set_resident);
   m.def("engine_stats(int engine) -> Dict(str, int)", &engine_stats);
+  // Every block in the execution order learned so far (what a device budget plans in).
+  m.def("engine_order(int engine) -> int[]", &engine_order);
   // While on, the staging threads record each piece they copy; the trace returns them, int64 [n, 4]
   // (block, staging thread, start and end in steady_clock ns), and clears them.
   m.def("engine_trace_staging(int engine, bool on) -> ()", &engine_trace_staging);

@@ -375,6 +375,10 @@ void Engine::enter(int64_t block) {
     blocks_[last_entered_].next = block;
   }
   last_entered_ = block;
+  if (starting_) {
+    first_entered_ = block;
+    starting_ = false;
+  }
   ++enters_;
   const std::vector<int64_t> keep = window(block);
   if (blk.nbytes > 0) {
@@ -441,6 +445,23 @@ void Engine::plan_staging(int64_t block) {
   staging_->plan(order);
 }
 
+std::vector<int64_t> Engine::order() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  const auto n = static_cast<int64_t>(blocks_.size());
+  std::vector<bool> seen(blocks_.size(), false);
+  std::vector<int64_t> out;
+  for (int64_t b = first_entered_ >= 0 ? first_entered_ : 0; b >= 0 && b < n && !seen[b]; b = blocks_[b].next) {
+    seen[b] = true;
+    out.push_back(b);
+  }
+  for (int64_t b = 0; b < n; ++b) {
+    if (!seen[b]) {
+      out.push_back(b);
+    }
+  }
+  return out;
+}
+
 Staging::Request Engine::staging_request(int64_t block) const {
   const Block& blk = blocks_[block];
   return {block, blk.segments.data(), static_cast<int64_t>(blk.segments.size()), blk.nbytes};
@@ -492,6 +513,7 @@ void Engine::reset() {
   std::lock_guard<std::mutex> lock(mutex_);
   prefetch_alloc_blocked_ = false;
   h2d_at_forward_ = h2d_bytes_;
+  starting_ = true;
   for (Block& blk : blocks_) {
     if (blk.held) {
       release(blk);
@@ -685,6 +707,8 @@ int64_t engine_add_block(int64_t engine, const at::Tensor& host, at::TensorList 
                          bool staged) {
   return lookup(engine)->add_block(host, params, offsets, staged);
 }
+
+std::vector<int64_t> engine_order(int64_t engine) { return lookup(engine)->order(); }
 
 int64_t engine_add_gathered_block(int64_t engine, at::TensorList sources, int64_t nbytes, at::TensorList params,
                                   at::IntArrayRef offsets) {

@@ -55,6 +55,9 @@ class Engine {
   // copies the resident blocks once.
   void set_resident(at::IntArrayRef blocks);
   c10::Dict<std::string, int64_t> stats();
+  // Every block, in the execution order learned so far: from the first block entered in the last
+  // forward, following what ran after what; blocks never reached that way follow in registration order.
+  std::vector<int64_t> order();
   bool busy();
   // Whether the staging threads record each piece they copy (see Staging::trace).
   void trace_staging(bool on);
@@ -118,6 +121,8 @@ class Engine {
   int ring_ = 0;            // slots_[0, ring_) stream blocks; each one after is a resident block's home
   int64_t slot_budget_ = -1;
   int64_t last_entered_ = -1;
+  int64_t first_entered_ = -1;  // the first block entered since the last reset (a forward's first)
+  bool starting_ = true;         // no block entered since the last reset
   // A prefetch slot could not be allocated: no more tries until the next forward or trim, so a
   // full device does not send the allocator into its out-of-memory path for every block.
   bool prefetch_alloc_blocked_ = false;

@@ -38,6 +38,7 @@ void engine_invalidate(int64_t engine);
 void engine_trim(int64_t engine);
 void engine_set_resident(int64_t engine, at::IntArrayRef blocks);
 c10::Dict<std::string, int64_t> engine_stats(int64_t engine);
+std::vector<int64_t> engine_order(int64_t engine);
 void engine_trace_staging(int64_t engine, bool on);
 at::Tensor engine_staging_trace(int64_t engine);
 void engine_destroy(int64_t engine);

@@ -98,6 +98,11 @@ def engine_stats(engine: int) -> dict[str, int]:
     return dict(_ops.engine_stats.default(engine))
 
 
+def engine_order(engine: int) -> list[int]:
+    """Every block, in the execution order the engine has learned (registration order before any forward)."""
+    return list(_ops.engine_order.default(engine))
+
+
 def engine_trace_staging(engine: int, on: bool) -> None:
     """Whether the engine's staging threads record each piece they copy into the staging ring."""
     _ops.engine_trace_staging.default(engine, on)

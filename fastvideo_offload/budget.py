@@ -3,8 +3,10 @@
 The budget covers everything the model keeps on the device: its non-block weights and buffers,
 the resident blocks, the ring of slots for the streamed ones, and (on CUDA) the activations of the
 largest forward seen so far. Within it, planner.plan keeps as many blocks resident as fit and
-spreads the streamed ones through the execution order. The slot budget of the engine is set to the
-blocks' share, so the bound holds even while prefetching.
+spreads the streamed ones through the execution order: registration order until a forward has
+run, then the order the engine saw (lists registered in another order than they run, as
+HunyuanVideo's may be, or interleaved, as Wan VACE's), re-planned once when it differs. The slot
+budget of the engine is set to the blocks' share, so the bound holds even while prefetching.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class DeviceBudget:
         self._engine: int | None = None
         self._device, self._sizes, self._slots = device, sizes, slots
         self._fixed = fixed_bytes  # non-block weights and buffers on the device, and resident copies
+        self._order = list(range(len(sizes)))  # the execution order planned in
         self._activations = 0
         self._measuring = False
         self._total = auto_budget(device, [model]) if budget == "auto" else budget
@@ -75,7 +78,11 @@ class DeviceBudget:
                 f"device_budget: {self._total} bytes do not hold what stays on the device ({self._fixed} bytes of "
                 f"non-block weights and buffers, {self._activations} bytes of activations)"
             )
-        return plan(self._sizes, budget, self._slots)
+        # The planner works on positions in execution order; the engine names blocks.
+        order = self._order
+        p = plan([self._sizes[b] for b in order], budget, self._slots)
+        return Plan(tuple(order[i] for i in p.resident), tuple(order[i] for i in p.streamed), p.device_bytes,
+                    p.streamed_bytes)
 
     def _replan(self) -> None:
         self.plan = self._plan()
@@ -114,12 +121,22 @@ class DeviceBudget:
             self._measuring = True
 
     def _after(self, module, args, output) -> None:
-        if not self._measuring:
+        if self._measuring:
+            self._measuring = False
+            peak = torch.cuda.max_memory_allocated(self._device) - self._start
+            new_slots = _ops.engine_stats(self._engine)["device_bytes"] - self._slots_at_start
+            self.observe(max(0, peak - new_slots))
+        if torch.compiler.is_compiling():
             return
-        self._measuring = False
-        peak = torch.cuda.max_memory_allocated(self._device) - self._start
-        new_slots = _ops.engine_stats(self._engine)["device_bytes"] - self._slots_at_start
-        self.observe(max(0, peak - new_slots))
+        order = _ops.engine_order(self._engine)
+        if order != self._order:
+            # Planned in registration order, run in another: the streamed blocks are spread through
+            # the order they run in from the next forward on (the resident ones are copied once more).
+            self._order = order
+            try:
+                self._replan()
+            except ValueError as exc:  # the blocks' sizes in this order need a larger ring: keep the plan
+                logger.warning("keeping the device budget's plan made before the execution order was seen: %s", exc)
 
     def observe(self, activations: int) -> None:
         """A forward needed `activations` bytes besides the weights and slots. More than planned for

@@ -9,7 +9,8 @@ import torch
 
 import fastvideo_offload as fo
 from fastvideo_offload.planner import plan, spread
-from models import TinyDiT, tiny_input
+from fastvideo_offload import _ops
+from models import TinyDiT, TwoListDiT, tiny_input
 from snapshot import assert_unchanged, snapshot
 
 
@@ -95,6 +96,31 @@ def test_resident_blocks_are_copied_once_and_streamed_ones_every_step(resident):
             else:
                 assert copied == (8 - resident) * block  # only the streamed ones
     assert len(seen) == 24 and max(seen) == (resident + 2) * block
+
+
+def test_the_plan_follows_the_order_the_blocks_run_in():
+    """TwoListDiT registers its 2 single blocks before its 3 double blocks and runs them after:
+    planned in registration order at enable, re-planned in the order the engine saw from the
+    second forward on. Either way the streamed blocks are spread through the order planned in."""
+    torch.manual_seed(0)
+    model = TwoListDiT().eval()
+    reference = copy.deepcopy(model)
+    block = block_bytes(fo.enable(copy.deepcopy(model), device="cpu"))
+    outside = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "blocks." not in n)
+    handle = fo.enable(model, device="cpu", device_budget=outside + (2 + 2) * block)  # 2 resident, a ring of 2
+    registered = spread(5, 3)  # positions 0, 2, 4
+    assert handle._budget.plan.streamed == tuple(registered)
+    with torch.no_grad():
+        for step in range(3):
+            x = tiny_input()
+            assert torch.equal(model(x), reference(x))
+            if step == 2:  # planned in the order seen: copies only the streamed ones
+                assert handle.stats()["forward_h2d_bytes"] == 3 * block
+    ran = [2, 3, 4, 0, 1]  # double blocks (registered 2-4), then single blocks (0-1)
+    assert _ops.engine_order(handle._engine) == ran
+    assert handle._budget.plan.streamed == tuple(ran[i] for i in registered)
+    assert sorted(handle._budget.plan.resident) == [0, 3]
+    assert handle.stats()["resident_blocks"] == 2
 
 
 def test_everything_resident_copies_nothing_after_the_first_step():

@@ -74,10 +74,13 @@ def test_engine_rejects_unknown_handles_and_blocks():
             ops.engine_enter(engine, 0)
         with pytest.raises(IndexError, match="block -1 does not exist"):
             ops.engine_exit(engine, -1)
+        assert _ops.engine_order(engine) == []
     finally:
         _ops.engine_destroy(engine)
     with pytest.raises(ValueError, match="already destroyed"):
         _ops.engine_stats(engine)
+    with pytest.raises(ValueError, match="already destroyed"):
+        _ops.engine_order(engine)
 
 
 def test_the_staging_trace_ops_check_their_engine():
