@@ -18,6 +18,9 @@ TORCH_LIBRARY(fastvideo_offload, m) {
   m.def("pack(Tensor[] tensors, int[] offsets, int nbytes, bool pinned, Device? device=None) -> Tensor");
   // An exact-size host buffer left unfilled, for a caller that writes it (a checkpoint read into it).
   m.def("alloc_host(int nbytes, bool pinned, Device? device=None) -> Tensor");
+  // Page-locks host memory someone else allocated (a node's shared mapping) in place for `device`, and back.
+  m.def("pin_host(Tensor memory, Device device) -> ()");
+  m.def("unpin_host(Tensor memory) -> ()");
   // The engine of one model, named by a handle. Eager only: hooks call these between kernels.
   m.def("engine_create(Device device, int prefetch, int staging_threads=1) -> int", &engine_create);
   // staged: a pageable buffer whose uploads go through the engine's pinned staging ring.
@@ -53,7 +56,11 @@ TORCH_LIBRARY_IMPL(fastvideo_offload, CompositeExplicitAutograd, m) {
   m.impl("engine_staging_trace", &engine_staging_trace);
 }
 
-TORCH_LIBRARY_IMPL(fastvideo_offload, CPU, m) { m.impl("pack", &pack_cpu); }
+TORCH_LIBRARY_IMPL(fastvideo_offload, CPU, m) {
+  m.impl("pack", &pack_cpu);
+  m.impl("pin_host", &pin_host);
+  m.impl("unpin_host", &unpin_host);
+}
 
 #ifdef FVO_WITH_CUDA
 TORCH_LIBRARY_IMPL(fastvideo_offload, CUDA, m) { m.impl("pack", &pack_cuda); }

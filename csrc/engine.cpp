@@ -108,6 +108,10 @@ int64_t Engine::add_gathered_block(at::TensorList sources, int64_t nbytes, at::T
                       " must be a contiguous CPU tensor");
     TORCH_CHECK_VALUE(s.nbytes() == static_cast<size_t>(span_bytes(params[i])), "add_gathered_block: source ", i,
                       " has ", s.nbytes(), " bytes, its parameter spans ", span_bytes(params[i]));
+    // The source's bytes are copied as they are into the parameter's slot view: same dtype, no gaps.
+    TORCH_CHECK_VALUE(s.scalar_type() == params[i].scalar_type() && params[i].is_contiguous(),
+                      "add_gathered_block: parameter ", i, " must be contiguous and of its source's dtype (",
+                      s.scalar_type(), ")");
     blk.sources.push_back(s);
     blk.segments.push_back({s.const_data_ptr(), offsets[i], static_cast<int64_t>(s.nbytes())});
   }

@@ -81,6 +81,39 @@ at::Tensor alloc_host(int64_t nbytes, bool pinned, std::optional<c10::Device> de
   return at::from_blob(ptr, {nbytes}, [](void* p) { std::free(p); }, options);
 }
 
+namespace {
+
+void check_pinnable(const at::Tensor& memory, const char* op) {
+  TORCH_CHECK_VALUE(memory.defined() && memory.device().is_cpu() && memory.is_contiguous(), op,
+                    ": expected a contiguous CPU tensor");
+#ifndef FVO_WITH_CUDA
+  TORCH_CHECK(memory.nbytes() == 0, "pinned host memory needs the CUDA build of fastvideo_offload; this one was "
+                                    "built without CUDA");
+#endif
+}
+
+}  // namespace
+
+void pin_host(const at::Tensor& memory, c10::Device device) {
+  TORCH_CHECK_VALUE(device.is_cuda(), "pin_host: pinned host memory is for a CUDA device, got ", device);
+  check_pinnable(memory, "pin_host");
+  if (memory.nbytes() == 0) {
+    return;  // the runtime refuses an empty range; there is nothing to pin
+  }
+#ifdef FVO_WITH_CUDA
+  cuda::host_register(memory.data_ptr(), memory.nbytes(), device.has_index() ? device.index() : -1);
+#endif
+}
+
+void unpin_host(const at::Tensor& memory) {
+  check_pinnable(memory, "unpin_host");
+#ifdef FVO_WITH_CUDA
+  if (memory.nbytes() > 0) {
+    cuda::host_unregister(memory.data_ptr());
+  }
+#endif
+}
+
 void check_layout(at::TensorList tensors, at::IntArrayRef offsets, int64_t nbytes, const char* op) {
   TORCH_CHECK_VALUE(tensors.size() == offsets.size(), op, ": got ", tensors.size(), " tensors but ", offsets.size(),
                     " offsets");

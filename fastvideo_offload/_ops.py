@@ -54,6 +54,16 @@ def _alloc_host_fake(nbytes, pinned, device=None):
     return torch.empty(nbytes, dtype=torch.uint8, device="cpu")
 
 
+def pin_host(memory: torch.Tensor, device: torch.device) -> None:
+    """Page-locks `memory` (a contiguous CPU tensor someone else allocated) in place for the CUDA
+    `device`'s copies; out of memory raises torch.OutOfMemoryError."""
+    _ops.pin_host.default(memory, device)
+
+
+def unpin_host(memory: torch.Tensor) -> None:
+    _ops.unpin_host.default(memory)
+
+
 def engine_create(device: torch.device, prefetch: int, staging_threads: int = 1) -> int:
     return _ops.engine_create.default(device, prefetch, staging_threads)
 

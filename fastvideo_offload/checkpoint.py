@@ -219,37 +219,37 @@ class CheckpointWeights:
         mapped = _Mapped()
         with _Files(self.entries.values()) as files, ThreadPoolExecutor(_threads(len(blocks))) as pool:
             futures = [
-                None if not want and self._mappable(params)
+                None if not want and self._mappable(params, mapped)
                 else pool.submit(self._read_block, files, names, params, pin, want, device)
                 for (names, params), want in zip(blocks, wants)
             ]
             try:
-                for (names, params), future in zip(blocks, futures):
+                for index, ((names, params), future) in enumerate(zip(blocks, futures)):
                     if future is None:
                         store = BlockStore.gathered_from(names, params, [mapped.tensor(self._by_tensor[id(p)])
                                                                          for p in params])
                     else:
                         store = future.result()
                     self.adopt(store)
+                    if index == len(blocks) - 1 and mapped.nbytes:  # before the last yield: the caller stops there
+                        logger.info("%.1f MiB of staged blocks stay in the checkpoint's pages (mapped, copy-on-write): "
+                                    "the page cache holds their only host copy; the files must not be changed in "
+                                    "place while the model is offloaded", mapped.nbytes / 2**20)
                     yield store
             finally:
                 # Stopped early (a failed block): blocks not started yet are not read at all.
                 for future in futures:
                     if future is not None:
                         future.cancel()
-        if mapped.nbytes:
-            logger.info("%.1f MiB of staged blocks stay in the checkpoint's pages (mapped, copy-on-write): the page "
-                        "cache holds their only host copy; the files must not change while the model is offloaded",
-                        mapped.nbytes / 2**20)
 
-    def _mappable(self, params: list[nn.Parameter]) -> bool:
+    def _mappable(self, params: list[nn.Parameter], mapped: _Mapped) -> bool:
         """Whether a block's tensors can be used where the checkpoint holds them: no cast, each
-        contiguous and at an offset its dtype can be viewed at."""
+        contiguous and at an offset its dtype can be viewed at, in a file that can be mapped."""
         for p in params:
             entry = self._by_tensor[id(p)]
             if entry.dtype != p.dtype or not p.is_contiguous() or entry.offset % p.element_size():
                 return False
-        return True
+        return all(mapped.maps(self._by_tensor[id(p)].file) for p in params)
 
     def resident(self, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
         entry = self._by_tensor.get(id(tensor))
@@ -341,19 +341,26 @@ class _Mapped:
     write (load_state_dict, mutate) copies the page it touches for this process, never into the file."""
 
     def __init__(self):
-        self._bases: dict[str, torch.Tensor] = {}
+        self._bases: dict[str, torch.Tensor | None] = {}
         self.nbytes = 0
 
-    def tensor(self, entry: Entry) -> torch.Tensor:
-        base = self._bases.get(entry.file)
-        if base is None:
+    def maps(self, file: str) -> bool:
+        """Maps `file` if it is not yet; False (and its blocks are read instead) where it cannot be."""
+        if file not in self._bases:
             try:
-                with open(entry.file, "rb") as f:
+                with open(file, "rb") as f:
                     pages = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
             except OSError as exc:
-                raise CheckpointError(f"{entry.file}: cannot be mapped ({exc})") from exc
-            base = self._bases[entry.file] = torch.frombuffer(pages, dtype=torch.uint8)
+                logger.warning("%s cannot be mapped (%s): its staged blocks are read into host memory instead", file, exc)
+                self._bases[file] = None
+            else:
+                # Through a memoryview, as share.py maps: nothing can unmap pages a tensor still views.
+                self._bases[file] = torch.frombuffer(memoryview(pages), dtype=torch.uint8)
+        return self._bases[file] is not None
+
+    def tensor(self, entry: Entry) -> torch.Tensor:
         self.nbytes += entry.nbytes
+        base = self._bases[entry.file]
         return base[entry.offset : entry.offset + entry.nbytes].view(entry.dtype).view(entry.shape)
 
 

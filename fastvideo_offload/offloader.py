@@ -372,6 +372,7 @@ class OffloadHandle:
             p.data = data
         self._remove_hooks()
         self._stores.clear()
+        self._source = None  # a node's share: its blocks are unpinned and unmapped now, not when the handle goes
         model = self._model
         if model is not None and getattr(model, _HANDLE_ATTR, None) is self:
             delattr(model, _HANDLE_ATTR)
@@ -537,12 +538,12 @@ def enable(
             raise ValueError("checkpoint=, share= and host_pin_budget= apply to a model: a pipeline's components "
                              "load their own weights and are not shared between ranks")
         return enable_pipeline(model, device, prefetch, blocks, group, device_budget)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"enable expects an nn.Module or a diffusers DiffusionPipeline, got {type(model).__name__}")
-    if getattr(model, _HANDLE_ATTR, None) is not None:
-        raise RuntimeError(f"offload is already enabled on this {type(model).__name__}; disable it first")
     shared = node_share.resolve(share)
-    try:
+    try:  # from here on a failure is told to the other ranks of a share, which would wait for this one
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"enable expects an nn.Module or a diffusers DiffusionPipeline, got {type(model).__name__}")
+        if getattr(model, _HANDLE_ATTR, None) is not None:
+            raise RuntimeError(f"offload is already enabled on this {type(model).__name__}; disable it first")
         device = resolve_device(device)
         if checkpoint is None:
             source = LiveWeights()
@@ -554,7 +555,7 @@ def enable(
                              host_pin_budget, staging_threads)
     except BaseException as exc:
         if shared is not None:
-            shared.abandon(exc)  # the other ranks wait for this one in the share's first step
+            shared.abandon(exc)  # the other ranks learn it in the share's first step
         raise
 
 

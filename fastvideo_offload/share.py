@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from . import formats
+from . import _ops, formats
 from .sources import LiveWeights
 from .store import BlockStore, span
 
@@ -95,14 +95,19 @@ class NodeShare:
         return self.source.resident(tensor, device)
 
     def host_stores(self, blocks, pin, device: torch.device | None):
-        # Collective: the node's ranks agree on one copy, which its leader fills here. Then each
-        # rank pins (registers) the blocks within its own pin budget and stages the others.
+        # Collective, and run at this call, not at the first store asked for: a rank with no block
+        # still takes every step. Then each rank pins (registers) the blocks within its own pin
+        # budget and stages the others.
         region = self.region(blocks)
-        for index, (names, params) in enumerate(blocks):
-            store = pin.store(BlockStore.nbytes(params),
-                              lambda pinned: region.store(index, names, params, self if pinned else None, device))
-            self.source.adopt(store)
-            yield store
+
+        def stores():
+            for index, (names, params) in enumerate(blocks):
+                store = pin.store(BlockStore.nbytes(params),
+                                  lambda pinned: region.store(index, names, params, self if pinned else None, device))
+                self.source.adopt(store)
+                yield store
+
+        return stores()
 
     def abandon(self, exc: BaseException) -> None:
         """This rank's `enable` failed before its first step: the others learn it there and raise."""
@@ -241,7 +246,9 @@ class SharedRegion:
 
     def _mmap_fd(self, size: int) -> None:
         self._map = mmap.mmap(self._fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        self._base = torch.frombuffer(self._map, dtype=torch.uint8)
+        # Through a memoryview, which holds an export of the mapping: close() then refuses
+        # (BufferError) while a tensor views it, instead of unmapping memory still in use.
+        self._base = torch.frombuffer(memoryview(self._map), dtype=torch.uint8)
 
     def close_fd(self) -> None:
         if self._fd is not None:
@@ -265,7 +272,7 @@ class SharedRegion:
         `device`'s copies until the owner goes."""
         off = self.offsets[index]
         memory = self._base[off : off + self.sizes[index]]
-        if owner is not None:
+        if owner is not None and memory.numel():
             _pin(memory, owner, device)
         return BlockStore.over(names, params, memory)
 
@@ -288,19 +295,13 @@ class SharedRegion:
 
 def _pin(memory: torch.Tensor, owner, device: torch.device) -> None:
     """Page-locks `memory` (a block's pages of the mapping) in place for `device`'s copies, until
-    `owner` goes. The finalizer holds `memory`, so the pages stay mapped until they are unlocked."""
-    cudart = torch.cuda.cudart()
-    with torch.cuda.device(device):
-        err = cudart.cudaHostRegister(memory.data_ptr(), memory.numel(), 0)
-    if int(err) == 2:  # cudaErrorMemoryAllocation: the pin budget's fall-back stages the block instead
-        raise torch.OutOfMemoryError(f"share: cudaHostRegister of {memory.numel()} bytes of shared host memory: "
-                                     "out of memory")
-    if int(err) != 0:
-        raise RuntimeError(f"share: cudaHostRegister of {memory.numel()} bytes of shared host memory failed ({err})")
+    `owner` goes. Out of memory raises torch.OutOfMemoryError, which the pin budget's fall-back
+    turns into staging. The finalizer holds `memory`, so the pages stay mapped until unlocked."""
+    _ops.pin_host(memory, device)
     weakref.finalize(owner, _unpin, memory, device)
 
 
 def _unpin(memory: torch.Tensor, device: torch.device) -> None:
     # The engine's copies from the mapping must be done before its pages are unlocked.
     torch.cuda.synchronize(device)
-    torch.cuda.cudart().cudaHostUnregister(memory.data_ptr())
+    _ops.unpin_host(memory)

@@ -4,7 +4,8 @@ share="node" and writes what it saw to OUT/rank<R>.json (and its output to OUT/o
     python tests/share_worker.py OUT MODE   (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT from the env)
 
 MODE: run | plain (no share) | differ (rank 1 holds other weights) | stall-fill | stall-open
-(that step waits for SIGKILL) | forever (forwards until OUT/stop exists) | pin (a pin budget of
+(that step waits for SIGKILL) | forever (forwards until OUT/stop exists) | already (rank 1's model
+is enabled already, so its enable with share fails before the share's first step) | pin (a pin budget of
 PINNED blocks); with a "checkpoint" prefix (checkpoint, checkpoint-pin, checkpoint-differ: rank 1
 reads OUT/other.safetensors, checkpoint-stall-fill) the model is built empty and enabled from
 OUT/model.safetensors, which the test wrote."""
@@ -109,7 +110,10 @@ def main(out: str, mode: str) -> None:
         share.SharedRegion.fill = stall(f"{out}/stalled")
     if mode == "stall-open" and rank == 1:
         share.SharedRegion.open = stall(f"{out}/stalled")
-    before = {n: p.detach().clone() for n, p in model.named_parameters()} if base.startswith(("differ", "stall")) else {}
+    if mode == "already" and rank == 1:
+        fo.enable(model, device="cpu")
+    failing = base.startswith(("differ", "stall", "already"))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()} if failing else {}
     read_before = read_bytes()
     try:
         handle = fo.enable(model, device="cpu", **kwargs)

@@ -154,6 +154,11 @@ def test_a_gathered_block_checks_its_sources_and_gathers_them():
             _ops.engine_add_gathered_block(engine, [values[0], values[1][:6]], total, params, offsets)
         with pytest.raises(ValueError, match="does not fit"):
             _ops.engine_add_gathered_block(engine, values, offsets[1], params, offsets)
+        with pytest.raises(ValueError, match="parameter 0 must be contiguous and of its source's dtype"):
+            _ops.engine_add_gathered_block(engine, [values[0].view(torch.int32), values[1]], total, params, offsets)
+        transposed = [torch.nn.Parameter(torch.empty(5, 3).t()), params[1]]
+        with pytest.raises(ValueError, match="parameter 0 must be contiguous"):
+            _ops.engine_add_gathered_block(engine, values, total, transposed, offsets)
         assert _ops.engine_add_gathered_block(engine, values, total, params, offsets) == 0
         assert all(p.numel() == 0 for p in params) and _ops.engine_stats(engine)["staged_blocks"] == 1
         ops.engine_enter(engine, 0)
@@ -162,6 +167,20 @@ def test_a_gathered_block_checks_its_sources_and_gathers_them():
         assert _ops.engine_stats(engine)["staged_bytes"] == total
     finally:
         _ops.engine_destroy(engine)
+
+
+def test_pinning_memory_in_place_checks_its_arguments():
+    memory = torch.zeros(4096, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="pinned host memory is for a CUDA device, got cpu"):
+        _ops.pin_host(memory, torch.device("cpu"))
+    with pytest.raises(ValueError, match="expected a contiguous CPU tensor"):
+        _ops.pin_host(memory.view(64, 64).t(), torch.device("cuda"))
+    _ops.pin_host(memory[:0], torch.device("cuda"))  # nothing to pin: the runtime would refuse an empty range
+    _ops.unpin_host(memory[:0])
+    if not torch.cuda.is_available():
+        # No GPU here: no device, a CPU-only build, or a CUDA runtime without a driver; never a crash.
+        with pytest.raises((ValueError, RuntimeError), match="no such device|CUDA build|cudaHostRegister of 4096"):
+            _ops.pin_host(memory, torch.device("cuda"))
 
 
 def test_pinned_memory_needs_cuda():

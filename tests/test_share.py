@@ -216,6 +216,17 @@ def test_ranks_with_different_weights_refuse(tmp_path, no_leftovers):
         assert r["model_unchanged"] and not r["holds_memfd"]
 
 
+def test_a_rank_refused_before_the_share_begins_tells_the_others(tmp_path, no_leftovers):
+    """Rank 1's model is enabled already: it raises at once, and rank 0 learns it in the share's
+    first step instead of waiting for rank 1 until the group's timeout."""
+    with Ranks(tmp_path, 2, "already") as ranks:
+        results = ranks.wait(timeout=50)  # the workers' gloo timeout is 60 s
+    assert results[1]["error"].startswith("RuntimeError: offload is already enabled"), results[1]
+    assert results[0]["error"].startswith("RuntimeError: share: rank 1 of the group failed while describing its "
+                                          "blocks: RuntimeError: offload is already enabled"), results[0]
+    assert results[0]["model_unchanged"] and not results[0]["holds_memfd"]
+
+
 def test_ranks_reading_different_checkpoints_refuse(tmp_path, no_leftovers):
     _write_checkpoints(tmp_path, "checkpoint-differ")
     with Ranks(tmp_path, 2, "checkpoint-differ") as ranks:

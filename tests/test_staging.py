@@ -11,6 +11,7 @@ import torch
 
 import fastvideo_offload as fo
 from fastvideo_offload import _ops, pinning
+from fastvideo_offload import checkpoint as ckpt
 from fastvideo_offload.bench import measure
 from fastvideo_offload.store import BlockStore
 from models import Interleaved, TinyDiT, tiny_input
@@ -337,6 +338,26 @@ def test_weights_changed_under_offload_never_reach_the_checkpoint_file(cpu_devic
     model.load_state_dict(changed.state_dict())
     assert torch.equal(run(model, [x])[0], run(changed, [x])[0])
     assert path.read_bytes() == original
+
+
+def test_mapping_is_logged_and_a_file_that_cannot_be_mapped_is_read(cpu_device, tmp_path, monkeypatch, caplog):
+    reference, model = _saved(tmp_path)
+    x = tiny_input()
+    with caplog.at_level(logging.INFO, logger="fastvideo_offload"):
+        handle = fo.enable(model, device="cpu", checkpoint=tmp_path / "m.safetensors", host_pin_budget=0)
+    assert "MiB of staged blocks stay in the checkpoint's pages" in caplog.text
+    assert handle.stats()["mapped_bytes"] == handle.stats()["host_bytes"]
+    _, model = _saved(tmp_path)
+
+    def refuse(*args, **kwargs):
+        raise OSError(19, "No such device")  # what mmap says on a file system that cannot map
+
+    monkeypatch.setattr(ckpt.mmap, "mmap", refuse)
+    with caplog.at_level(logging.WARNING, logger="fastvideo_offload"):
+        handle = fo.enable(model, device="cpu", checkpoint=tmp_path / "m.safetensors", host_pin_budget=0)
+    assert "cannot be mapped ([Errno 19] No such device)" in caplog.text
+    assert handle.stats()["mapped_bytes"] == 0 and handle.stats()["staged_blocks"] == LAYERS
+    assert torch.equal(run(model, [x])[0], run(reference, [x])[0])
 
 
 def test_a_block_that_needs_a_cast_is_read_not_mapped(cpu_device, tmp_path):

@@ -27,4 +27,24 @@ void* pinned_alloc(size_t nbytes, c10::DeviceIndex device) {
 
 void pinned_free(void* ptr) { C10_CUDA_CHECK_WARN(cudaFreeHost(ptr)); }
 
+void host_register(void* ptr, size_t nbytes, c10::DeviceIndex device) {
+  const c10::DeviceIndex count = c10::cuda::device_count();
+  TORCH_CHECK_VALUE(device >= -1 && device < count, "pinning host memory for CUDA device ", device,
+                    ": no such device (", count, " CUDA device(s) visible)");
+  c10::cuda::OptionalCUDAGuard guard;
+  if (device >= 0) {
+    guard.set_index(device);
+  }
+  const cudaError_t err = cudaHostRegister(ptr, nbytes, cudaHostRegisterDefault);
+  if (err != cudaSuccess) {
+    // Not a sticky error, but left as the last error the next kernel launch check would report it.
+    (void)cudaGetLastError();
+    TORCH_CHECK_WITH(OutOfMemoryError, err != cudaErrorMemoryAllocation, "cudaHostRegister of ", nbytes,
+                     " bytes: out of memory");
+    TORCH_CHECK(false, "cudaHostRegister of ", nbytes, " bytes failed: ", cudaGetErrorString(err));
+  }
+}
+
+void host_unregister(void* ptr) { C10_CUDA_CHECK_WARN(cudaHostUnregister(ptr)); }
+
 }  // namespace fastvideo_offload::cuda

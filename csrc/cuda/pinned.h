@@ -10,5 +10,9 @@ namespace fastvideo_offload::cuda {
 // Pinned in the context of CUDA device `device` (the one its copies go to); -1: the current one.
 void* pinned_alloc(size_t nbytes, c10::DeviceIndex device);
 void pinned_free(void* ptr);
+// Page-locks memory someone else allocated (a shared mapping), in place, for `device`'s copies.
+// Out of memory raises torch.OutOfMemoryError; the runtime's error is cleared either way.
+void host_register(void* ptr, size_t nbytes, c10::DeviceIndex device);
+void host_unregister(void* ptr);
 
 }  // namespace fastvideo_offload::cuda
