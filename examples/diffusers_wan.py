@@ -1,17 +1,50 @@
 """Wan text-to-video with diffusers, the transformer(s) streamed block by block by
-fastvideo_offload. Needs a CUDA GPU, diffusers, this package and the weights:
+fastvideo_offload. Needs a CUDA GPU, diffusers, accelerate, this package and the weights:
 
     python examples/diffusers_wan.py --model Wan-AI/Wan2.1-T2V-14B-Diffusers
     python examples/diffusers_wan.py --model Wan-AI/Wan2.2-T2V-A14B-Diffusers   # two experts
+
+The transformers are never whole in host memory: built on the meta device, each is offloaded
+straight from its checkpoint files, pinning what the machine can spare and leaving the rest of
+its blocks in the files' pages. tests/test_pipeline.py runs `load_pipeline` on a tiny pipeline.
 """
 
 import argparse
+import os
 
 import torch
-from diffusers import WanPipeline
-from diffusers.utils import export_to_video
 
 import fastvideo_offload
+
+EXPERTS = ("transformer", "transformer_2")
+
+
+def load_pipeline(root: str, device: str, dtype: torch.dtype, host_pin_budget="auto", prefetch: int = 1):
+    """The WanPipeline saved in folder `root`, its transformer(s) offloaded to `device` from their
+    checkpoints within `host_pin_budget` (bytes or "auto"), its other components on `device`."""
+    from accelerate import init_empty_weights
+    from diffusers import WanPipeline, WanTransformer3DModel
+
+    experts = {}
+    for name in EXPERTS:
+        folder = os.path.join(root, name)
+        if not os.path.isdir(folder):
+            continue
+        with init_empty_weights():
+            model = WanTransformer3DModel.from_config(WanTransformer3DModel.load_config(folder))
+        # The dtypes from_pretrained(dtype=dtype) gives: the class's fp32 modules stay fp32.
+        keep = getattr(model, "_keep_in_fp32_modules", None) or []
+        for param_name, p in model.named_parameters():
+            if not any(k in param_name.split(".") for k in keep):
+                p.data = p.data.to(dtype)
+        # One group: when one Wan2.2 expert starts, the other gives its device slots back.
+        fastvideo_offload.enable(model.eval(), device=device, prefetch=prefetch, group="wan", checkpoint=folder,
+                                 host_pin_budget=host_pin_budget)
+        experts[name] = model
+    pipe = WanPipeline.from_pretrained(root, dtype=dtype, **experts)
+    pipe.text_encoder.to(device)
+    pipe.vae.to(device)
+    return pipe
 
 
 def main() -> None:
@@ -21,20 +54,16 @@ def main() -> None:
     parser.add_argument("--output", default="wan.mp4")
     args = parser.parse_args()
 
-    # Loaded into host memory; enable() packs each block into pinned memory as it goes, so the
-    # GPU never holds a whole transformer.
-    pipe = WanPipeline.from_pretrained(args.model, torch_dtype=torch.bfloat16)
-    experts = [m for m in (pipe.transformer, getattr(pipe, "transformer_2", None)) if m is not None]
-    for transformer in experts:
-        # One group: when one Wan2.2 expert starts, the other gives its device slots back.
-        fastvideo_offload.enable(transformer, device="cuda", prefetch=1, group="wan")
-    pipe.text_encoder.to("cuda")
-    pipe.vae.to("cuda")
+    from diffusers.utils import export_to_video
+    from huggingface_hub import snapshot_download
 
+    root = args.model if os.path.isdir(args.model) else snapshot_download(args.model)
+    pipe = load_pipeline(root, "cuda", torch.bfloat16)
     frames = pipe(prompt=args.prompt, height=480, width=832, num_frames=81, guidance_scale=5.0).frames[0]
     export_to_video(frames, args.output, fps=16)
-    for transformer in experts:
-        print(type(transformer).__name__, fastvideo_offload.handle_of(transformer).stats())
+    for name in EXPERTS:
+        if getattr(pipe, name, None) is not None:
+            print(name, fastvideo_offload.handle_of(getattr(pipe, name)).stats())
 
 
 if __name__ == "__main__":
