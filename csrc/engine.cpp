@@ -466,6 +466,14 @@ std::vector<int64_t> Engine::order() {
   return out;
 }
 
+Staging::Counts Engine::staging_counts() const {
+  if (!staging_) {
+    return staged_before_;
+  }
+  const Staging::Counts now = staging_->counts();
+  return {staged_before_.waits + now.waits, staged_before_.bytes + now.bytes, staged_before_.fills + now.fills};
+}
+
 Staging::Request Engine::staging_request(int64_t block) const {
   const Block& blk = blocks_[block];
   return {block, blk.segments.data(), static_cast<int64_t>(blk.segments.size()), blk.nbytes};
@@ -557,10 +565,7 @@ void Engine::free_staging() {
     return;
   }
   // Its pinned buffers are as idle as the slots; the next staged upload makes a new ring.
-  const Staging::Counts counts = staging_->counts();
-  staged_before_.waits += counts.waits;
-  staged_before_.bytes += counts.bytes;
-  staged_before_.fills += counts.fills;
+  staged_before_ = staging_counts();
   for (const Staging::Piece& piece : staging_->take_trace()) {
     if (trace_before_.size() < Staging::kTracePieces) {
       trace_before_.push_back(piece);
@@ -663,11 +668,7 @@ c10::Dict<std::string, int64_t> Engine::stats() {
     staged += blk.staged ? 1 : 0;
     staged_host += blk.staged ? blk.nbytes : 0;
   }
-  Staging::Counts counts = staged_before_;
-  if (staging_) {
-    const Staging::Counts now = staging_->counts();
-    counts = {counts.waits + now.waits, counts.bytes + now.bytes, counts.fills + now.fills};
-  }
+  const Staging::Counts counts = staging_counts();
   out.insert("staged_blocks", staged);
   out.insert("staging_threads", staging_threads_);
   out.insert("pinned_bytes", host_bytes_ - staged_host);

@@ -91,6 +91,8 @@ class Engine {
   Block& block_at(int64_t block, const char* op);
   int64_t add(Block blk, at::TensorList params, at::IntArrayRef offsets);
   Staging::Request staging_request(int64_t block) const;
+  // Counted by every staging ring so far, the freed ones included.
+  Staging::Counts staging_counts() const;
   std::vector<int64_t> window(int64_t block) const;
   int claim_slot(const std::vector<int64_t>& keep, bool required);
   bool allocate(int index, bool required);

@@ -134,15 +134,21 @@ def _host_bytes_per_node(results) -> int:
     return sum(r["pss_after"] - r["pss_before"] - r["device_bytes"] for r in results)
 
 
-@pytest.mark.parametrize("n", [2, 4])
-def test_ranks_share_one_store_bit_identical(tmp_path, n, no_leftovers):
-    with Ranks(tmp_path, n, "run") as ranks:
+def _run_exact(tmp_path, n: int, mode: str, dim: int = DIM) -> list[dict]:
+    """`n` ranks in `mode`, each of whose two forwards gave the model's output without offload."""
+    with Ranks(tmp_path, n, mode) as ranks:
         results = ranks.wait()
     assert all("error" not in r and "exit" not in r for r in results), ranks.logs()
-    reference = _reference()
+    reference = _reference(dim)
     for rank, r in enumerate(results):
         assert torch.equal(torch.load(f"{tmp_path}/out{rank}.pt"), reference)
         assert r["second_equal"]
+    return results
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_ranks_share_one_store_bit_identical(tmp_path, n, no_leftovers):
+    results = _run_exact(tmp_path, n, "run")
     store = results[0]["host_bytes"]
     node = _host_bytes_per_node(results)
     mapped = sum(r["store_pss"] for r in results)
@@ -160,13 +166,7 @@ def test_ranks_share_one_store_read_from_a_checkpoint(tmp_path, n, no_leftovers)
     """enable(checkpoint=..., share="node"): the node's leader alone reads the blocks, straight
     into the shared store; the other ranks read only the headers and the weights outside the blocks."""
     _write_checkpoints(tmp_path, "checkpoint")
-    with Ranks(tmp_path, n, "checkpoint") as ranks:
-        results = ranks.wait()
-    assert all("error" not in r and "exit" not in r for r in results), ranks.logs()
-    reference = _reference()
-    for rank, r in enumerate(results):
-        assert torch.equal(torch.load(f"{tmp_path}/out{rank}.pt"), reference)
-        assert r["second_equal"]
+    results = _run_exact(tmp_path, n, "checkpoint")
     store = results[0]["host_bytes"]
     node = _host_bytes_per_node(results)
     reads = [r["read_bytes"] for r in results]
@@ -185,14 +185,9 @@ def test_shared_store_with_a_pin_budget_stages_the_rest(tmp_path, mode, no_lefto
     pages through its own staging ring: outputs exact, on both CPU devices."""
     if mode.startswith("checkpoint"):
         _write_checkpoints(tmp_path, mode)
-    with Ranks(tmp_path, 2, mode) as ranks:
-        results = ranks.wait()
-    assert all("error" not in r and "exit" not in r for r in results), ranks.logs()
-    reference = _reference(dim_of(mode))
+    results = _run_exact(tmp_path, 2, mode, dim_of(mode))
     block = results[0]["host_bytes"] // LAYERS
-    for rank, r in enumerate(results):
-        assert torch.equal(torch.load(f"{tmp_path}/out{rank}.pt"), reference)
-        assert r["second_equal"]
+    for r in results:
         assert (r["staged_blocks"], r["pinned_bytes"]) == (LAYERS - PINNED, PINNED * block)
         assert r["stagings"] == 2 * (LAYERS - PINNED)  # two forwards, each staged block once per forward
         assert r["staged_bytes"] == r["stagings"] * block

@@ -9,17 +9,24 @@
 #include <cuda_runtime_api.h>
 
 namespace fastvideo_offload::cuda {
+namespace {
 
-void* pinned_alloc(size_t nbytes, c10::DeviceIndex device) {
+// Pinning works in the current device's context and creates it if needed: without the guard,
+// offloading to cuda:1 would create a context (hundreds of MiB) on cuda:0.
+void enter_device(c10::cuda::OptionalCUDAGuard& guard, c10::DeviceIndex device) {
   const c10::DeviceIndex count = c10::cuda::device_count();
   TORCH_CHECK_VALUE(device >= -1 && device < count, "pinned host memory for CUDA device ", device,
                     ": no such device (", count, " CUDA device(s) visible)");
-  // cudaHostAlloc works in the current device's context and creates it if needed: without the
-  // guard, offloading to cuda:1 would create a context (hundreds of MiB) on cuda:0.
-  c10::cuda::OptionalCUDAGuard guard;
   if (device >= 0) {
     guard.set_index(device);
   }
+}
+
+}  // namespace
+
+void* pinned_alloc(size_t nbytes, c10::DeviceIndex device) {
+  c10::cuda::OptionalCUDAGuard guard;
+  enter_device(guard, device);
   void* ptr = nullptr;
   C10_CUDA_CHECK(cudaHostAlloc(&ptr, nbytes, cudaHostAllocDefault));
   return ptr;
@@ -28,13 +35,8 @@ void* pinned_alloc(size_t nbytes, c10::DeviceIndex device) {
 void pinned_free(void* ptr) { C10_CUDA_CHECK_WARN(cudaFreeHost(ptr)); }
 
 void host_register(void* ptr, size_t nbytes, c10::DeviceIndex device) {
-  const c10::DeviceIndex count = c10::cuda::device_count();
-  TORCH_CHECK_VALUE(device >= -1 && device < count, "pinning host memory for CUDA device ", device,
-                    ": no such device (", count, " CUDA device(s) visible)");
   c10::cuda::OptionalCUDAGuard guard;
-  if (device >= 0) {
-    guard.set_index(device);
-  }
+  enter_device(guard, device);
   const cudaError_t err = cudaHostRegister(ptr, nbytes, cudaHostRegisterDefault);
   if (err != cudaSuccess) {
     // Not a sticky error, but left as the last error the next kernel launch check would report it.
