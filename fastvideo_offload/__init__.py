@@ -6,8 +6,10 @@
     handle.disable()                                 # every weight back on the device
 """
 
+from .checkpoint import CheckpointWeights
 from .integrations.fastvideo import patch_fastvideo, unpatch_fastvideo
 from .offloader import OffloadHandle, disable, enable, handle_of
 from .pipeline import PipelineHandle
 
-__all__ = ["OffloadHandle", "PipelineHandle", "disable", "enable", "handle_of", "patch_fastvideo", "unpatch_fastvideo"]
+__all__ = ["CheckpointWeights", "OffloadHandle", "PipelineHandle", "disable", "enable", "handle_of", "patch_fastvideo",
+           "unpatch_fastvideo"]

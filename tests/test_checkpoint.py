@@ -293,3 +293,8 @@ def test_peak_host_memory_while_loading_is_the_host_store(tmp_path):
     m = json.loads(out.stdout.strip().splitlines()[-1])
     assert m["host"] > 190e6
     assert m["peak"] - m["before"] <= 1.05 * m["host"] + m["resident"] + 8 * 2**20, m
+
+
+def test_checkpoint_weights_is_exported():
+    assert fo.CheckpointWeights is ckpt.CheckpointWeights
+    assert "CheckpointWeights" in fo.__all__
