@@ -4,7 +4,8 @@ host memory.
 
 A safetensors file is an 8-byte little-endian header length, a JSON header mapping each tensor's
 name to its dtype, shape and [begin, end) byte range after the header, then the bytes. Headers
-are read and checked against the model before anything changes; the bytes are read with
+are read and checked as safetensors checks them (the tensors tile the bytes after the header
+exactly, every key once), then against the model, before anything changes; the bytes are read with
 os.preadv into the destination itself, or, where a cast or other strides are needed, into one
 tensor's worth of scratch first. A block outside the pin budget whose tensors need no cast is not
 read at all: its tensors stay in the file's pages, mapped, and the staging threads gather them
@@ -18,6 +19,7 @@ import logging
 import math
 import mmap
 import os
+import stat
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -36,6 +38,8 @@ _DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
     "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool,
 }
+# safetensors reads no longer header: a malformed length field never makes a huge read.
+_MAX_HEADER = 100_000_000
 # Linux reads at most this much in one call.
 _MAX_READ = 0x7FFFF000
 # Reading is mostly waiting on the disk and memcpy out of the page cache; more threads than this gain nothing.
@@ -54,6 +58,7 @@ class Entry:
     shape: tuple[int, ...]
     offset: int  # of its first byte in `file`
     nbytes: int
+    stamp: tuple[int, ...]  # `file`'s identity, size and mtime when its header was read (_stamp)
 
 
 class CheckpointError(ValueError):
@@ -61,50 +66,154 @@ class CheckpointError(ValueError):
 
 
 def read_header(file: str | os.PathLike) -> dict[str, Entry]:
-    """The tensors of one safetensors file, each checked to lie inside the file."""
+    """The tensors of one safetensors file, refused where safetensors refuses them: each tensor
+    inside the file, and together they tile the bytes after the header exactly."""
     file = str(file)
+    fd, st = _open(file)
     try:
-        size = os.path.getsize(file)
-        with open(file, "rb") as f:
-            prefix = f.read(8)
-            length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
-            if length < 0 or 8 + length > size:
-                raise CheckpointError(
-                    f"{file}: truncated or not a safetensors file: its header needs {8 + max(length, 0)} bytes, "
-                    f"the file has {size}"
-                )
-            raw = f.read(length)
+        prefix = os.pread(fd, 8, 0)
+        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if length > _MAX_HEADER:
+            raise CheckpointError(f"{file}: not a safetensors file: its header length field says {length} bytes, "
+                                  f"more than safetensors reads ({_MAX_HEADER})")
+        if length < 0 or 8 + length > st.st_size:
+            raise CheckpointError(
+                f"{file}: truncated or not a safetensors file: its header needs {8 + max(length, 0)} bytes, "
+                f"the file has {st.st_size}"
+            )
+        raw = os.pread(fd, length, 8)
+        if len(raw) != length:
+            raise CheckpointError(f"{file}: truncated while its header was read")
     except OSError as exc:
         raise CheckpointError(f"{file}: cannot be read ({exc})") from exc
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{file}: not a safetensors file, its header is not JSON ({exc})") from exc
+    finally:
+        os.close(fd)
+    header = _parse_json(f"{file}: its header", raw)
     if not isinstance(header, dict):
         raise CheckpointError(f"{file}: not a safetensors file, its header is not a JSON object")
+    metadata = header.get("__metadata__")
+    if not (metadata is None or isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise CheckpointError(f"{file}: its __metadata__ is {_kind(metadata)}, where safetensors reads null or an "
+                              "object of strings")
     entries = {}
     for key, info in header.items():
         if key != "__metadata__":
-            entries[key] = _entry(file, key, info, 8 + length, size)
+            entries[key] = _entry(file, key, info, 8 + length, st)
+    _check_tiling(file, entries, 8 + length, st.st_size)
     return entries
 
 
-def _entry(file: str, key: str, info, data_start: int, size: int) -> Entry:
+def _entry(file: str, key: str, info, data_start: int, st: os.stat_result) -> Entry:
     try:
         dtype, shape, (begin, end) = _DTYPES.get(info["dtype"]), tuple(info["shape"]), info["data_offsets"]
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{file}: tensor {key}: malformed header entry {info!r}") from exc
     if dtype is None:
         raise CheckpointError(f"{file}: tensor {key} has dtype {info['dtype']!r}, which this reader does not know")
-    if not all(isinstance(n, int) and n >= 0 for n in (*shape, begin, end)):
+    # JSON's true and false are Python ints too; safetensors refuses them as sizes and offsets.
+    if not all(type(n) is int and n >= 0 for n in (*shape, begin, end)):
         raise CheckpointError(f"{file}: tensor {key}: malformed header entry {info!r}")
     nbytes = math.prod(shape) * dtype.itemsize
     if end - begin != nbytes:
         raise CheckpointError(f"{file}: tensor {key}: {end - begin} bytes for a {info['dtype']} tensor of shape "
                               f"{list(shape)} ({nbytes} bytes)")
-    if data_start + end > size:
-        raise CheckpointError(f"{file}: truncated: tensor {key} ends at byte {data_start + end}, the file has {size}")
-    return Entry(key, file, dtype, shape, data_start + begin, nbytes)
+    if data_start + end > st.st_size:
+        raise CheckpointError(f"{file}: truncated: tensor {key} ends at byte {data_start + end}, the file has "
+                              f"{st.st_size}")
+    return Entry(key, file, dtype, shape, data_start + begin, nbytes, _stamp(st))
+
+
+def _check_tiling(file: str, entries: dict[str, Entry], data_start: int, size: int) -> None:
+    """In the order of their offsets, each tensor starts where the one before ends, and the last
+    ends at the file's end: no two tensors share a byte (which would load one's weights into the
+    other), and a header length that points into the header's own padding, which would shift
+    every tensor, is refused. Empty tensors sort first at their offset, as safetensors sorts them."""
+    end, previous = 0, None
+    for e in sorted(entries.values(), key=lambda e: (e.offset, e.nbytes)):
+        begin = e.offset - data_start
+        if begin < end:
+            raise CheckpointError(f"{file}: tensor {e.key}'s data_offsets [{begin}, {begin + e.nbytes}] overlap "
+                                  f"tensor {previous.key}'s [{previous.offset - data_start}, {end}]")
+        if begin > end:
+            raise CheckpointError(f"{file}: a gap in the data: no tensor holds its bytes {end} to {begin}, before "
+                                  f"tensor {e.key}")
+        end, previous = begin + e.nbytes, e
+    if data_start + end != size:
+        raise CheckpointError(
+            f"{file}: its tensors end at byte {data_start + end}, the file has {size}: bytes no tensor holds, or a "
+            "header length that does not match the header"
+        )
+
+
+def _parse_json(what: str, raw: bytes):
+    """`raw` read as safetensors reads a header: UTF-8 JSON with spaces, tabs and line breaks
+    around it, no NaN or Infinity, and (stricter: there the last one wins) every key once."""
+    try:
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+    except _DuplicateKey as exc:
+        raise CheckpointError(f"{what} has the key {exc.args[0]!r} twice in one object: which one holds is "
+                              "ambiguous") from None
+    except RecursionError:
+        raise CheckpointError(f"{what} is JSON nested too deeply to read") from None
+    except ValueError as exc:  # not UTF-8, not JSON
+        raise CheckpointError(f"{what} is not JSON ({exc})") from exc
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    out = dict(pairs)
+    if len(out) < len(pairs):  # rare: the first key seen twice is named
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return out
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _kind(value) -> str:
+    """A JSON value's type, as JSON names it."""
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
+             float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _open(file: str) -> tuple[int, os.stat_result]:
+    """A read-only descriptor of `file`, refused unless it is a regular file: opening a FIFO waits
+    for a writer, forever if none comes, and a device may never end."""
+    try:
+        st = os.stat(file)
+        if stat.S_ISREG(st.st_mode):
+            # O_NONBLOCK: a FIFO put in its place after that check cannot block the open either.
+            fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode):
+                return fd, st
+            os.close(fd)
+    except OSError as exc:
+        raise CheckpointError(f"{file}: cannot be opened ({exc.strerror})") from exc
+    raise CheckpointError(f"{file}: not a regular file ({_file_type(st.st_mode)}): a checkpoint is read from files")
+
+
+def _file_type(mode: int) -> str:
+    for test, name in [(stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")]:
+        if test(mode):
+            return name
+    return "not a file"
+
+
+def _stamp(st: os.stat_result) -> tuple[int, ...]:
+    """A file by its inode, size and modification time: a truncated, extended or rewritten file
+    does not match, and two paths to one file do."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def read_checkpoint(path: str | os.PathLike | list[str | os.PathLike]) -> dict[str, Entry]:
@@ -125,10 +234,7 @@ def read_checkpoint(path: str | os.PathLike | list[str | os.PathLike]) -> dict[s
         path = indexes[0] if indexes else files[0]
     if path.suffix != ".json":
         return read_header(path)
-    try:
-        weight_map = json.loads(path.read_text())["weight_map"]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"checkpoint index {path}: cannot be read as an index with a weight_map ({exc})") from exc
+    weight_map = _weight_map(path)
     headers = {name: read_header(path.parent / name) for name in sorted(set(weight_map.values()))}
     entries = {}
     for key, name in weight_map.items():
@@ -137,6 +243,29 @@ def read_checkpoint(path: str | os.PathLike | list[str | os.PathLike]) -> dict[s
                                   "tensor")
         entries[key] = headers[name][key]
     return entries
+
+
+def _weight_map(path: Path) -> dict[str, str]:
+    """An index's weight_map, each tensor's name to its file's name in the index's directory."""
+    fd, st = _open(str(path))
+    try:
+        raw = os.pread(fd, st.st_size, 0)
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint index {path}: cannot be read ({exc})") from exc
+    finally:
+        os.close(fd)
+    index = _parse_json(f"checkpoint index {path}: the index", raw)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        got = f"a weight_map that is {_kind(weight_map)}" if isinstance(index, dict) and "weight_map" in index \
+            else "no weight_map"
+        raise CheckpointError(f"checkpoint index {path}: has {got}, where an index maps each tensor to its file "
+                              "in a JSON object")
+    for key, name in weight_map.items():
+        if not isinstance(name, str):
+            raise CheckpointError(f"checkpoint index {path}: names the file of tensor {key} as {name!r}, "
+                                  f"{_kind(name)}, not a file name")
+    return weight_map
 
 
 def _read_files(files: list[str | os.PathLike]) -> dict[str, Entry]:
@@ -216,8 +345,8 @@ class CheckpointWeights:
     ) -> Iterator[BlockStore]:
         # Which blocks are pinned is decided in block order, before the reads run in parallel.
         wants = [pin.want(BlockStore.nbytes(params)) for _, params in blocks]
-        mapped = _Mapped()
         with _Files(self.entries.values()) as files, ThreadPoolExecutor(_threads(len(blocks))) as pool:
+            mapped = _Mapped(files)
             futures = [
                 None if not want and self._mappable(params, mapped)
                 else pool.submit(self._read_block, files, names, params, pin, want, device)
@@ -278,8 +407,7 @@ class CheckpointWeights:
         modification time, so two paths to one file agree and a rewritten file does not."""
         def where(p):
             entry = self._by_tensor[id(p)]
-            st = os.stat(entry.file)
-            return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, entry.offset, str(entry.dtype))
+            return (*entry.stamp, entry.offset, str(entry.dtype))
 
         return [[where(p) for p in params] for _, params in blocks]
 
@@ -340,7 +468,8 @@ class _Mapped:
     """Each checkpoint file mapped whole, private: reads come from the page cache's pages, and a
     write (load_state_dict, mutate) copies the page it touches for this process, never into the file."""
 
-    def __init__(self):
+    def __init__(self, files: _Files):
+        self._files = files  # mapped through its descriptors: the files it checked are the files mapped
         self._bases: dict[str, torch.Tensor | None] = {}
         self.nbytes = 0
 
@@ -348,8 +477,8 @@ class _Mapped:
         """Maps `file` if it is not yet; False (and its blocks are read instead) where it cannot be."""
         if file not in self._bases:
             try:
-                with open(file, "rb") as f:
-                    pages = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+                pages = mmap.mmap(self._files.fd(file), 0, flags=mmap.MAP_PRIVATE,
+                                  prot=mmap.PROT_READ | mmap.PROT_WRITE)
             except OSError as exc:
                 logger.warning("%s cannot be mapped (%s): its staged blocks are read into host memory instead", file, exc)
                 self._bases[file] = None
@@ -365,19 +494,25 @@ class _Mapped:
 
 
 class _Files:
-    """One read-only descriptor per file, shared by the reading threads (pread has no file position)."""
+    """One read-only descriptor per file, shared by the reading threads (pread has no file
+    position), each opened only if it is still the file whose header was read."""
 
     def __init__(self, entries):
-        self._paths = sorted({e.file for e in entries})
+        self._stamps = {e.file: e.stamp for e in entries}
         self._fds: dict[str, int] = {}
 
     def __enter__(self) -> _Files:
         try:
-            for path in self._paths:
-                self._fds[path] = os.open(path, os.O_RDONLY)
-        except OSError as exc:
+            for path, stamp in sorted(self._stamps.items()):
+                self._fds[path], st = _open(path)
+                if _stamp(st) != stamp:
+                    how = (f"{stamp[2]} bytes then, {st.st_size} now" if st.st_size != stamp[2]
+                           else "rewritten or replaced")
+                    raise CheckpointError(f"{path}: changed since its header was read ({how}): read the checkpoint "
+                                          "again (a new CheckpointWeights)")
+        except BaseException:
             self.__exit__()
-            raise CheckpointError(f"{exc.filename}: cannot be opened ({exc.strerror})") from exc
+            raise
         return self
 
     def fd(self, path: str) -> int:
