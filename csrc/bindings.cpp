@@ -20,9 +20,12 @@ TORCH_LIBRARY(fastvideo_offload, m) {
   m.def("alloc_host(int nbytes, bool pinned, Device? device=None) -> Tensor");
   // Page-locks host memory someone else allocated (a node's shared mapping) in place for `device`, and back.
   m.def("pin_host(Tensor memory, Device device) -> ()");
-  m.def("unpin_host(Tensor memory) -> ()");
+  m.def("unpin_host(Tensor memory, Device device) -> ()");
   // The engine of one model, named by a handle. Eager only: hooks call these between kernels.
-  m.def("engine_create(Device device, int prefetch, int staging_threads=1) -> int", &engine_create);
+  // share_staging_with: an engine of the same device whose staging buffers this one shares (the
+  // models of a group take turns, so one set serves them all); 0: its own.
+  m.def("engine_create(Device device, int prefetch, int staging_threads=1, int share_staging_with=0) -> int",
+        &engine_create);
   // staged: a pageable buffer whose uploads go through the engine's pinned staging ring.
   m.def("engine_add_block(int engine, Tensor host, Tensor(a!)[] params, int[] offsets, bool staged=False) -> int",
         &engine_add_block);
@@ -44,6 +47,9 @@ TORCH_LIBRARY(fastvideo_offload, m) {
   // While on, the staging threads record each piece they copy; the trace returns them, int64 [n, 4]
   // (block, staging thread, start and end in steady_clock ns), and clears them.
   m.def("engine_trace_staging(int engine, bool on) -> ()", &engine_trace_staging);
+  // While on (CUDA), each block's exit samples the device memory allocated outside the slots:
+  // stats' forward_peak_bytes, the most this forward saw.
+  m.def("engine_watch_memory(int engine, bool on) -> ()", &engine_watch_memory);
   m.def("engine_staging_trace(int engine) -> Tensor");
   m.def("engine_destroy(int engine) -> ()", &engine_destroy);
 }

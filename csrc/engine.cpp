@@ -46,17 +46,18 @@ std::unique_ptr<Transfer> make_transfer(const c10::Device& device, const Faults&
 
 }  // namespace
 
-Engine::Engine(c10::Device device, int64_t prefetch, int64_t staging_threads)
+Engine::Engine(c10::Device device, int64_t prefetch, int64_t staging_threads, std::shared_ptr<StagingPool> pool)
     : device_(device),
       prefetch_(prefetch),
       staging_threads_(staging_threads),
       faults_(Faults::from_env()),
-      ring_(static_cast<int>(prefetch + 1)),
-      transfer_(make_transfer(device, faults_)) {
+      pool_(pool ? std::move(pool) : std::make_shared<StagingPool>(device)) {
   TORCH_CHECK_VALUE(prefetch >= 0, "prefetch must be >= 0, got ", prefetch);
   TORCH_CHECK_VALUE(staging_threads >= 1 && staging_threads <= 64, "staging_threads must be in [1, 64], got ",
                     staging_threads);
   TORCH_CHECK_VALUE(!device.is_cuda() || device.has_index(), "the CUDA device needs an index, got ", device);
+  TORCH_CHECK_VALUE(pool_->device() == device, "a staging pool for ", pool_->device(), " cannot serve ", device);
+  transfer_ = make_transfer(device, faults_);
 }
 
 Engine::Block& Engine::block_at(int64_t block, const char* op) {
@@ -121,6 +122,8 @@ int64_t Engine::add_gathered_block(at::TensorList sources, int64_t nbytes, at::T
 int64_t Engine::add(Block blk, at::TensorList params, at::IntArrayRef offsets) {
   std::lock_guard<std::mutex> lock(mutex_);
   TORCH_CHECK(slots_.empty(), "add_block: blocks are added before the first forward (or after trim)");
+  TORCH_CHECK(std::none_of(blocks_.begin(), blocks_.end(), [](const Block& b) { return b.home >= 0; }),
+              "add_block: blocks are added before residency is set");
   // A ring sized for the blocks so far, filling from their segments, is for them only.
   free_staging();
   std::unordered_set<const c10::TensorImpl*> seen;
@@ -146,6 +149,8 @@ int64_t Engine::add(Block blk, at::TensorList params, at::IntArrayRef offsets) {
   }
   blk.next = 0;
   host_bytes_ += blk.nbytes;
+  // No more blocks can be in flight than there are besides the running one.
+  ring_ = static_cast<int>(std::min<int64_t>(prefetch_, index)) + 1;
   slot_bytes_ = std::max(slot_bytes_, blk.nbytes);
   if (blk.staged) {
     staged_block_bytes_ = std::max(staged_block_bytes_, blk.nbytes);
@@ -194,8 +199,8 @@ void Engine::make_slots() {
   }
   for (const Block& blk : blocks_) {
     if (blk.home >= 0) {
-      slots_.resize(std::max<size_t>(slots_.size(), static_cast<size_t>(blk.home) + 1));
-      slots_[blk.home].bytes = blk.nbytes;
+      slots_.resize(std::max<size_t>(slots_.size(), static_cast<size_t>(home_slot(blk)) + 1));
+      slots_[home_slot(blk)].bytes = blk.nbytes;
     }
   }
   transfer_->set_slot_count(static_cast<int>(slots_.size()));
@@ -208,30 +213,41 @@ void Engine::allocate_slot(int index) {
   transfer_->release(index);
 }
 
-void Engine::free_slots_except(int keep) {
+void Engine::free_slots(const std::vector<int>& doomed) {
+  if (doomed.empty()) {
+    return;
+  }
   // Slot memory may go back to the allocator only once no copy into it and no kernel reading
   // it is in flight.
   if (!faults_.free_unsynchronized) {
     transfer_->synchronize();
   }
-  for (size_t s = 0; s < slots_.size(); ++s) {
-    Slot& other = slots_[s];
-    if (static_cast<int>(s) == keep || !other.buffer.defined() || (other.block >= 0 && blocks_[other.block].held)) {
-      continue;
+  for (const int s : doomed) {
+    Slot& slot = slots_[s];
+    transfer_->retire(s);
+    if (slot.block >= 0) {
+      blocks_[slot.block].slot = -1;
     }
-    transfer_->retire(static_cast<int>(s));
-    if (other.block >= 0) {
-      blocks_[other.block].slot = -1;
-    }
-    const int64_t bytes = other.bytes;
-    other = Slot{};
-    other.bytes = bytes;
+    slot.buffer = at::Tensor();
+    slot.block = -1;
+    slot.last_use = 0;
     for (Block& blk : blocks_) {
-      if (s < blk.views.size()) {
+      if (static_cast<size_t>(s) < blk.views.size()) {
         blk.views[s].clear();
       }
     }
   }
+}
+
+void Engine::free_slots_except(int keep) {
+  std::vector<int> doomed;
+  for (size_t s = 0; s < slots_.size(); ++s) {
+    const Slot& slot = slots_[s];
+    if (static_cast<int>(s) != keep && slot.buffer.defined() && (slot.block < 0 || !blocks_[slot.block].held)) {
+      doomed.push_back(static_cast<int>(s));
+    }
+  }
+  free_slots(doomed);
 }
 
 bool Engine::allocate(int index, bool required) {
@@ -285,7 +301,7 @@ bool Engine::allocate(int index, bool required) {
 
 int Engine::claim_home(const Block& blk, bool required) {
   make_slots();
-  return allocate(blk.home, required) ? blk.home : -1;
+  return allocate(home_slot(blk), required) ? home_slot(blk) : -1;
 }
 
 int Engine::claim_slot(const std::vector<int64_t>& keep, bool required) {
@@ -330,9 +346,12 @@ void Engine::upload(int64_t block, int slot_index) {
     src = blk.host.const_data_ptr();
   } else {
     if (!staging_) {
-      // Enough buffers for the prefetched uploads in flight and one being filled ahead.
-      staging_ = std::make_unique<Staging>(static_cast<int>(prefetch_) + 2, static_cast<int>(staging_threads_),
-                                           staged_block_bytes_, device_, faults_);
+      // Enough buffers for the prefetched uploads in flight and one being filled ahead, and no
+      // more than there are staged blocks to hold.
+      const auto staged = std::count_if(blocks_.begin(), blocks_.end(), [](const Block& b) { return b.staged; });
+      const auto buffers = static_cast<int>(std::min<int64_t>(ring_ + 1, staged));
+      staging_ = std::make_unique<Staging>(buffers, static_cast<int>(staging_threads_), staged_block_bytes_, pool_,
+                                           faults_);
       staging_->trace(trace_staging_);
     }
     src = staging_->take(staging_request(block), &staging_buffer);
@@ -506,6 +525,12 @@ void Engine::exit(int64_t block) {
       }
     }
   }
+  if (watch_memory_) {
+    const int64_t allocated = transfer_->allocated_bytes();
+    if (allocated >= 0) {
+      forward_peak_ = std::max(forward_peak_, allocated - allocated_bytes());
+    }
+  }
   release(blk);
   TORCH_CHECK(replaced < 0, "the forward of offloaded block ", block, " replaced the data of its parameter ", replaced,
               " (", blk.layouts[replaced].dtype, " ", c10::IntArrayRef(blk.layouts[replaced].sizes),
@@ -525,6 +550,7 @@ void Engine::reset() {
   std::lock_guard<std::mutex> lock(mutex_);
   prefetch_alloc_blocked_ = false;
   h2d_at_forward_ = h2d_bytes_;
+  forward_peak_ = 0;
   starting_ = true;
   for (Block& blk : blocks_) {
     if (blk.held) {
@@ -571,7 +597,10 @@ void Engine::free_staging() {
       trace_before_.push_back(piece);
     }
   }
-  staging_.reset();  // waits for the uploads that read its buffers
+  staging_.reset();  // waits for the uploads that read its buffers, then gives them to the pool
+  if (pool_.use_count() == 1) {
+    pool_->clear();  // no other engine of a group can use them
+  }
 }
 
 void Engine::trace_staging(bool on) {
@@ -622,16 +651,76 @@ void Engine::set_resident(at::IntArrayRef blocks) {
     TORCH_CHECK_VALUE(!chosen[b], "set_resident: block ", b, " is named twice");
     chosen[b] = true;
   }
-  // Slot sizes change with residency: start from no slots, as after trim.
-  free_all_slots();
-  slot_bytes_ = 0;
-  int home = ring_;
+  int64_t ring_bytes = 0;
   for (size_t b = 0; b < blocks_.size(); ++b) {
-    blocks_[b].home = chosen[b] ? home++ : -1;
     if (!chosen[b]) {
-      slot_bytes_ = std::max(slot_bytes_, blocks_[b].nbytes);
+      ring_bytes = std::max(ring_bytes, blocks_[b].nbytes);
     }
   }
+  // Only what changes is freed: the ring when its slots' size changes, and the homes of blocks
+  // that stream from now on. A block that stays resident keeps its slot and the bytes in it.
+  std::vector<int> doomed;
+  std::vector<bool> taken;  // home indices kept by blocks that stay resident
+  for (Block& blk : blocks_) {
+    const bool stays = chosen[&blk - blocks_.data()];
+    if (blk.home >= 0 && stays) {
+      taken.resize(std::max<size_t>(taken.size(), static_cast<size_t>(blk.home) + 1), false);
+      taken[blk.home] = true;
+    } else if (blk.home >= 0) {
+      if (!slots_.empty() && slots_[home_slot(blk)].buffer.defined()) {
+        doomed.push_back(home_slot(blk));
+      }
+      blk.home = -1;
+    }
+  }
+  if (ring_bytes != slot_bytes_ && !slots_.empty()) {
+    for (int s = 0; s < ring_; ++s) {
+      if (slots_[s].buffer.defined()) {
+        doomed.push_back(s);
+      }
+    }
+  }
+  free_slots(doomed);
+  slot_bytes_ = ring_bytes;
+  for (size_t b = 0; b < blocks_.size(); ++b) {
+    Block& blk = blocks_[b];
+    if (!chosen[b] || blk.home >= 0) {
+      continue;
+    }
+    // A block that becomes resident may be cached in a ring slot: it is copied into its own once.
+    if (blk.slot >= 0) {
+      slots_[blk.slot].block = -1;
+      blk.slot = -1;
+    }
+    const auto free_home = std::find(taken.begin(), taken.end(), false);
+    blk.home = static_cast<int>(free_home - taken.begin());
+    if (free_home == taken.end()) {
+      taken.push_back(true);
+    } else {
+      *free_home = true;
+    }
+  }
+  if (slots_.empty()) {
+    return;  // make_slots sizes them at the first forward
+  }
+  for (int s = 0; s < ring_; ++s) {
+    slots_[s].bytes = slot_bytes_;
+  }
+  slots_.resize(static_cast<size_t>(ring_) + taken.size());
+  for (size_t k = static_cast<size_t>(ring_); k < slots_.size(); ++k) {
+    slots_[k].bytes = 0;  // unused until a block makes it its home
+  }
+  for (const Block& blk : blocks_) {
+    if (blk.home >= 0) {
+      slots_[home_slot(blk)].bytes = blk.nbytes;
+    }
+  }
+  transfer_->set_slot_count(static_cast<int>(slots_.size()));
+}
+
+void Engine::watch_memory(bool on) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  watch_memory_ = on;
 }
 
 c10::Dict<std::string, int64_t> Engine::stats() {
@@ -676,6 +765,10 @@ c10::Dict<std::string, int64_t> Engine::stats() {
   out.insert("staged_bytes", counts.bytes);
   out.insert("stagings", counts.fills);
   out.insert("staging_waits", counts.waits);
+  out.insert("staging_pool_bytes", pool_->idle_bytes());
+  out.insert("staging_buffer_allocs", pool_->allocations());
+  out.insert("prefetch", static_cast<int64_t>(ring_) - 1);
+  out.insert("forward_peak_bytes", forward_peak_);
   return out;
 }
 
@@ -700,8 +793,15 @@ std::shared_ptr<Engine> lookup(int64_t handle) {
 
 }  // namespace
 
-int64_t engine_create(c10::Device device, int64_t prefetch, int64_t staging_threads) {
-  auto engine = std::make_shared<Engine>(device, prefetch, staging_threads);
+int64_t engine_create(c10::Device device, int64_t prefetch, int64_t staging_threads, int64_t share_staging_with) {
+  std::shared_ptr<StagingPool> pool;
+  if (share_staging_with != 0) {
+    const std::shared_ptr<Engine> peer = lookup(share_staging_with);
+    TORCH_CHECK_VALUE(peer->device() == device, "engine_create: engine ", share_staging_with, " stages for ",
+                      peer->device(), ", not ", device, "; only engines of one device share staging buffers");
+    pool = peer->staging_pool();
+  }
+  auto engine = std::make_shared<Engine>(device, prefetch, staging_threads, std::move(pool));
   const int64_t handle = next_handle++;
   std::lock_guard<std::mutex> lock(registry_mutex);
   registry().emplace(handle, std::move(engine));
@@ -730,6 +830,7 @@ void engine_trim(int64_t engine) { lookup(engine)->trim(); }
 void engine_set_resident(int64_t engine, at::IntArrayRef blocks) { lookup(engine)->set_resident(blocks); }
 c10::Dict<std::string, int64_t> engine_stats(int64_t engine) { return lookup(engine)->stats(); }
 void engine_trace_staging(int64_t engine, bool on) { lookup(engine)->trace_staging(on); }
+void engine_watch_memory(int64_t engine, bool on) { lookup(engine)->watch_memory(on); }
 at::Tensor engine_staging_trace(int64_t engine) { return lookup(engine)->staging_trace(); }
 
 void engine_destroy(int64_t engine) {

@@ -13,6 +13,7 @@
 
 #include "faults.h"
 #include "staging.h"
+#include "staging_pool.h"
 #include "swap.h"
 #include "transfer.h"
 
@@ -20,8 +21,10 @@ namespace fastvideo_offload {
 
 class Engine {
  public:
-  // `staging_threads`: host threads that stage pageable blocks (add_block(..., staged=true)).
-  Engine(c10::Device device, int64_t prefetch, int64_t staging_threads = 1);
+  // `staging_threads`: host threads that stage pageable blocks (add_block(..., staged=true)), into
+  // buffers from `pool` (shared with the other engines of a group; none: a pool of its own).
+  // A `prefetch` deeper than the blocks that can be in flight is cut to that.
+  Engine(c10::Device device, int64_t prefetch, int64_t staging_threads = 1, std::shared_ptr<StagingPool> pool = nullptr);
   Engine(const Engine&) = delete;
   Engine& operator=(const Engine&) = delete;
 
@@ -48,12 +51,18 @@ class Engine {
   void set_slot_budget(int64_t nbytes);
   // The host store changed: forget every block cached in a slot.
   void invalidate();
-  // Frees the device slots and the staging ring (an idle model, such as the other Wan2.2 expert).
+  // Frees the device slots and the staging ring (an idle model, such as the other Wan2.2 expert);
+  // the ring's buffers go back to the pool, which frees them unless another engine shares it.
   void trim();
   // These blocks stay on the device once copied (each in a slot of its own, never reused for
-  // another block); the others stream through the ring. Frees every slot, so the next forward
-  // copies the resident blocks once.
+  // another block); the others stream through the ring. A block that stays resident keeps its
+  // slot and bytes; only the slots whose block or size changed are freed.
   void set_resident(at::IntArrayRef blocks);
+  // While on (CUDA), each block's exit samples the device memory allocated outside the slots, for
+  // stats' forward_peak_bytes: what a device budget plans activations by.
+  void watch_memory(bool on);
+  const std::shared_ptr<StagingPool>& staging_pool() const { return pool_; }
+  c10::Device device() const { return device_; }
   c10::Dict<std::string, int64_t> stats();
   // Every block, in the execution order learned so far: from the first block entered in the last
   // forward, following what ran after what; blocks never reached that way follow in registration order.
@@ -78,7 +87,7 @@ class Engine {
     int slot = -1;       // slot holding (or receiving) this block's bytes
     bool held = false;   // between enter and exit
     int64_t next = -1;   // block seen to run after this one; starts as registration order
-    int home = -1;       // a resident block's own slot (after the ring), -1 when it streams
+    int home = -1;       // a resident block's own slot is slots_[ring_ + home]; -1 when it streams
     bool staged = false;  // pageable: its bytes come through staging_
   };
   struct Slot {
@@ -100,8 +109,11 @@ class Engine {
   int64_t allocated_bytes() const;
   void make_slots();
   void free_all_slots();
+  int home_slot(const Block& blk) const { return ring_ + blk.home; }
   int claim_home(const Block& blk, bool required);
   void allocate_slot(int index);
+  // Gives the memory of these slots back (after waiting for the copies and compute using them).
+  void free_slots(const std::vector<int>& doomed);
   void free_slots_except(int keep);
   void upload(int64_t block, int slot);
   bool bytes_ready(const Block& blk, int64_t block);
@@ -120,7 +132,9 @@ class Engine {
   std::vector<Slot> slots_;
   int64_t slot_bytes_ = 0;  // the largest streamed block
   int64_t staged_block_bytes_ = 0;  // the largest staged block: the size of a staging buffer
-  int ring_ = 0;            // slots_[0, ring_) stream blocks; each one after is a resident block's home
+  // slots_[0, ring_) stream blocks (1 + the prefetch depth, cut to the blocks there are); each one
+  // after is a resident block's home, or unused where a block stopped being resident.
+  int ring_ = 1;
   int64_t slot_budget_ = -1;
   int64_t last_entered_ = -1;
   int64_t first_entered_ = -1;  // the first block entered since the last reset (a forward's first)
@@ -141,10 +155,13 @@ class Engine {
   int64_t slot_alloc_failures_ = 0;
   int64_t max_resident_ = 0;
   int64_t max_materialized_ = 0;
+  bool watch_memory_ = false;
+  int64_t forward_peak_ = 0;  // device bytes allocated outside the slots, the most seen this forward
   // What the staging rings freed by trim counted and traced: stats and the trace go on across trims.
   Staging::Counts staged_before_{0, 0, 0};
   std::vector<Staging::Piece> trace_before_;
   bool trace_staging_ = false;  // as trace_staging() left it: a ring made later starts so
+  std::shared_ptr<StagingPool> pool_;
   // Destroyed before the host buffers: it waits for in-flight copies before they go.
   std::unique_ptr<Transfer> transfer_;
   // Created by the first staged upload, and again by the first after a trim. Declared last, so

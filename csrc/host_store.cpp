@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <numeric>
 
 #include "ops.h"
@@ -18,6 +19,8 @@ namespace fastvideo_offload {
 namespace {
 
 constexpr int64_t kPageBytes = 4096;
+// Alignment beyond a huge page buys nothing, and bounds align_up away from overflow.
+constexpr int64_t kMaxAlignment = int64_t{1} << 30;
 // Pieces this large keep every thread busy without splitting small tensors.
 constexpr int64_t kCopyChunkBytes = int64_t{4} << 20;
 
@@ -50,6 +53,7 @@ int64_t span_bytes(const at::Tensor& t) {
   if (t.numel() == 0) {
     return 0;
   }
+  // torch refuses a tensor whose storage an int64 cannot count, so this sum cannot overflow.
   int64_t last = 0;
   for (int64_t d = 0; d < t.dim(); ++d) {
     last += (t.size(d) - 1) * t.stride(d);
@@ -68,8 +72,9 @@ at::Tensor alloc_host(int64_t nbytes, bool pinned, std::optional<c10::Device> de
   if (pinned) {
 #ifdef FVO_WITH_CUDA
     const c10::DeviceIndex index = device.has_value() && device->has_index() ? device->index() : -1;
-    void* ptr = cuda::pinned_alloc(static_cast<size_t>(nbytes), index);
-    return at::from_blob(ptr, {nbytes}, [](void* p) { cuda::pinned_free(p); }, options);
+    c10::DeviceIndex used = -1;
+    void* ptr = cuda::pinned_alloc(static_cast<size_t>(nbytes), index, &used);
+    return at::from_blob(ptr, {nbytes}, [used](void* p) { cuda::pinned_free(p, used); }, options);
 #else
     TORCH_CHECK(false, "pinned host memory needs the CUDA build of fastvideo_offload; this one was built "
                        "without CUDA (reinstall with a CUDA build of torch and nvcc on PATH)");
@@ -105,11 +110,12 @@ void pin_host(const at::Tensor& memory, c10::Device device) {
 #endif
 }
 
-void unpin_host(const at::Tensor& memory) {
+void unpin_host(const at::Tensor& memory, c10::Device device) {
+  TORCH_CHECK_VALUE(device.is_cuda(), "unpin_host: pinned host memory is for a CUDA device, got ", device);
   check_pinnable(memory, "unpin_host");
 #ifdef FVO_WITH_CUDA
   if (memory.nbytes() > 0) {
-    cuda::host_unregister(memory.data_ptr());
+    cuda::host_unregister(memory.data_ptr(), device.has_index() ? device.index() : -1);
   }
 #endif
 }
@@ -156,16 +162,20 @@ void zero_padding(const at::Tensor& buffer, at::TensorList tensors, at::IntArray
 }
 
 std::vector<int64_t> layout(at::TensorList tensors, int64_t alignment) {
-  TORCH_CHECK_VALUE(alignment >= kMinAlignment && (alignment & (alignment - 1)) == 0,
-                    "layout: alignment must be a power of two >= ", kMinAlignment, ", got ", alignment);
+  TORCH_CHECK_VALUE(alignment >= kMinAlignment && alignment <= kMaxAlignment && (alignment & (alignment - 1)) == 0,
+                    "layout: alignment must be a power of two in [", kMinAlignment, ", ", kMaxAlignment, "], got ",
+                    alignment);
   std::vector<int64_t> result;
   result.reserve(tensors.size() + 1);
   int64_t end = 0;
   for (size_t i = 0; i < tensors.size(); ++i) {
     TORCH_CHECK_VALUE(tensors[i].defined(), "layout: tensor ", i, " is undefined");
+    TORCH_CHECK_VALUE(end <= std::numeric_limits<int64_t>::max() - alignment,
+                      "layout: the tensors span more bytes than an int64 counts");
     const int64_t off = align_up(end, alignment);
     result.push_back(off);
-    end = off + span_bytes(tensors[i]);
+    TORCH_CHECK_VALUE(!__builtin_add_overflow(off, span_bytes(tensors[i]), &end),
+                      "layout: the tensors span more bytes than an int64 counts");
   }
   result.push_back(end);
   return result;

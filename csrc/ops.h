@@ -18,7 +18,7 @@ at::Tensor pack_cpu(at::TensorList tensors, at::IntArrayRef offsets, int64_t nby
 // An uninitialized buffer, page-aligned or pinned for CUDA `device` (declared in host_store.h too).
 at::Tensor alloc_host(int64_t nbytes, bool pinned, std::optional<c10::Device> device);
 void pin_host(const at::Tensor& memory, c10::Device device);
-void unpin_host(const at::Tensor& memory);
+void unpin_host(const at::Tensor& memory, c10::Device device);
 #ifdef FVO_WITH_CUDA
 // cuda/pack.cpp
 at::Tensor pack_cuda(at::TensorList tensors, at::IntArrayRef offsets, int64_t nbytes, bool pinned,
@@ -26,7 +26,7 @@ at::Tensor pack_cuda(at::TensorList tensors, at::IntArrayRef offsets, int64_t nb
 #endif
 
 // engine.cpp
-int64_t engine_create(c10::Device device, int64_t prefetch, int64_t staging_threads);
+int64_t engine_create(c10::Device device, int64_t prefetch, int64_t staging_threads, int64_t share_staging_with);
 int64_t engine_add_block(int64_t engine, const at::Tensor& host, at::TensorList params, at::IntArrayRef offsets,
                          bool staged);
 int64_t engine_add_gathered_block(int64_t engine, at::TensorList sources, int64_t nbytes, at::TensorList params,
@@ -42,6 +42,7 @@ void engine_set_resident(int64_t engine, at::IntArrayRef blocks);
 c10::Dict<std::string, int64_t> engine_stats(int64_t engine);
 std::vector<int64_t> engine_order(int64_t engine);
 void engine_trace_staging(int64_t engine, bool on);
+void engine_watch_memory(int64_t engine, bool on);
 at::Tensor engine_staging_trace(int64_t engine);
 void engine_destroy(int64_t engine);
 

@@ -15,7 +15,6 @@
 #include <cstring>
 #include <utility>
 
-#include "host_store.h"
 
 namespace fastvideo_offload {
 namespace {
@@ -45,15 +44,19 @@ int64_t now_ns() {
 
 }  // namespace
 
-Staging::Staging(int buffers, int threads, int64_t buffer_bytes, c10::Device device, const Faults& faults)
-    : faults_(faults) {
+Staging::Staging(int buffers, int threads, int64_t buffer_bytes, std::shared_ptr<StagingPool> pool,
+                 const Faults& faults)
+    : faults_(faults), buffer_bytes_(buffer_bytes), pool_(std::move(pool)) {
   TORCH_CHECK_VALUE(buffers >= 1 && threads >= 1 && buffer_bytes > 0, "staging needs a buffer, a thread and bytes, got ",
                     buffers, " buffer(s), ", threads, " thread(s), ", buffer_bytes, " bytes");
-  // On the CPU devices "pinned" is only a flag: the buffers are ordinary memory, as slots are.
-  const bool pinned = device.is_cuda();
   buffers_.resize(static_cast<size_t>(buffers));
-  for (Buffer& b : buffers_) {
-    b.memory = alloc_host(buffer_bytes, pinned, pinned ? std::optional<c10::Device>(device) : std::nullopt);
+  try {
+    for (Buffer& b : buffers_) {
+      b.memory = pool_->take(buffer_bytes);
+    }
+  } catch (...) {
+    give_back();
+    throw;
   }
   for (int t = 0; t < threads; ++t) {
     threads_.emplace_back([this, t] { work(t); });
@@ -69,15 +72,24 @@ Staging::~Staging() {
   for (std::thread& t : threads_) {
     t.join();
   }
-  // An upload may still read a buffer: the memory goes only after it has finished.
+  // An upload may still read a buffer: it is handed on only after that upload has finished.
   for (Buffer& b : buffers_) {
     if (b.reading) {
       b.reading->wait();
+      b.reading.reset();
+    }
+  }
+  give_back();
+}
+
+void Staging::give_back() {
+  for (Buffer& b : buffers_) {
+    if (b.memory.defined()) {
+      pool_->give(std::move(b.memory));
+      b.memory = at::Tensor();
     }
   }
 }
-
-int64_t Staging::buffer_bytes() const { return buffers_.front().memory.numel(); }
 
 Staging::Counts Staging::counts() const {
   std::lock_guard<std::mutex> lock(mutex_);

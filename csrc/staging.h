@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "faults.h"
+#include "staging_pool.h"
 #include "transfer.h"
 
 namespace fastvideo_offload {
@@ -36,11 +37,12 @@ class Staging {
     int64_t nbytes;  // of the staging buffer it fills; bytes between segments are left as they are
   };
 
-  // `buffers` staging buffers of `buffer_bytes` each, pinned for `device` when it is CUDA.
-  Staging(int buffers, int threads, int64_t buffer_bytes, c10::Device device, const Faults& faults);
+  // `buffers` staging buffers of at least `buffer_bytes` each, taken from `pool` (and given back to it).
+  Staging(int buffers, int threads, int64_t buffer_bytes, std::shared_ptr<StagingPool> pool, const Faults& faults);
   Staging(const Staging&) = delete;
   Staging& operator=(const Staging&) = delete;
-  // Waits for every upload that reads a staging buffer, then stops the threads.
+  // Stops the threads, waits for every upload that reads a staging buffer, and gives the buffers
+  // back to the pool.
   ~Staging();
 
   // The blocks to stage next, soonest first (the lookahead); buffers hold at most that many.
@@ -76,7 +78,7 @@ class Staging {
     int64_t fills;   // blocks uploaded from staging buffers
   };
   Counts counts() const;
-  int64_t buffer_bytes() const;
+  int64_t buffer_bytes() const { return buffer_bytes_; }
   int buffers() const { return static_cast<int>(buffers_.size()); }
 
  private:
@@ -92,10 +94,13 @@ class Staging {
   };
 
   int find(int64_t block) const;
+  void give_back();
   int assign(const Request& request, const std::vector<int64_t>& keep);
   void work(int thread);
 
   const Faults faults_;
+  const int64_t buffer_bytes_;
+  const std::shared_ptr<StagingPool> pool_;
   mutable std::mutex mutex_;
   std::condition_variable changed_;
   std::vector<Buffer> buffers_;

@@ -43,6 +43,8 @@ class Transfer {
   // Bytes a new slot may take without sending the device allocator into its out-of-memory
   // path (which frees its whole cache and synchronizes the device); -1 when there is no limit.
   virtual int64_t free_bytes() { return -1; }
+  // Bytes the device allocator has handed out in all (slots, weights, activations); -1 where unknown.
+  virtual int64_t allocated_bytes() { return -1; }
 };
 
 std::unique_ptr<Transfer> make_cpu_transfer();

@@ -60,12 +60,15 @@ def pin_host(memory: torch.Tensor, device: torch.device) -> None:
     _ops.pin_host.default(memory, device)
 
 
-def unpin_host(memory: torch.Tensor) -> None:
-    _ops.unpin_host.default(memory)
+def unpin_host(memory: torch.Tensor, device: torch.device) -> None:
+    """Undoes `pin_host(memory, device)`."""
+    _ops.unpin_host.default(memory, device)
 
 
-def engine_create(device: torch.device, prefetch: int, staging_threads: int = 1) -> int:
-    return _ops.engine_create.default(device, prefetch, staging_threads)
+def engine_create(device: torch.device, prefetch: int, staging_threads: int = 1, share_staging_with: int = 0) -> int:
+    """`share_staging_with`: an engine of the same device whose staging buffers the new one shares
+    (the models of a group, which take turns); 0 for buffers of its own."""
+    return _ops.engine_create.default(device, prefetch, staging_threads, share_staging_with)
 
 
 def engine_add_block(
@@ -111,6 +114,12 @@ def engine_stats(engine: int) -> dict[str, int]:
 def engine_order(engine: int) -> list[int]:
     """Every block, in the execution order the engine has learned (registration order before any forward)."""
     return list(_ops.engine_order.default(engine))
+
+
+def engine_watch_memory(engine: int, on: bool) -> None:
+    """While on (CUDA), each block's exit samples the device memory allocated outside the engine's
+    slots: stats()["forward_peak_bytes"] is the most the current (or last) forward saw."""
+    _ops.engine_watch_memory.default(engine, on)
 
 
 def engine_trace_staging(engine: int, on: bool) -> None:

@@ -30,8 +30,8 @@ AUTO_HEADROOM_FRACTION = 0.05
 def check_budget(budget) -> None:
     if budget is None or budget == "auto":
         return
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
-        raise ValueError(f"device_budget must be a byte count >= 0, 'auto' or None, got {budget!r}")
+    if isinstance(budget, bool) or not isinstance(budget, int) or not 0 <= budget < 2**63:
+        raise ValueError(f"device_budget must be a byte count in [0, 2**63), 'auto' or None, got {budget!r}")
 
 
 def auto_budget(device: torch.device, modules: list[nn.Module]) -> int:
@@ -59,12 +59,15 @@ class DeviceBudget:
         self._measuring = False
         self._total = auto_budget(device, [model]) if budget == "auto" else budget
         self.plan: Plan = self._plan()
+        self._applied: frozenset[int] | None = None  # the resident blocks the engine holds
         self._hooks = []
 
     def attach(self, model: nn.Module, engine: int) -> None:
         """Applies the plan to the engine that now holds the blocks, and measures every forward."""
         self._engine = engine
         self._apply()
+        if self._device.type == "cuda":
+            _ops.engine_watch_memory(engine, True)
         self._hooks = [model.register_forward_pre_hook(self._before), model.register_forward_hook(self._after)]
 
     @property
@@ -90,7 +93,10 @@ class DeviceBudget:
 
     def _apply(self) -> None:
         new = self.plan
-        _ops.engine_set_resident(self._engine, list(new.resident))
+        if frozenset(new.resident) != self._applied:
+            # The engine keeps the slots of blocks that stay resident and copies only the new ones.
+            _ops.engine_set_resident(self._engine, list(new.resident))
+            self._applied = frozenset(new.resident)
         _ops.engine_set_slot_budget(self._engine, self.blocks_budget)
         logger.info(
             "device budget %.1f MiB: %d block(s) resident (%.1f MiB), %d streamed (%.1f MiB copied per step)",
@@ -99,7 +105,7 @@ class DeviceBudget:
         )
 
     def _ring(self, p: Plan) -> int:
-        return self._slots * max((self._sizes[i] for i in p.streamed), default=0)
+        return min(self._slots, len(p.streamed)) * max((self._sizes[i] for i in p.streamed), default=0)
 
     def set_budget(self, budget: int) -> None:
         """A new budget from the next forward on."""
@@ -113,25 +119,31 @@ class DeviceBudget:
             raise
 
     def _before(self, module, args) -> None:
-        # Activations are measured on CUDA: the peak of a forward above what it started with.
+        # Activations are measured on CUDA: the peak of a forward above what it started with. The
+        # allocator's peak is the process's, which users and benchmarks read too: it is never reset.
         if self._device.type == "cuda" and not torch.compiler.is_compiling():
-            torch.cuda.reset_peak_memory_stats(self._device)
             self._start = torch.cuda.memory_allocated(self._device)
+            self._peak_before = torch.cuda.max_memory_allocated(self._device)
             self._slots_at_start = _ops.engine_stats(self._engine)["device_bytes"]
             self._measuring = True
 
     def _after(self, module, args, output) -> None:
         if self._measuring:
             self._measuring = False
-            peak = torch.cuda.max_memory_allocated(self._device) - self._start
-            new_slots = _ops.engine_stats(self._engine)["device_bytes"] - self._slots_at_start
-            self.observe(max(0, peak - new_slots))
+            stats = _ops.engine_stats(self._engine)
+            # Sampled at each block's end: what the forward held beyond the slots and what it started with.
+            activations = stats["forward_peak_bytes"] - (self._start - self._slots_at_start)
+            peak = torch.cuda.max_memory_allocated(self._device)
+            if peak > self._peak_before:
+                # The forward set the process's peak, so that peak is this forward's, inside blocks included.
+                activations = max(activations, peak - self._start - (stats["device_bytes"] - self._slots_at_start))
+            self.observe(max(0, activations))
         if torch.compiler.is_compiling():
             return
         order = _ops.engine_order(self._engine)
         if order != self._order:
             # Planned in registration order, run in another: the streamed blocks are spread through
-            # the order they run in from the next forward on (the resident ones are copied once more).
+            # the order they run in from the next forward on (only blocks that become resident are copied).
             self._order = order
             try:
                 self._replan()

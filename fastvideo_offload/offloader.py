@@ -20,6 +20,7 @@ from .checkpoint import CheckpointWeights
 from .hooks import attach_block_hooks
 from .outside import OutsideCalls
 from .pinning import PinPlan, check_pin_budget, is_allocation_failure, resolve as resolve_pin_budget
+from .planner import ring_slots
 from .placement import OffloadReport
 from .retained import RetainedCheck
 from .sources import LiveWeights, assign
@@ -115,7 +116,6 @@ class OffloadHandle:
         # a cycle, and `del model` would free neither slots nor host memory until a GC pass.
         self._model_ref = weakref.ref(model)
         self.device = device
-        self.prefetch = prefetch
         self.group = group
         self.block_paths = [path for path, _ in lists]
 
@@ -126,6 +126,11 @@ class OffloadHandle:
         self._source = source  # a node's shared store stays pinned as long as the handle lives
         self._budget: DeviceBudget | None = None
         blocks = [named for _, named_blocks in lists for named in named_blocks]
+        # What can be in flight is bounded by the blocks: a deeper prefetch would only reserve more.
+        self.prefetch = ring_slots(prefetch, len(blocks)) - 1
+        if prefetch > max(self.prefetch, 1):
+            logger.info("prefetch %d is cut to %d: no more blocks than that can be ahead of the running one",
+                        prefetch, self.prefetch)
         self._block_index = {id(block): index for index, (_, block) in enumerate(blocks)}
         names = _param_names(model)
         block_params = _block_params(blocks, names)
@@ -140,13 +145,16 @@ class OffloadHandle:
         formats.check(((names[id(p)][0], p) for params in block_params for p in params), device)
         report = OffloadReport.measure(model, lists, offloaded)
         if device_budget is not None:
-            self._budget = DeviceBudget(model, device, [BlockStore.nbytes(params) for params in block_params], prefetch + 1,
-                                        _staying_bytes(model, offloaded), device_budget)
+            self._budget = DeviceBudget(model, device, [BlockStore.nbytes(params) for params in block_params],
+                                        self.prefetch + 1, _staying_bytes(model, offloaded), device_budget)
         retained = RetainedCheck(
             [held for params in block_params for p in params for held in formats.holders(names[id(p)][0], p)]
         )
 
-        self._engine = _ops.engine_create(device, prefetch, staging_threads)
+        # The models of a group take turns on the device, so one set of staging buffers serves them all.
+        peers = group_handles(group) if group is not None else []
+        peer = next((h._engine for h in peers if h.device == device), 0)
+        self._engine = _ops.engine_create(device, self.prefetch, staging_threads, peer)
         self._finalizer = weakref.finalize(self, _ops.engine_destroy, self._engine)
         self._stores: list[BlockStore] = []
         self._hooks = []
@@ -182,7 +190,7 @@ class OffloadHandle:
         logger.info(
             "offloading %d blocks (%s) of %s: %.1f MiB in host memory, %d device slot(s) of %.1f MiB on %s",
             stats["blocks"], ", ".join(self.block_paths) or "<root>", type(model).__name__,
-            stats["host_bytes"] / 2**20, prefetch + 1, stats["slot_bytes"] / 2**20, device,
+            stats["host_bytes"] / 2**20, self.prefetch + 1, stats["slot_bytes"] / 2**20, device,
         )
         report.log(type(model).__name__, device)
 
@@ -248,8 +256,8 @@ class OffloadHandle:
         """Caps the device bytes this model's slots take together (None: no cap). Past the cap
         prefetches are skipped; a block that must run frees the other slots first, and only a
         cap below one block raises torch.OutOfMemoryError."""
-        if nbytes is not None and (isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0):
-            raise ValueError(f"limit_device_memory expects a byte count >= 0 or None, got {nbytes!r}")
+        if nbytes is not None and (isinstance(nbytes, bool) or not isinstance(nbytes, int) or not 0 <= nbytes < 2**63):
+            raise ValueError(f"limit_device_memory expects a byte count in [0, 2**63) or None, got {nbytes!r}")
         _ops.engine_set_slot_budget(self._engine, -1 if nbytes is None else nbytes)
 
     def set_device_budget(self, nbytes: int) -> None:
@@ -495,7 +503,8 @@ def enable(
     staging_threads: int = 1,
 ) -> OffloadHandle | PipelineHandle:
     """Offloads `model`'s transformer blocks to host memory and streams each one to `device`
-    just before it runs, `prefetch` blocks ahead. Everything else moves to `device`.
+    just before it runs, `prefetch` blocks ahead (cut to the number of other blocks: no more can
+    be in flight). Everything else moves to `device`.
 
     `checkpoint`: a safetensors file, a sharded checkpoint's index json, or a directory holding
     either (or a `CheckpointWeights(path, rename=...)` whose keys a loader renames). The weights are

@@ -32,8 +32,8 @@ def check_pin_budget(budget) -> None:
         return
     if isinstance(budget, bool) or not isinstance(budget, int):
         raise TypeError(f"host_pin_budget must be a byte count, 'auto' or None, got {budget!r}")
-    if budget < 0:
-        raise ValueError(f"host_pin_budget must be >= 0 bytes, got {budget}")
+    if not 0 <= budget < 2**63:
+        raise ValueError(f"host_pin_budget must be a byte count in [0, 2**63), got {budget}")
 
 
 def _read(path: str) -> str | None:
@@ -91,15 +91,17 @@ class PinPlan:
 
     def alloc(self, pinned: bool, make: Callable[[bool], BlockStore]) -> BlockStore:
         """`make(pin)`: the block's store, pinned or pageable. A pinned allocation that fails
-        within a budget falls back to a pageable, staged store, and no later block tries to pin."""
-        if not pinned:
+        within a budget falls back to a pageable, staged store, and no later block tries to pin.
+        Pinning that the driver does not support at all (cudaHostRegister in some sandboxes) falls
+        back so with or without a budget."""
+        with self._lock:
+            unsupported = isinstance(self.failed, NotImplementedError)
+        if not pinned or unsupported:
             return _staged(make(False))
-        if self.left is None:
-            return make(self.cuda)
         try:
             return self._pin(make)
         except Exception as exc:
-            if not is_allocation_failure(exc):
+            if not isinstance(exc, NotImplementedError) and (self.left is None or not is_allocation_failure(exc)):
                 raise
             with self._lock:
                 first, self.failed = self.failed is None, exc

@@ -26,7 +26,7 @@ from torch import nn
 
 from .budget import auto_budget
 from .offloader import _HANDLE_ATTR, OffloadHandle, enable, footprint, handle_of, resolve_device
-from .planner import plan
+from .planner import plan, ring_slots
 
 PLANNED, STREAMED, MOVED = "planned", "streamed", "moved"
 _groups = itertools.count()
@@ -78,7 +78,7 @@ class PipelineHandle:
         sizes: dict[str, list[int]] = {}
         for name, module in components.items():
             kept, block_sizes = (0, []) if name.startswith("vae") else footprint(module)
-            ring = (1 + prefetch) * max(block_sizes, default=0)
+            ring = ring_slots(prefetch, len(block_sizes)) * max(block_sizes, default=0)
             if name.startswith("transformer") and block_sizes:
                 self.placement[name] = PLANNED
             elif block_sizes and kept + ring < _nbytes(module):
@@ -120,13 +120,14 @@ class PipelineHandle:
         if left < 0:
             raise ValueError(f"{what}; raise the budget")
         for name, role in self.placement.items():
-            ring = (1 + prefetch) * max(sizes[name], default=0)
+            slots = ring_slots(prefetch, len(sizes[name]))
+            ring = slots * max(sizes[name], default=0)
             if role == STREAMED and ring > left:
-                raise ValueError(f"{what}, less than streaming {name} needs: {1 + prefetch} slot(s) of its largest "
+                raise ValueError(f"{what}, less than streaming {name} needs: {slots} slot(s) of its largest "
                                  f"block, {ring} bytes; raise the budget or lower prefetch")
             if role == PLANNED:
                 try:
-                    plan(sizes[name], left, prefetch + 1)
+                    plan(sizes[name], left, slots)
                 except ValueError as exc:
                     raise ValueError(f"{what} for the blocks of {name}: {exc}") from None
                 # Its own non-block weights are counted again by its DeviceBudget.

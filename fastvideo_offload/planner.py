@@ -14,6 +14,12 @@ class Plan:
     streamed_bytes: int  # copied per step once the resident blocks are in
 
 
+def ring_slots(prefetch: int, blocks: int) -> int:
+    """The ring's slots for `blocks` streamed `prefetch` ahead: the running block's and one per
+    prefetched block, of which there can be no more than the other blocks."""
+    return min(prefetch, max(blocks - 1, 0)) + 1
+
+
 def spread(n: int, count: int) -> list[int]:
     """`count` of `n` positions spread evenly, so that each streamed block has resident blocks before
     it whose compute hides its copy (not the last `count`, which would copy back to back)."""
@@ -22,8 +28,9 @@ def spread(n: int, count: int) -> list[int]:
 
 def plan(sizes: Sequence[int], budget: int, slots: int) -> Plan:
     """`sizes`: each block's bytes, in execution order; `budget`: the device bytes the blocks may take;
-    `slots`: ring slots for streamed blocks (1 + prefetch), each as large as the largest streamed
-    block. Keeps as many blocks resident as fit and streams the rest, spread evenly.
+    `slots`: ring slots for streamed blocks (ring_slots), each as large as the largest streamed
+    block; no more of them fill than there are streamed blocks. Keeps as many blocks resident as
+    fit and streams the rest, spread evenly.
 
     Raises ValueError when even streaming every block does not fit."""
     n = len(sizes)
@@ -33,7 +40,7 @@ def plan(sizes: Sequence[int], budget: int, slots: int) -> Plan:
         streamed = spread(n, count)
         chosen = set(streamed)
         resident = [i for i in range(n) if i not in chosen]
-        ring = slots * max((sizes[i] for i in streamed), default=0)
+        ring = min(slots, count) * max((sizes[i] for i in streamed), default=0)
         need = sum(sizes[i] for i in resident) + ring
         if need <= budget:
             return Plan(tuple(resident), tuple(streamed), need, sum(sizes[i] for i in streamed))

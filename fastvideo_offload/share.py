@@ -304,4 +304,4 @@ def _pin(memory: torch.Tensor, owner, device: torch.device) -> None:
 def _unpin(memory: torch.Tensor, device: torch.device) -> None:
     # The engine's copies from the mapping must be done before its pages are unlocked.
     torch.cuda.synchronize(device)
-    _ops.unpin_host(memory)
+    _ops.unpin_host(memory, device)

@@ -162,8 +162,38 @@ def test_the_budget_changes_between_forwards():
         assert torch.equal(model(x), reference(x))
 
 
+def test_a_re_plan_copies_only_what_changed():
+    """Re-planning keeps the slots of the blocks that stay resident: the same budget again copies
+    nothing more than a step streams, and a larger one copies only the blocks it makes resident."""
+    model, reference, handle, budget, block = enable_with_budget(3)
+    x = tiny_input()
+    with torch.no_grad():
+        for _ in range(2):
+            assert torch.equal(model(x), reference(x))
+        assert handle.stats()["forward_h2d_bytes"] == 5 * block  # the 5 streamed blocks
+        handle.set_device_budget(budget)
+        assert torch.equal(model(x), reference(x))
+        assert handle.stats()["forward_h2d_bytes"] == 5 * block
+        before = set(handle._budget.plan.resident)
+        handle.set_device_budget(budget + 2 * block)
+        after = set(handle._budget.plan.resident)
+        assert len(after) == 5 and len(after & before) >= 1
+        assert torch.equal(model(x), reference(x))
+        # The 3 streamed blocks and each newly resident block once; and when the step before
+        # prefetched another block than the first one streamed now, that one again for the next step.
+        crossing = min(set(range(8)) - after) != min(set(range(8)) - before)
+        assert handle.stats()["forward_h2d_bytes"] == (3 + len(after - before) + crossing) * block
+        assert torch.equal(model(x), reference(x))
+        assert handle.stats()["forward_h2d_bytes"] == 3 * block
+        handle.set_device_budget(budget)  # back: the blocks that stream again give their slots back
+        assert torch.equal(model(x), reference(x))
+        assert handle.stats()["device_bytes"] == (3 + 2) * block
+        assert torch.equal(model(x), reference(x))
+        assert handle.stats()["forward_h2d_bytes"] == 5 * block
+
+
 def test_bad_budgets_are_refused():
-    for bad in (-1, 1.5, True, "lots"):
+    for bad in (-1, 1.5, True, "lots", 2**63):
         with pytest.raises(ValueError, match="device_budget must be a byte count"):
             fo.enable(TinyDiT(), device="cpu", device_budget=bad)
     with pytest.raises(ValueError, match="device_budget='auto' reads free CUDA memory"):

@@ -213,6 +213,84 @@ def test_peak_memory_is_bounded_by_slots():
     assert start - before_enable <= _bytes(model.head.parameters()) + (1 << 20)
 
 
+def test_a_device_budget_leaves_the_users_peak_measurement_alone():
+    """The budget measures each forward's activations without resetting the allocator's peak,
+    which the user (and the benchmark) read for their own measurements."""
+    model = Wide(dim=1024, layers=6).half()
+    reference = copy.deepcopy(model).cuda()
+    x = torch.randn(256, 1024, device="cuda", dtype=torch.half)
+    block = _bytes(model.blocks[0].parameters())
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    big = torch.empty(64 * block, dtype=torch.uint8, device="cuda")
+    user_peak = torch.cuda.max_memory_allocated()
+    del big
+    handle = fo.enable(model, device="cuda", device_budget=_bytes(model.head.parameters()) + 5 * block)
+    with torch.no_grad():
+        expected = reference(x)
+        for _ in range(3):
+            assert torch.equal(model(x), expected)
+    assert torch.cuda.max_memory_allocated() >= user_peak
+    # Measured at the blocks' ends: the forward's activations were seen even below the user's peak.
+    assert handle._budget._activations > 0
+
+
+def test_a_re_plan_after_the_first_forward_copies_only_the_streamed_blocks():
+    """On CUDA the first forward's activations re-plan the budget: the blocks that stay resident
+    keep their slots, so the second forward copies the streamed blocks and nothing else."""
+    model = Wide(dim=1024, layers=8).half()
+    reference = copy.deepcopy(model).cuda()
+    x = torch.randn(256, 1024, device="cuda", dtype=torch.half)
+    block = _bytes(model.blocks[0].parameters())
+    handle = fo.enable(model, device="cuda", prefetch=1,
+                       device_budget=_bytes(model.head.parameters()) + (4 + 2) * block + 64 * 2**20)
+    with torch.no_grad():
+        expected = reference(x)
+        for step in range(3):
+            assert torch.equal(model(x), expected)
+            if step:
+                assert handle.stats()["forward_h2d_bytes"] == handle._budget.plan.streamed_bytes
+
+
+def test_experts_of_a_group_share_pinned_staging_buffers():
+    """Each switch between two experts staged from pageable memory takes the pinned buffers the
+    other gave back: none is pinned (cudaHostAlloc) after the first."""
+    models = [Wide(dim=1024, layers=4).half() for _ in range(2)]
+    references = [copy.deepcopy(m).cuda() for m in models]
+    handles = [fo.enable(m, device="cuda", group="experts", host_pin_budget=0) for m in models]
+    x = torch.randn(64, 1024, device="cuda", dtype=torch.half)
+    with torch.no_grad():
+        expected = [r(x) for r in references]
+        for step in range(6):
+            active = step % 2
+            assert torch.equal(models[active](x), expected[active])
+    allocs = {h.stats()["staging_buffer_allocs"] for h in handles}
+    assert allocs == {3}, allocs
+
+
+def test_pinning_the_driver_refuses_falls_back_to_staging(tmp_path, monkeypatch):
+    """cudaHostRegister unsupported (a sandbox, a driver) on a node's shared store: staged, exact."""
+    import torch.distributed as dist
+
+    def unsupported(memory, device):
+        raise NotImplementedError("cudaHostRegister of 4096 bytes failed: operation not supported")
+
+    monkeypatch.setattr(_ops, "pin_host", unsupported)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        model = TinyDiT().eval()
+        reference = copy.deepcopy(model).cuda()
+        handle = fo.enable(model, device="cuda", share="node")
+        assert handle.stats()["staged_blocks"] == 4
+        with torch.no_grad():
+            x = tiny_input().cuda()
+            for _ in range(2):
+                assert torch.equal(model(x), reference(x))
+        handle.disable()
+    finally:
+        dist.destroy_process_group()
+
+
 def test_trim_gives_the_slots_back():
     model = Wide(dim=1024, layers=4).half()
     handle = fo.enable(model, device="cuda")
@@ -316,9 +394,21 @@ def test_offloading_to_the_second_gpu_creates_no_context_on_the_first():
     code = (
         "import torch, fastvideo_offload as fo\n"
         "from models import TinyDiT\n"
-        "handle = fo.enable(TinyDiT(), device='cuda:1')\n"
-        "contexts = torch._C._cuda_hasPrimaryContext(0), torch._C._cuda_hasPrimaryContext(1)\n"
+        "import gc\n"
+        "model, staged = TinyDiT().eval(), TinyDiT().eval()\n"
+        "handle = fo.enable(model, device='cuda:1')\n"
         "assert all(s.buffer.is_pinned() for s in handle._stores)\n"
+        # Staged: the staging threads wait on the copy stream's events, and the pinned ring is freed
+        # by whichever thread drops it last.
+        "staged_handle = fo.enable(staged, device='cuda:1', host_pin_budget=0)\n"
+        "x = torch.randn(1, 16, 8, device='cuda:1')\n"
+        "with torch.no_grad():\n"
+        "    for _ in range(2):\n"
+        "        model(x), staged(x)\n"
+        "staged_handle.disable()\n"
+        "del staged_handle, staged\n"
+        "gc.collect()\n"
+        "contexts = torch._C._cuda_hasPrimaryContext(0), torch._C._cuda_hasPrimaryContext(1)\n"
         "print(*contexts)\n"
     )
     tests = os.path.dirname(os.path.abspath(__file__))

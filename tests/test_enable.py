@@ -326,6 +326,22 @@ def test_bad_prefetch(prefetch, error):
         fo.enable(TinyDiT(), device="cpu", prefetch=prefetch)
 
 
+@pytest.mark.parametrize("prefetch", [2**31 - 1, 2**32 - 1, 2**63 - 1, 2**100])
+def test_a_prefetch_deeper_than_the_blocks_is_cut_to_them(prefetch):
+    """No more blocks can be in flight than there are besides the running one: a deeper prefetch
+    works as prefetch 3 on 4 blocks, and reserves no more."""
+    reference = TinyDiT()
+    model = copy.deepcopy(reference)
+    handle = fo.enable(model, device="cpu", prefetch=prefetch)
+    x = tiny_input()
+    with torch.no_grad():
+        for _ in range(2):
+            assert torch.equal(model(x), reference(x))
+    stats = handle.stats()
+    assert handle.prefetch == stats["prefetch"] == 3
+    assert stats["device_slots"] == 4 and stats["max_resident_blocks"] == 4
+
+
 def test_explicit_block_paths():
     model = TwoListDiT()
     handle = fo.enable(model, device="cpu", blocks=["double_blocks"])

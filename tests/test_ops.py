@@ -63,6 +63,35 @@ def test_pack_rejects_bad_layouts(offsets, nbytes, match):
 def test_layout_rejects_bad_alignment():
     with pytest.raises(ValueError, match="power of two"):
         _ops.layout([torch.zeros(1)], 300)
+    with pytest.raises(ValueError, match=r"power of two in \[256, 1073741824\], got 4611686018427387904"):
+        _ops.layout([torch.zeros(1)], 2**62)
+
+
+def test_layout_refuses_sizes_no_int64_counts():
+    """Meta tensors take no memory: together they may span more than an int64 counts, which must
+    not wrap around into a small layout."""
+    half = torch.empty(2**61, dtype=torch.uint8, device="meta")
+    with pytest.raises(ValueError, match="span more bytes than an int64 counts"):
+        _ops.layout([half, half, half, half])
+
+
+@pytest.mark.parametrize("prefetch", [2**31 - 1, 2**32 - 1, 2**63 - 1])
+def test_an_engine_cuts_its_prefetch_to_the_blocks(prefetch):
+    engine = _ops.engine_create(torch.device("cpu"), prefetch)
+    params = [torch.nn.Parameter(torch.randn(8)) for _ in range(3)]
+    values = [p.detach().clone() for p in params]
+    try:
+        for p in params:
+            offsets, total = _ops.layout([p.detach()])
+            _ops.engine_add_block(engine, _ops.pack([p.detach()], offsets, total, False), [p], offsets)
+        for _ in range(2):
+            for b, value in enumerate(values):
+                ops.engine_enter(engine, b)
+                assert torch.equal(params[b], value)
+                ops.engine_exit(engine, b)
+        assert _ops.engine_stats(engine)["prefetch"] == 2
+    finally:
+        _ops.engine_destroy(engine)
 
 
 def test_engine_rejects_unknown_handles_and_blocks():
@@ -176,7 +205,7 @@ def test_pinning_memory_in_place_checks_its_arguments():
     with pytest.raises(ValueError, match="expected a contiguous CPU tensor"):
         _ops.pin_host(memory.view(64, 64).t(), torch.device("cuda"))
     _ops.pin_host(memory[:0], torch.device("cuda"))  # nothing to pin: the runtime would refuse an empty range
-    _ops.unpin_host(memory[:0])
+    _ops.unpin_host(memory[:0], torch.device("cuda"))
     if not torch.cuda.is_available():
         # No GPU here: no device, a CPU-only build, or a CUDA runtime without a driver; never a crash.
         with pytest.raises((ValueError, RuntimeError), match="no such device|CUDA build|cudaHostRegister of 4096"):

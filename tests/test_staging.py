@@ -236,12 +236,67 @@ def test_trim_frees_the_staging_ring(cpu_device):
     handle.trim()
     stats = handle.stats()
     assert stats["staging_buffer_bytes"] == 0 and stats["device_bytes"] == 0
+    assert stats["staging_pool_bytes"] == 0  # a model of no group keeps none of them either
     assert stats["stagings"] == stagings
     assert len(_ops.engine_staging_trace(handle.engine)) >= stagings  # the freed ring's trace
     assert torch.equal(run(model, [x])[0], expected)
     stats = handle.stats()
     assert stats["staging_buffer_bytes"] == ring and stats["stagings"] >= 2 * stagings
     assert len(_ops.engine_staging_trace(handle.engine)) >= stagings  # the new ring traces too
+
+
+def test_experts_of_a_group_share_one_set_of_staging_buffers(cpu_device):
+    """Wan2.2's experts take turns: the one that starts takes the staging buffers the idle one gave
+    back, so a switch allocates (on CUDA: pins) none, and only one set is held at a time."""
+    references = [TinyDiT(layers=LAYERS) for _ in range(2)]
+    models = [copy.deepcopy(r) for r in references]
+    handles = [fo.enable(m, device="cpu", prefetch=1, group="experts", host_pin_budget=0) for m in models]
+    block = max(block_bytes(references[0]))
+    x = tiny_input()
+    for step in range(8):
+        active = (step // 2) % 2  # two steps each, as a denoising loop switches experts
+        assert torch.equal(run(models[active], [x])[0], run(references[active], [x])[0])
+        on, idle = handles[active].stats(), handles[1 - active].stats()
+        assert on["staging_buffer_bytes"] == 3 * block  # prefetch 1: two uploads in flight and one filling
+        assert idle["staging_buffer_bytes"] == 0 and idle["device_bytes"] == 0
+        assert on["staging_buffer_allocs"] == idle["staging_buffer_allocs"] == 3
+    for h in handles:
+        h.trim()
+    # Trimmed, the group still holds one set for whichever expert runs next.
+    assert handles[0].stats()["staging_pool_bytes"] == 3 * block
+
+
+def test_pinning_the_driver_does_not_support_falls_back_to_staging(cpu_device, monkeypatch, caplog):
+    """cudaHostRegister unsupported (some sandboxes and drivers) is not out of memory: with a pin
+    budget or without one, the blocks are staged, with a warning that says why."""
+    def unsupported(self, make):
+        raise NotImplementedError("cudaHostRegister of 4096 bytes failed: operation not supported")
+
+    monkeypatch.setattr(pinning.PinPlan, "_pin", unsupported)
+    reference = TinyDiT(layers=LAYERS)
+    inputs = [tiny_input() for _ in range(2)]
+    for budget in (None, GiB):
+        model = copy.deepcopy(reference)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="fastvideo_offload"):
+            handle = fo.enable(model, device="cpu", host_pin_budget=budget)
+        assert "pinning host memory failed (cudaHostRegister of 4096 bytes failed: operation not supported)" in caplog.text
+        assert handle.stats()["staged_blocks"] == LAYERS and handle.stats()["pinned_bytes"] == 0
+        assert all(torch.equal(e, g) for e, g in zip(run(reference, inputs), run(model, inputs)))
+
+
+@pytest.mark.parametrize("prefetch", [100_000, 2**63 - 1])
+def test_the_staging_ring_holds_no_more_than_can_be_in_flight(cpu_device, prefetch):
+    """A deep prefetch is cut to the blocks there are, and the ring to the staged blocks."""
+    reference = TinyDiT(layers=LAYERS)
+    model = copy.deepcopy(reference)
+    handle = fo.enable(model, device="cpu", prefetch=prefetch, host_pin_budget=0)
+    x = tiny_input()
+    for _ in range(2):
+        assert torch.equal(run(model, [x])[0], run(reference, [x])[0])
+    stats = handle.stats()
+    assert handle.prefetch == stats["prefetch"] == LAYERS - 1
+    assert stats["staging_buffer_bytes"] == LAYERS * max(block_bytes(reference))
 
 
 def test_bad_arguments_leave_the_model_alone():
@@ -251,6 +306,7 @@ def test_bad_arguments_leave_the_model_alone():
         ({"host_pin_budget": -1}, ValueError),
         ({"host_pin_budget": "some"}, TypeError),
         ({"host_pin_budget": 1.5}, TypeError),
+        ({"host_pin_budget": 2**63}, ValueError),
         ({"staging_threads": 0}, ValueError),
         ({"staging_threads": "2"}, TypeError),
     ]:

@@ -24,15 +24,31 @@ void enter_device(c10::cuda::OptionalCUDAGuard& guard, c10::DeviceIndex device) 
 
 }  // namespace
 
-void* pinned_alloc(size_t nbytes, c10::DeviceIndex device) {
+// The free and the unregistration are called from destructors and finalizers: they switch to the
+// device the memory was pinned for (by hand, as a guard may throw) and only warn.
+template <typename Fn>
+void on_device_noexcept(c10::DeviceIndex device, Fn fn) noexcept {
+  try {
+    c10::cuda::CUDAGuard guard(device);
+    fn();
+  } catch (const std::exception& e) {
+    TORCH_WARN("fastvideo_offload: releasing pinned host memory on device ", static_cast<int>(device),
+               " failed: ", e.what());
+  }
+}
+
+void* pinned_alloc(size_t nbytes, c10::DeviceIndex device, c10::DeviceIndex* used) {
   c10::cuda::OptionalCUDAGuard guard;
   enter_device(guard, device);
+  C10_CUDA_CHECK(c10::cuda::GetDevice(used));
   void* ptr = nullptr;
   C10_CUDA_CHECK(cudaHostAlloc(&ptr, nbytes, cudaHostAllocDefault));
   return ptr;
 }
 
-void pinned_free(void* ptr) { C10_CUDA_CHECK_WARN(cudaFreeHost(ptr)); }
+void pinned_free(void* ptr, c10::DeviceIndex device) noexcept {
+  on_device_noexcept(device, [&] { C10_CUDA_CHECK_WARN(cudaFreeHost(ptr)); });
+}
 
 void host_register(void* ptr, size_t nbytes, c10::DeviceIndex device) {
   c10::cuda::OptionalCUDAGuard guard;
@@ -43,10 +59,12 @@ void host_register(void* ptr, size_t nbytes, c10::DeviceIndex device) {
     (void)cudaGetLastError();
     TORCH_CHECK_WITH(OutOfMemoryError, err != cudaErrorMemoryAllocation, "cudaHostRegister of ", nbytes,
                      " bytes: out of memory");
-    TORCH_CHECK(false, "cudaHostRegister of ", nbytes, " bytes failed: ", cudaGetErrorString(err));
+    TORCH_CHECK_NOT_IMPLEMENTED(false, "cudaHostRegister of ", nbytes, " bytes failed: ", cudaGetErrorString(err));
   }
 }
 
-void host_unregister(void* ptr) { C10_CUDA_CHECK_WARN(cudaHostUnregister(ptr)); }
+void host_unregister(void* ptr, c10::DeviceIndex device) noexcept {
+  on_device_noexcept(device, [&] { C10_CUDA_CHECK_WARN(cudaHostUnregister(ptr)); });
+}
 
 }  // namespace fastvideo_offload::cuda

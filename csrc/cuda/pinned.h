@@ -7,12 +7,15 @@
 
 namespace fastvideo_offload::cuda {
 
-// Pinned in the context of CUDA device `device` (the one its copies go to); -1: the current one.
-void* pinned_alloc(size_t nbytes, c10::DeviceIndex device);
-void pinned_free(void* ptr);
+// Pinned in the context of CUDA device `device` (the one its copies go to); -1: the current one,
+// which `*used` is set to, for the free.
+void* pinned_alloc(size_t nbytes, c10::DeviceIndex device, c10::DeviceIndex* used);
+// In `device`'s context, from any thread (a tensor's deleter may run on a garbage collector's); never throws.
+void pinned_free(void* ptr, c10::DeviceIndex device) noexcept;
 // Page-locks memory someone else allocated (a shared mapping), in place, for `device`'s copies.
-// Out of memory raises torch.OutOfMemoryError; the runtime's error is cleared either way.
+// Out of memory raises torch.OutOfMemoryError, any other failure (registration not supported by
+// the driver or sandbox) NotImplementedError; the runtime's error is cleared either way.
 void host_register(void* ptr, size_t nbytes, c10::DeviceIndex device);
-void host_unregister(void* ptr);
+void host_unregister(void* ptr, c10::DeviceIndex device) noexcept;
 
 }  // namespace fastvideo_offload::cuda

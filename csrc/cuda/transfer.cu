@@ -10,6 +10,9 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <memory>
+#include <mutex>
+#include <utility>
 #include <vector>
 
 #include "../transfer.h"
@@ -17,24 +20,86 @@
 namespace fastvideo_offload {
 namespace {
 
+// Runs `fn` with `device` current and puts the previous one back, never throwing: for destructors
+// and for threads that are not the caller's (a staging thread, a garbage collector's), where a
+// call without the device would make a context on GPU 0 (hundreds of MiB) for cuda:N.
+template <typename Fn>
+void on_device_noexcept(c10::DeviceIndex device, Fn fn) noexcept {
+  try {
+    c10::cuda::CUDAGuard guard(device);
+    fn();
+  } catch (const std::exception& e) {
+    TORCH_WARN("fastvideo_offload: CUDA cleanup on device ", static_cast<int>(device), " failed: ", e.what());
+  }
+}
+
+// Events the host may wait for without spinning a core (a staging thread waits for one per buffer
+// it refills): created once and handed out again, not created and destroyed per staged upload.
+class EventPool {
+ public:
+  explicit EventPool(c10::DeviceIndex device) : device_(device) {}
+  ~EventPool() {
+    on_device_noexcept(device_, [&] {
+      for (cudaEvent_t event : idle_) {
+        C10_CUDA_CHECK_WARN(cudaEventDestroy(event));
+      }
+    });
+  }
+  cudaEvent_t take() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (!idle_.empty()) {
+        cudaEvent_t event = idle_.back();
+        idle_.pop_back();
+        return event;
+      }
+    }
+    return create(device_);
+  }
+  void give(cudaEvent_t event) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    idle_.push_back(event);
+  }
+  // Blocking sync: cudaEventSynchronize yields the thread instead of spinning on it.
+  static cudaEvent_t create(c10::DeviceIndex device) {
+    c10::cuda::CUDAGuard guard(device);
+    cudaEvent_t event = nullptr;
+    C10_CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming | cudaEventBlockingSync));
+    return event;
+  }
+  c10::DeviceIndex device() const { return device_; }
+
+ private:
+  const c10::DeviceIndex device_;
+  std::mutex mutex_;
+  std::vector<cudaEvent_t> idle_;
+};
+
 // An event recorded on the copy stream; the host waits for it before a staging buffer is refilled.
 class EventFence final : public Fence {
  public:
-  EventFence(c10::DeviceIndex device, cudaStream_t stream) {
-    c10::cuda::CUDAGuard guard(device);
-    C10_CUDA_CHECK(cudaEventCreateWithFlags(&event_, cudaEventDisableTiming));
-    C10_CUDA_CHECK(cudaEventRecord(event_, stream));
+  EventFence(std::shared_ptr<EventPool> pool, cudaStream_t stream) : pool_(std::move(pool)), event_(pool_->take()) {
+    c10::cuda::CUDAGuard guard(pool_->device());
+    const cudaError_t err = cudaEventRecord(event_, stream);
+    if (err != cudaSuccess) {
+      pool_->give(event_);
+      C10_CUDA_CHECK(err);
+    }
   }
-  ~EventFence() override { C10_CUDA_CHECK_WARN(cudaEventDestroy(event_)); }
-  void wait() override { C10_CUDA_CHECK(cudaEventSynchronize(event_)); }
+  ~EventFence() override { pool_->give(event_); }
+  void wait() override {
+    c10::cuda::CUDAGuard guard(pool_->device());
+    C10_CUDA_CHECK(cudaEventSynchronize(event_));
+  }
 
  private:
+  std::shared_ptr<EventPool> pool_;
   cudaEvent_t event_ = nullptr;
 };
 
 class CudaTransfer final : public Transfer {
  public:
-  explicit CudaTransfer(c10::DeviceIndex device) : device_(device) {
+  explicit CudaTransfer(c10::DeviceIndex device) : device_(device), fences_(std::make_shared<EventPool>(device)) {
     c10::cuda::CUDAGuard guard(device_);
     int least = 0;
     int greatest = 0;
@@ -43,31 +108,22 @@ class CudaTransfer final : public Transfer {
   }
 
   ~CudaTransfer() override {
-    // CUDAGuard may throw, and a throwing destructor ends the process: switch by hand, warn only.
-    int previous = -1;
-    C10_CUDA_CHECK_WARN(cudaGetDevice(&previous));
-    C10_CUDA_CHECK_WARN(cudaSetDevice(device_));
-    C10_CUDA_CHECK_WARN(cudaStreamSynchronize(copy_stream_));
-    for (size_t s = 0; s < ready_.size(); ++s) {
-      C10_CUDA_CHECK_WARN(cudaEventSynchronize(released_[s]));
-      C10_CUDA_CHECK_WARN(cudaEventDestroy(ready_[s]));
-      C10_CUDA_CHECK_WARN(cudaEventDestroy(released_[s]));
-    }
-    C10_CUDA_CHECK_WARN(cudaStreamDestroy(copy_stream_));
-    if (previous >= 0) {
-      C10_CUDA_CHECK_WARN(cudaSetDevice(previous));
-    }
+    on_device_noexcept(device_, [&] {
+      C10_CUDA_CHECK_WARN(cudaStreamSynchronize(copy_stream_));
+      for (size_t s = 0; s < ready_.size(); ++s) {
+        C10_CUDA_CHECK_WARN(cudaEventSynchronize(released_[s]));
+        C10_CUDA_CHECK_WARN(cudaEventDestroy(ready_[s]));
+        C10_CUDA_CHECK_WARN(cudaEventDestroy(released_[s]));
+      }
+      C10_CUDA_CHECK_WARN(cudaStreamDestroy(copy_stream_));
+    });
   }
 
   void set_slot_count(int count) override {
     c10::cuda::CUDAGuard guard(device_);
     while (static_cast<int>(ready_.size()) < count) {
-      cudaEvent_t ready = nullptr;
-      cudaEvent_t released = nullptr;
-      C10_CUDA_CHECK(cudaEventCreateWithFlags(&ready, cudaEventDisableTiming));
-      C10_CUDA_CHECK(cudaEventCreateWithFlags(&released, cudaEventDisableTiming));
-      ready_.push_back(ready);
-      released_.push_back(released);
+      ready_.push_back(EventPool::create(device_));
+      released_.push_back(EventPool::create(device_));
     }
   }
 
@@ -78,7 +134,7 @@ class CudaTransfer final : public Transfer {
     C10_CUDA_CHECK(cudaEventRecord(ready_.at(slot), copy_stream_));
   }
 
-  std::unique_ptr<Fence> fence() override { return std::make_unique<EventFence>(device_, copy_stream_); }
+  std::unique_ptr<Fence> fence() override { return std::make_unique<EventFence>(fences_, copy_stream_); }
 
   void wait_ready(int slot) override {
     c10::cuda::CUDAGuard guard(device_);
@@ -119,10 +175,20 @@ class CudaTransfer final : public Transfer {
     }
   }
 
+  int64_t allocated_bytes() override {
+    try {
+      constexpr auto all = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
+      return c10::cuda::CUDACachingAllocator::getDeviceStats(device_).allocated_bytes[all].current;
+    } catch (const c10::Error&) {
+      return -1;  // an allocator backend without statistics
+    }
+  }
+
  private:
   cudaStream_t compute_stream() const { return c10::cuda::getCurrentCUDAStream(device_).stream(); }
 
   c10::DeviceIndex device_;
+  std::shared_ptr<EventPool> fences_;
   cudaStream_t copy_stream_ = nullptr;
   std::vector<cudaEvent_t> ready_;
   std::vector<cudaEvent_t> released_;
