@@ -10,7 +10,7 @@ import torch
 import fastvideo_offload as fo
 from conftest import integration
 from fastvideo_offload.integrations import fastvideo as integ
-from fastvideo_cpu import _init, on_cpu, run, tiny_wan
+from fastvideo_cpu import _init, cpu_is_the_local_device, dit_lora_pipeline, on_cpu, run, tiny_wan
 
 if torch.cuda.is_available():
     # FastVideo picks its platform through NVML (CUDA_VISIBLE_DEVICES does not hide a GPU from
@@ -216,3 +216,108 @@ def test_ltx2_nested_blocks_are_offloaded(patched):
     assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
     handle.disable()
     assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
+
+
+def test_fastvideos_hook_api_on_every_offloaded_block(patched, monkeypatch, tmp_path):
+    """What code written against FastVideo's offload looks up on a block (ModuleHookManager, its
+    "LayerwiseOffloadHook", the hook's state and mutate_params_scope) is there on every offloaded
+    block, every list of HunyuanVideo included, and means what it meant; FastVideo's activation trace
+    shares the block's manager."""
+    import json
+
+    from fastvideo.hooks.activation_trace import attach_activation_trace, detach_activation_trace
+    from fastvideo.hooks.hooks import ModuleHookManager
+
+    model = tiny_hunyuan()
+    reference = copy.deepcopy(model)
+    handle = offload_like_the_loader(model)
+    blocks = [(name, m) for name, m in model.named_modules() if handle.owns_block(m)]
+    assert len(blocks) == 1 + 2 + 3
+
+    def hook_of(block):
+        return ModuleHookManager.get_from(block).get_forward_hook("LayerwiseOffloadHook")
+
+    for name, block in blocks:
+        state = hook_of(block).state
+        assert state.module_ref is block and state.device == handle.device
+        expected = dict(reference.get_submodule(name).named_parameters())
+        stored = state.cpu_named_parameters
+        assert stored.keys() == expected.keys() and all(torch.equal(stored[k], v) for k, v in expected.items())
+    assert placeholders(model.single_blocks)
+
+    # a change through FastVideo's scope, in a list FastVideo's own offload never reaches
+    block, twin = model.single_blocks[2], reference.single_blocks[2]
+    name = next(n for n, p in twin.named_parameters() if p.dim() == 2)
+    delta = torch.randn(twin.get_parameter(name).shape) * 0.1
+    with torch.no_grad():
+        twin.get_parameter(name).add_(delta)
+    with hook_of(block).mutate_params_scope(), torch.no_grad():
+        block.get_parameter(name).add_(delta)
+    assert placeholders(block)
+    assert torch.equal(hook_of(block).state.cpu_named_parameters[name], twin.get_parameter(name))
+
+    monkeypatch.setenv("FASTVIDEO_TRACE_ACTIVATIONS", "1")
+    monkeypatch.setenv("FASTVIDEO_TRACE_LAYERS", r"^single_blocks\.2$")
+    monkeypatch.setenv("FASTVIDEO_TRACE_OUTPUT", str(tmp_path / "trace.jsonl"))
+    trace = attach_activation_trace(model)
+    for step in range(2):
+        assert torch.equal(run(model, step, hunyuan=True), run(reference, step, hunyuan=True))
+    detach_activation_trace(trace)
+    records = [json.loads(line) for line in (tmp_path / "trace.jsonl").read_text().splitlines()]
+    assert {r["module"] for r in records} == {"single_blocks.2"} and len(records) == 2
+
+    # a block cannot leave the offload alone: refused, and nothing changes
+    with pytest.raises(NotImplementedError, match=r"fastvideo_offload\.disable\(model\) puts every block back"):
+        ModuleHookManager.get_from(block).remove_forward_hook("LayerwiseOffloadHook")
+    assert hook_of(block) is not None and placeholders(block)
+    assert torch.equal(run(model, 2, hunyuan=True), run(reference, 2, hunyuan=True))
+    handle.disable()
+    with pytest.raises(RuntimeError, match="offload of this MMSingleStreamBlock was disabled"):
+        hook_of(block).mutate_params_scope()
+
+
+def test_fastvideos_error_for_a_model_without_blocks(patched):
+    """FastVideo's call names no lists: its error, with ours, and advice that can be followed."""
+    from fastvideo.hooks import layerwise_offload
+
+    with pytest.raises(ValueError, match=r"^No nn\.ModuleList found in the model for layerwise offloading: .* in "
+                                         r"Linear .* fastvideo_offload\.enable\(model, blocks=\['path\.to\.list'\]\)$"):
+        layerwise_offload.enable_layerwise_offload(torch.nn.Linear(4, 4))
+
+
+def test_lora_merges_into_every_offloaded_list(patched, monkeypatch, tmp_path):
+    """FastVideo's LoRA pipeline on HunyuanVideo: FastVideo files LoRA layers under its first top-level
+    list (double_blocks) only; those of single_blocks, which the patch offloads too, reach their
+    blocks through mutate as well (before the fix: merged into placeholders, a size mismatch).
+    Bit-identical to FastVideo without offload."""
+    from safetensors.torch import save_file
+
+    cpu_is_the_local_device(monkeypatch)
+    g = torch.Generator().manual_seed(3)
+    adapter = {}
+    for layer, (out_features, in_features) in {"double_blocks.1.img_attn_proj": (64, 64),
+                                               "single_blocks.0.linear2": (64, 192),
+                                               "single_blocks.2.linear2": (64, 192)}.items():
+        adapter[f"{layer}.lora_A.weight"] = torch.randn(4, in_features, generator=g) * 0.1
+        adapter[f"{layer}.lora_B.weight"] = torch.randn(out_features, 4, generator=g) * 0.1
+    save_file(adapter, tmp_path / "lora.safetensors")
+    lora = dict(lora_path=str(tmp_path / "lora.safetensors"), lora_target_modules=["img_attn_proj", "linear2"])
+    model = tiny_hunyuan()
+    reference = dit_lora_pipeline(tmp_path / "reference", copy.deepcopy(model), offload=False, **lora)
+    offload_like_the_loader(model)
+    with torch._dynamo.config.patch(disable=True):  # FastVideo compiles each LoRA layer: both run it eagerly
+        pipe = dit_lora_pipeline(tmp_path / "offloaded", model, offload=True, **lora)
+        layers = pipe.lora_layers["transformer"]
+        assert sorted(layers.block_to_lora_layers) == ["double_blocks.0", "double_blocks.1", "single_blocks.0",
+                                                       "single_blocks.1", "single_blocks.2"]
+        assert sum(layer.merged for _, layer in layers.all_lora_layers()) == 3
+        expected = reference.get_module("transformer")
+        for change in (None, "unmerge_lora_weights", "merge_lora_weights"):
+            if change:
+                getattr(pipe, change)()
+                getattr(reference, change)()
+            assert placeholders(model.single_blocks[2].linear2.base_layer)
+            # FastVideo's CPU-only alias of each LoRA layer's weight: see test_fastvideo_ltx2.assert_same
+            state = {k: v for k, v in model.state_dict().items() if not k.endswith(".cpu_weight")}
+            assert all(torch.equal(v, expected.state_dict()[k]) for k, v in state.items())
+            assert torch.equal(run(model, 1, hunyuan=True), run(expected, 1, hunyuan=True))

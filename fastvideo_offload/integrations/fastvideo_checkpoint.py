@@ -9,9 +9,9 @@ The rest of FastVideo's loader (building on meta in its default dtype, non-persi
 requires_grad, quantization, regional compile) runs as before.
 
 What this path cannot do exactly as FastVideo does falls back to FastVideo's own load into host
-memory (enable then packs it), with the reason logged: a whole-parameter LoRA adapter, quantized
-linears, and a checkpoint the model does not fit exactly (merged or extra keys, zero-initialised
-parameters). With several ranks on a node, the node's leader alone reads the blocks, into the
+memory (the patched loader offloads it from there), with the reason logged: a whole-parameter LoRA
+adapter, quantized linears, and a checkpoint the model does not fit exactly (merged or extra keys,
+zero-initialised parameters). A DiT without a list of blocks loads as FastVideo loads it. With several ranks on a node, the node's leader alone reads the blocks, into the
 store the ranks share (fastvideo.py).
 """
 
@@ -22,6 +22,7 @@ import threading
 
 import torch
 
+from ..blocks import find_block_lists
 from ..checkpoint import CheckpointError, CheckpointWeights
 
 logger = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ def wrap_state_dict_load(original, offload):
                                               cpu_offload=False, param_names_mapping=None, training_mode=True,
                                               dense_lora_patch=None):
         files = getattr(pending, "files", None)
-        if files:
+        if files and _has_blocks(model):  # else FastVideo loads it onto its device and it stays there
             reason = _why_not(model, dense_lora_patch)
             if reason is None:
                 try:
@@ -47,12 +48,20 @@ def wrap_state_dict_load(original, offload):
                 except CheckpointError as exc:
                     reason = str(exc)
             logger.info("fastvideo_offload: FastVideo loads the DiT into host memory first, because %s", reason)
-            device = torch.device("cpu")  # enable_layerwise_offload packs it from there
+            device = torch.device("cpu")  # the patched TransformerLoader.load offloads it from there
         return original(model, full_sd_iterator, device, param_dtype, strict=strict, cpu_offload=cpu_offload,
                         param_names_mapping=param_names_mapping, training_mode=training_mode,
                         dense_lora_patch=dense_lora_patch)
 
     return load_model_from_full_model_state_dict
+
+
+def _has_blocks(model) -> bool:
+    try:
+        find_block_lists(model)
+    except ValueError:
+        return False
+    return True
 
 
 def _why_not(model, dense_lora_patch) -> str | None:
