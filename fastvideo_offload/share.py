@@ -40,7 +40,8 @@ logger = logging.getLogger("fastvideo_offload")
 MEMFD_NAME = "fastvideo_offload-share"
 _PAGE = mmap.PAGESIZE
 #: How long a change of the shared store (`NodeShare.change`) waits for every rank of the group to
-#: join it: a rank that changes the store alone gets an error after this, not a hang.
+#: join it: a rank that changes the store alone gets an error after this, not a hang. Read by
+#: `enable`, which creates the group changes are agreed in.
 CHANGE_TIMEOUT = datetime.timedelta(seconds=120)
 
 
