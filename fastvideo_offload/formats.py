@@ -95,13 +95,14 @@ def _rebuild(p: torch.Tensor, views) -> torch.Tensor:
 def copy_into(dst: torch.Tensor, src: torch.Tensor) -> str | None:
     """Writes `src` into `dst` (a `rebuild` over host views), or, writing nothing, says why its
     format differs."""
-    problem = _mismatch(dst, src)
+    problem = mismatch(dst, src)
     if problem is None:
         _copy(dst, src)
     return problem
 
 
-def _mismatch(dst: torch.Tensor, src: torch.Tensor) -> str | None:
+def mismatch(dst: torch.Tensor, src: torch.Tensor) -> str | None:
+    """Why `src`'s format differs from `dst`'s (what `copy_into` checks), or None."""
     if is_traceable_wrapper_subclass(dst):
         if type(src) is not type(dst):
             return f"expected a {type(dst).__name__}, got a {type(src).__name__}"
@@ -113,7 +114,7 @@ def _mismatch(dst: torch.Tensor, src: torch.Tensor) -> str | None:
             inner, value = getattr(dst, a), getattr(src, a)
             if value.shape != inner.shape or value.dtype != inner.dtype:
                 return f"inner tensor {a} is {value.dtype} {tuple(value.shape)}, the model's {inner.dtype} {tuple(inner.shape)}"
-            problem = _mismatch(inner, value)
+            problem = mismatch(inner, value)
             if problem:
                 return f"inner tensor {a}: {problem}"
     elif type(src) is type(dst) and type(dst) not in (torch.Tensor, torch.nn.Parameter):

@@ -167,7 +167,8 @@ class OffloadHandle:
             host_views = {
                 n: host for store in self._stores for p, host in store.host_weights() for n in names[id(p)]
             }
-            self._hooks += attach_state_dict_hooks(model, host_views, self._weights_changed)
+            self._hooks += attach_state_dict_hooks(model, host_views, self._weights_changed,
+                                                   source if isinstance(source, node_share.NodeShare) else None)
             self._outside = OutsideCalls(
                 blocks, {id(p): view for s in self._stores for p, view in zip(s.params, s.views)},
                 lambda view: _on_device(view, device),
@@ -278,8 +279,17 @@ class OffloadHandle:
         see it. On an exception nothing is written back.
 
         Shapes and dtypes must stay as they were. Run no forward inside: the blocks' weights are
-        this scope's own copies until it ends."""
+        this scope's own copies until it ends.
+
+        With `share=` the host store is the node's, and leaving is a collective of the share
+        (share.NodeShare.change): every rank of the group runs the same mutate, in the same order,
+        and makes the same change (as FastVideo's sequence-parallel ranks each merge the same LoRA).
+        The node's leader writes its result once, after every rank has reached the end of its
+        mutate; every rank's result must match the leader's (checksums), else nothing is written
+        and every rank raises, as when one rank's change raised. A rank that mutates alone raises
+        after share.CHANGE_TIMEOUT."""
         indices = [self._index_of(b) for b in blocks] if blocks else range(len(self._stores))
+        shared = self._source if isinstance(self._source, node_share.NodeShare) else None
         _ops.engine_invalidate(self._engine)  # refuses while a block is running
         # Every copy is made before any parameter changes: one that fails (out of device memory)
         # leaves the model offloaded as it was.
@@ -294,26 +304,44 @@ class OffloadHandle:
         del copies
         try:
             yield
-        except BaseException:
+        except BaseException as exc:
             # A change that failed half-way is not written back: the host store keeps its weights.
             for i in indices:
                 _ops.engine_park(self._engine, i)
+            if shared is not None:
+                with contextlib.suppress(Exception):  # this rank raises its own error, whatever the others do
+                    shared.change("mutate", None, failed=exc)
             raise
-        problems = []
-        with torch.no_grad():
+        problems, writes = [], []
+        for i in indices:
+            store = self._stores[i]
+            for name, p, view in zip(store.names, store.params, store.views):
+                if p.shape != view.shape or p.dtype != view.dtype:
+                    problems.append(f"{name}: {view.dtype} {tuple(view.shape)} became {p.dtype} {tuple(p.shape)}")
+                elif p.stride() == view.stride():
+                    writes.append((name, _flat(view), _flat(p.detach())))
+                elif _overlaps(view):
+                    # Values laid out otherwise need not fit strides whose elements share memory.
+                    problems.append(f"{name}: its strides {view.stride()} overlap and became {p.stride()}")
+                else:
+                    writes.append((name, view, p.detach()))
+
+        def write():
+            with torch.no_grad():
+                for _, dst, src in writes:
+                    dst.copy_(src)
+
+        try:
+            if shared is None:
+                write()
+            else:
+                with torch.no_grad():
+                    digest = [(name, node_share.checksum(src)) for name, _, src in writes] + problems
+                shared.change("mutate", digest, write)
+        finally:
             for i in indices:
-                store = self._stores[i]
-                for name, p, view in zip(store.names, store.params, store.views):
-                    if p.shape != view.shape or p.dtype != view.dtype:
-                        problems.append(f"{name}: {view.dtype} {tuple(view.shape)} became {p.dtype} {tuple(p.shape)}")
-                    elif p.stride() == view.stride():
-                        _flat(view).copy_(_flat(p.detach()))
-                    elif _overlaps(view):
-                        # Values laid out otherwise need not fit strides whose elements share memory.
-                        problems.append(f"{name}: its strides {view.stride()} overlap and became {p.stride()}")
-                    else:
-                        view.copy_(p.detach())
                 _ops.engine_park(self._engine, i)
+        del writes
         self._weights_changed()
         if problems:
             raise ValueError(

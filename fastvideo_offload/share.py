@@ -6,15 +6,25 @@ open it through /proc/<leader pid>/fd/<fd> and map the same pages. The memory ha
 processes: it goes when the last one that maps it exits, SIGKILL included. Every step is agreed
 through torch.distributed (all_gather_object over the group): a rank that fails makes every rank
 raise instead of leaving the others waiting.
+
+The other ranks map the pages read-only: once enabled, the store changes only through
+`NodeShare.change` (`mutate`, `load_state_dict`), a collective of the whole group in which each
+node's leader writes the change once, between two barriers, so that no rank's forward reads a
+half-written block and no change is applied once per rank.
 """
 
 from __future__ import annotations
 
+import copy
+import datetime
+import logging
 import mmap
 import os
 import socket
 import traceback
+import warnings
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -24,9 +34,15 @@ from . import _ops, formats
 from .sources import LiveWeights
 from .store import BlockStore, span
 
+logger = logging.getLogger("fastvideo_offload")
+
 #: The memfd is named MEMFD_NAME:<leader pid> (seen in /proc/*/maps and /proc/*/fd).
 MEMFD_NAME = "fastvideo_offload-share"
 _PAGE = mmap.PAGESIZE
+#: How long a change of the shared store (`NodeShare.change`) waits for every rank of the group to
+#: join it: a rank that changes the store alone gets an error after this, not a hang. Read by
+#: `enable`, which creates the group changes are agreed in.
+CHANGE_TIMEOUT = datetime.timedelta(seconds=120)
 
 
 def resolve(share) -> NodeShare | None:
@@ -78,6 +94,10 @@ class NodeShare:
         self.group = group
         self.source = LiveWeights()
         self._joined = False
+        self._leaders: list[int] = []  # each rank's node's leader, once the region is mapped
+        self._changes = None  # the group changes are agreed in (`change`), once the region is mapped
+        self._timeout = 0.0
+        self._broken: str | None = None  # why changes are refused: a change timed out
 
     def over(self, source) -> NodeShare:
         """The source the node's leader fills the shared store from."""
@@ -96,14 +116,22 @@ class NodeShare:
 
     def host_stores(self, blocks, pin, device: torch.device | None):
         # Collective, and run at this call, not at the first store asked for: a rank with no block
-        # still takes every step. Then each rank pins (registers) the blocks within its own pin
-        # budget and stages the others.
+        # still takes every step. Then the leader pins (registers) the blocks within its own pin
+        # budget and stages the others. The other ranks map the pages read-only, which
+        # cudaHostRegister refuses without cudaHostRegisterReadOnly (not used by the extension):
+        # on CUDA they stage every block from the shared pages.
         region = self.region(blocks)
+        me = dist.get_rank(self.group)
+        staged = device is not None and self._leaders[me] != me
+        if staged and blocks:
+            logger.info("share: rank %d stages its blocks from the node's shared pages, which it maps read-only", me)
 
         def stores():
             for index, (names, params) in enumerate(blocks):
-                store = pin.store(BlockStore.nbytes(params),
-                                  lambda pinned: region.store(index, names, params, self if pinned else None, device))
+                def make(pinned):
+                    return region.store(index, names, params, self if pinned else None, device)
+
+                store = pin.alloc(False, make) if staged else pin.store(BlockStore.nbytes(params), make)
                 self.source.adopt(store)
                 yield store
 
@@ -181,12 +209,83 @@ class NodeShare:
                     f"({', '.join(names[:3])}{'...' if len(names) > 3 else ''}); ranks holding different weights "
                     "cannot share a host store: load the same weights on every rank, or enable without share="
                 )
+            # Changes of the store are agreed in a group of their own, whose ops time out: a rank left
+            # waiting there (a change made alone) breaks that group only, not the caller's.
+            self._timeout = CHANGE_TIMEOUT.total_seconds()
+            self._changes = dist.new_group(dist.get_process_group_ranks(self.group), timeout=CHANGE_TIMEOUT,
+                                           backend="gloo", use_local_synchronization=True, sort_ranks=False)
         except BaseException as exc:
             # The frames of the failed step hold views of the mapping; clearing them lets it go now.
             traceback.clear_frames(exc.__traceback__)
             region.release()
             raise
+        self._leaders = leaders
         return region
+
+    def change(self, what: str, digest, write: Callable[[], None] | None = None,
+               failed: BaseException | None = None) -> None:
+        """Collective: one change of the node's shared store, which every rank of the group makes
+        together, in the same order, and alike. Every rank's `digest` of what it changes (names and
+        `checksum`s) must equal its node's leader's, or nothing is written and every rank raises;
+        then each node's leader runs `write`, once every rank has joined (so none is in a forward),
+        and no rank returns before every leader has written. Callers drop afterwards whatever they
+        copied from the pages before (uploads in flight, staged copies), which may be torn.
+        `failed`: this rank's own change failed (its caller raises that): the other ranks raise,
+        and nothing is written anywhere.
+
+        A rank that waits for the others longer than CHANGE_TIMEOUT (one that changes the store
+        alone) raises, as do the others when they come; every later change of the store refuses."""
+        if self._broken is not None:
+            raise RuntimeError(self._broken)
+        mine = _Failed(f"{type(failed).__name__}: {failed}") if failed is not None else (what, digest)
+        values = self._exchange(mine, what, "nothing was changed")
+        if failed is not None:
+            return
+        for r, v in enumerate(values):
+            if isinstance(v, _Failed):
+                raise RuntimeError(f"share: rank {r} of the group failed in {what}, which every rank makes together: "
+                                   f"{v.message}; nothing was changed on any rank")
+        for r, (theirs, digest_r) in enumerate(values):
+            leader = self._leaders[r]
+            ours, digest_l = values[leader]
+            if theirs != ours or digest_r != digest_l:
+                difference = (f"rank {r} is in {theirs}, rank {leader} in {ours}" if theirs != ours
+                              else f"rank {r}'s {what} changes {_first_change(digest_r, digest_l)} otherwise than rank "
+                                   f"{leader}'s")
+                raise RuntimeError(
+                    f"share: {difference}, its node's leader: the ranks that share a host store must make the same "
+                    "change, which the leader writes once for its node; nothing was changed on any rank"
+                )
+        outcome = None
+        if self._leaders[dist.get_rank(self.group)] == dist.get_rank(self.group):
+            try:
+                write()
+            except Exception as exc:
+                outcome = _Failed(f"{type(exc).__name__}: {exc}")
+        # No rank reads the pages again before every leader has written.
+        for r, o in enumerate(self._exchange(outcome, what, "the store may hold the change or part of it")):
+            if o is not None:
+                raise RuntimeError(f"share: rank {r}, the leader of its node, failed while writing {what} into the "
+                                   f"shared host store: {o.message}; the store of that node may hold part of it")
+
+    def _exchange(self, value, what: str, left: str) -> list:
+        """Every rank's `value`, gathered in the share's group for changes, whose ops time out."""
+        values = [None] * dist.get_world_size(self._changes)
+        try:
+            dist.all_gather_object(values, value, group=self._changes)
+        except RuntimeError as exc:
+            self._broken = (
+                f"share: rank {dist.get_rank(self.group)} gave up on {what}: a node's shared host store changes only "
+                "when every rank of its group makes the same change together (mutate, load_state_dict, in the same "
+                f"order), and the others did not join it within share.CHANGE_TIMEOUT ({self._timeout:g} s) or failed; "
+                f"{left}. Changes of this store are refused from now on: restart the ranks. Cause: {exc}"
+            )
+            raise RuntimeError(self._broken) from exc
+        return values
+
+    def shown(self, view: torch.Tensor) -> torch.Tensor:
+        """What state_dict() returns for a host view of this store: in-place ops on it raise."""
+        return view.as_subclass(SharedWeight) if type(view) is torch.Tensor else view
 
 
 def _different_origins(rank: int, identity, leader: int, leaders: list | None) -> str:
@@ -194,6 +293,35 @@ def _different_origins(rank: int, identity, leader: int, leaders: list | None) -
         ways = ("its loaded weights", "a checkpoint") if identity is None else ("a checkpoint", "its loaded weights")
         return f"rank {rank} enables from {ways[0]}, rank {leader} on its node from {ways[1]}"
     return f"rank {rank} reads its blocks from other checkpoint files (or other bytes of them) than rank {leader}"
+
+
+def checksum(t: torch.Tensor) -> list[int]:
+    """Exact integer sums of `t`'s bytes (all of them, weighted by their row and by their column when
+    laid out in rows of _ROW), computed where `t` lives: equal bytes give equal sums on any device and
+    thread count. Ranks that make different changes are told apart by them; bytes that differ
+    only by a permutation within rows and columns at once are not (a check, not a proof)."""
+    b = formats.plain(t).contiguous().view(-1).view(torch.uint8)
+    rows = b.numel() // _ROW
+    body, tail = b[: rows * _ROW].view(rows, _ROW), b[rows * _ROW :]
+    by_row, by_col = body.sum(1, dtype=torch.int64), body.sum(0, dtype=torch.int64)
+    sums = torch.stack([by_row.sum() + tail.sum(dtype=torch.int64), (by_row * _weights(rows, b.device)).sum(),
+                        (by_col * _weights(_ROW, b.device)).sum() + (tail * _weights(tail.numel(), b.device)).sum()])
+    return sums.tolist()
+
+
+_ROW = 4099  # a prime: a tensor's rows are seldom a multiple of it, so its rows and these cross
+
+
+def _weights(n: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(1, n + 1, dtype=torch.int64, device=device)
+
+
+def _first_change(a: list, b: list) -> str:
+    """The first entry of two digests ((name, sums) pairs, or problems) that differs, by name."""
+    for x, y in zip(a, b):
+        if x != y:
+            return x[0] if isinstance(x, (tuple, list)) else str(x)
+    return f"{len(a)} weights against {len(b)}"
 
 
 def _first_difference(a: list, b: list) -> str:
@@ -230,7 +358,7 @@ class SharedRegion:
     def open(self, leader: int, pid: int, fd: int, inode: int) -> None:
         path = f"/proc/{pid}/fd/{fd}"
         try:
-            self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError as exc:
             raise RuntimeError(
                 f"share: the shared host store of rank {leader} (pid {pid}) is gone: that process exited"
@@ -242,13 +370,19 @@ class SharedRegion:
             ) from exc
         if os.fstat(self._fd).st_ino != inode:  # the pid was reused by another process
             raise RuntimeError(f"share: rank {leader} (pid {pid}) exited; {path} is another process's file")
-        self._mmap_fd(os.fstat(self._fd).st_size)
+        # Read-only: only the leader writes the pages, inside a change of the share (NodeShare.change).
+        self._mmap_fd(os.fstat(self._fd).st_size, writable=False)
 
-    def _mmap_fd(self, size: int) -> None:
-        self._map = mmap.mmap(self._fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    def _mmap_fd(self, size: int, writable: bool = True) -> None:
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        self._map = mmap.mmap(self._fd, size, mmap.MAP_SHARED, prot)
         # Through a memoryview, which holds an export of the mapping: close() then refuses
         # (BufferError) while a tensor views it, instead of unmapping memory still in use.
-        self._base = torch.frombuffer(memoryview(self._map), dtype=torch.uint8)
+        with warnings.catch_warnings():
+            # torch warns that it has no read-only tensors: nothing of this package writes a
+            # follower's views, and state_dict() hands them out as SharedWeight, which refuses.
+            warnings.filterwarnings("ignore", "The given buffer is not writable", UserWarning)
+            self._base = torch.frombuffer(memoryview(self._map), dtype=torch.uint8)
 
     def close_fd(self) -> None:
         if self._fd is not None:
@@ -291,6 +425,62 @@ class SharedRegion:
                     different.append(name)
         return different
 
+
+
+_IN_PLACE_OPERATORS = frozenset(
+    f"__i{op}__" for op in ("add", "sub", "mul", "matmul", "truediv", "floordiv", "mod", "pow", "lshift", "rshift",
+                            "and", "or", "xor")
+) | {"__setitem__"}
+
+
+class SharedWeight(torch.Tensor):
+    """What state_dict() returns for a weight of a node's shared host store: the pages it views are
+    written only by a change of the share, and the node's other ranks map them read-only, where a
+    write would kill the process (SIGSEGV). So in-place torch ops on it, or on a view of it, raise
+    instead, and `.numpy()` gives a read-only array; anything else sees the tensor it is, and
+    torch.save writes, and copy.deepcopy makes, a plain tensor. Change the weights with
+    `load_state_dict` or `mutate`."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        outs = kwargs.get("out")
+        outs = outs if isinstance(outs, (tuple, list)) else [outs]
+        in_place = (name.endswith("_") and not name.startswith("_")) or name in _IN_PLACE_OPERATORS
+        if (in_place and args and isinstance(args[0], SharedWeight)) or any(isinstance(o, SharedWeight) for o in outs):
+            raise RuntimeError(
+                f"{name}: this tensor is a weight in a node's shared host store (enable(share=...)), which the ranks "
+                "map read-only and change only all together: change it with load_state_dict or handle.mutate on "
+                "every rank, or write into a copy (.clone())"
+            )
+        with torch._C.DisableTorchFunctionSubclass():
+            out = func(*args, **kwargs)
+            pages = {a.untyped_storage().data_ptr() for a in args if isinstance(a, SharedWeight)}
+            if name in ("numpy", "__array__"):
+                out.flags.writeable = False
+            return _keep_shared(out, pages)
+
+    def __reduce_ex__(self, protocol):
+        with torch._C.DisableTorchFunctionSubclass():
+            return self.as_subclass(torch.Tensor).__reduce_ex__(protocol)
+
+    def __deepcopy__(self, memo):
+        with torch._C.DisableTorchFunctionSubclass():
+            return copy.deepcopy(self.as_subclass(torch.Tensor), memo)  # a copy in this process's memory
+
+
+def _keep_shared(out, pages: set[int]):
+    """`out` with every tensor that views the shared pages a SharedWeight, and every other one plain."""
+    if isinstance(out, (tuple, list)):
+        items = [_keep_shared(o, pages) for o in out]
+        return items if isinstance(out, list) else tuple(items) if type(out) is tuple else type(out)(items)
+    if not isinstance(out, torch.Tensor) or out.layout != torch.strided:
+        return out
+    shared = out.untyped_storage().data_ptr() in pages
+    if shared == isinstance(out, SharedWeight):
+        return out
+    return out.as_subclass(SharedWeight if shared else torch.Tensor)
 
 
 def _pin(memory: torch.Tensor, owner, device: torch.device) -> None:

@@ -5,6 +5,7 @@ reaches the next forward."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -12,21 +13,31 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from torch.utils.hooks import RemovableHandle
 
 from . import formats
+from .share import checksum as shared_checksum
+
+if TYPE_CHECKING:
+    from .share import NodeShare
 
 
 def attach_state_dict_hooks(
-    model: nn.Module, host_views: dict[str, torch.Tensor], on_load: Callable[[], None]
+    model: nn.Module, host_views: dict[str, torch.Tensor], on_load: Callable[[], None], shared: NodeShare | None = None
 ) -> list[RemovableHandle]:
     """`host_views` maps each qualified parameter name to its value in the host store, in the
-    parameter's own format (formats.rebuild: a torchao or GGUF tensor around host views)."""
+    parameter's own format (formats.rebuild: a torchao or GGUF tensor around host views).
+
+    A load writes each module's keys once the module has loaded (its post-hook). In a node's
+    shared store (`shared`) that is a change of the share (NodeShare.change): every rank loads the
+    same values, and the node's leader writes them; so each module that holds offloaded weights
+    takes part on every rank, whether its keys are in the state dict or not. state_dict() then
+    hands out the shared pages as `SharedWeight`s, which refuse in-place writes."""
     by_owner: dict[str, dict[str, torch.Tensor]] = {}
     for name, view in host_views.items():
         owner, _, local = name.rpartition(".")
         by_owner.setdefault(owner, {})[local] = view
-    loaded: set[str] = set()
 
-    def make_hooks(entries: dict[str, torch.Tensor]):
+    def make_hooks(owner: str, entries: dict[str, torch.Tensor]):
         lent: list[tuple[torch.Tensor, torch.Tensor]] = []
+        pending: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (key, host view, value) checked, to write
 
         def save_pre(module, prefix, keep_vars):
             # torch's own save detaches each parameter first, and a wrapper subclass rebuilds itself
@@ -45,7 +56,7 @@ def attach_state_dict_hooks(
                 h.data = data
             for local, view in entries.items():
                 if prefix + local in state_dict:
-                    state_dict[prefix + local] = view
+                    state_dict[prefix + local] = view if shared is None else shared.shown(view)
 
         def load_pre(module, state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs):
             for local, view in entries.items():
@@ -59,18 +70,31 @@ def attach_state_dict_hooks(
                         f"the shape in current model is {view.shape}."
                     )
                     continue
-                problem = formats.copy_into(view, value)
+                problem = formats.mismatch(view, value)
                 if problem:
                     error_msgs.append(f"format mismatch for {key}: {problem}")
                     continue
-                loaded.add(key)
+                pending.append((key, view, value))
+
+        def write():
+            for _, view, value in pending:
+                formats.copy_into(view, value)
 
         def load_post(module, incompatible_keys):
+            loaded = {key for key, _, _ in pending}
+            try:
+                if shared is not None:
+                    digest = [(key, [shared_checksum(formats.plain(h)) for _, h in formats.holders(key, value)])
+                              for key, _, value in pending]
+                    shared.change(f"load_state_dict of {owner or 'the model'}", digest, write)
+                elif pending:
+                    write()
+            finally:
+                pending.clear()
             if not loaded:
                 return
             # The loader saw the popped keys as missing: they were loaded, into the host store.
             incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if k not in loaded]
-            loaded.clear()
             on_load()
 
         return save_pre, save, load_pre, load_post
@@ -78,7 +102,7 @@ def attach_state_dict_hooks(
     handles = []
     for owner, entries in by_owner.items():
         module = model.get_submodule(owner)
-        save_pre, save, load_pre, load_post = make_hooks(entries)
+        save_pre, save, load_pre, load_post = make_hooks(owner, entries)
         handles.append(module.register_state_dict_pre_hook(save_pre))
         handles.append(module.register_state_dict_post_hook(save))
         handles.append(module.register_load_state_dict_pre_hook(load_pre))

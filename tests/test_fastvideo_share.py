@@ -43,3 +43,14 @@ def test_ranks_with_different_weights_keep_their_own_stores(tmp_path, no_leftove
     for r in results:
         assert not r["shared"] and not r["maps_store"] and r["equal"], r
         assert any("each rank keeps its own host store" in m and "weights differ" in m for m in r["messages"]), r
+
+
+def test_lora_merge_and_unmerge_change_the_shared_store_once(tmp_path, no_leftovers):
+    """FastVideo's own LoRA pipeline at sequence parallelism 2 (set_lora_adapter, which converts and
+    merges; unmerge_lora_weights; merge_lora_weights), each block's merge inside `handle.mutate(block)`
+    on both ranks of the share, rank 1 a second late to each step: weights and outputs stay
+    bit-identical to the resident DiT merged alike in the same process (not merged once per rank)."""
+    with Ranks(tmp_path, 2, "lora", worker=WORKER) as ranks:
+        results = ranks.wait(timeout=240)
+        assert all("checks" in r for r in results), ranks.logs()
+    assert all(r["shared"] and r["layers"] == 30 and all(r["checks"].values()) for r in results), results

@@ -322,3 +322,59 @@ def test_cuda_store_is_pinned_in_place(tmp_path, pinned_blocks):
         handle.disable()
     finally:
         dist.destroy_process_group()
+
+
+def _run_change(tmp_path, n: int, mode: str, timeout: float = 120) -> list[dict]:
+    with Ranks(tmp_path, n, mode) as ranks:
+        results = ranks.wait(timeout=timeout)
+    assert all("checks" in r for r in results), ranks.logs()
+    return results
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_a_change_of_a_shared_store_is_made_once_per_node(tmp_path, n, no_leftovers):
+    """Every rank mutates (the issue's `add_(0.5)` on every block, then block by block) and loads a
+    state dict; the ranks but the leader arrive later, running forwards meanwhile. Each change is
+    written once, by the node's leader, after every rank has arrived: every forward before it sees
+    the old weights, and afterwards weights and outputs are bit-identical to a resident model
+    changed alike (not W + 1.0). The other ranks map the store read-only, and what state_dict()
+    hands out refuses writes on every rank (a write there would be SIGSEGV on a follower)."""
+    results = _run_change(tmp_path, n, "change")
+    assert all(all(r["checks"].values()) for r in results), [r["checks"] for r in results]
+    for r in results:
+        assert r["maps"] == ("rw-s" if r["rank"] == 0 else "r--s"), r
+        for how, error in r["refused"].items():
+            expected = "ValueError: assignment destination is read-only" if how == "numpy" else "RuntimeError: "
+            assert error is not None and error.startswith(expected), (how, error)
+            assert how == "numpy" or "shared host store" in error, (how, error)
+
+
+@pytest.mark.parametrize("lone", [0, 1])
+def test_a_rank_that_changes_a_shared_store_alone_gets_an_error(tmp_path, lone, no_leftovers):
+    """The leader (0) or a follower (1) mutates while the other rank does not: it raises after
+    share.CHANGE_TIMEOUT (3 s in the worker, well under the group's 60 s), its next change refuses at
+    once, and the other rank's change, made later, raises at once too; nothing was written."""
+    results = _run_change(tmp_path, 2, f"alone{lone}", timeout=50)
+    alone, late = results[lone], results[1 - lone]
+    assert alone["alone"].startswith(f"RuntimeError: share: rank {lone} gave up on mutate"), alone
+    assert "did not join it within share.CHANGE_TIMEOUT (3 s)" in alone["alone"] and 3 <= alone["alone_s"] < 10, alone
+    assert alone["again"].startswith(f"RuntimeError: share: rank {lone} gave up on mutate") and alone["again_s"] < 1
+    assert late["late"].startswith(f"RuntimeError: share: rank {1 - lone} gave up on mutate"), late
+    assert late["late_s"] < 10, late
+    assert alone["checks"]["unchanged"] and late["checks"]["unchanged"], results
+
+
+def test_ranks_whose_changes_differ_change_nothing(tmp_path, no_leftovers):
+    """Ranks that add different amounts, a rank whose change raises, ranks in different changes:
+    every rank raises, nothing is written, and the next change on which they agree goes through."""
+    results = _run_change(tmp_path, 2, "disagree")
+    assert all(all(r["checks"].values()) for r in results), [r["checks"] for r in results]
+    for r in results:
+        assert r["different"].startswith("RuntimeError: share: rank 1's mutate changes blocks.0.qkv.weight otherwise "
+                                         "than rank 0's, its node's leader"), r
+        assert r["other_change"].startswith("RuntimeError: share: rank 1 is in load_state_dict of blocks.0.norm, "
+                                            "rank 0 in mutate"), r
+    assert results[1]["failed"] == "ValueError: planned failure inside mutate"
+    assert results[0]["failed"].startswith("RuntimeError: share: rank 1 of the group failed in mutate, which every "
+                                           "rank makes together: ValueError: planned failure inside mutate; nothing "
+                                           "was changed on any rank"), results[0]
