@@ -19,7 +19,8 @@ TORCH_LIBRARY(fastvideo_offload, m) {
   // An exact-size host buffer left unfilled, for a caller that writes it (a checkpoint read into it).
   m.def("alloc_host(int nbytes, bool pinned, Device? device=None) -> Tensor");
   // Page-locks host memory someone else allocated (a node's shared mapping) in place for `device`, and back.
-  m.def("pin_host(Tensor memory, Device device) -> ()");
+  // read_only: pages mapped without write access (a node's shared store as its followers map it).
+  m.def("pin_host(Tensor memory, Device device, bool read_only=False) -> ()");
   m.def("unpin_host(Tensor memory, Device device) -> ()");
   // The engine of one model, named by a handle. Eager only: hooks call these between kernels.
   // share_staging_with: an engine of the same device whose staging buffers this one shares (the

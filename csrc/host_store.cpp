@@ -99,14 +99,14 @@ void check_pinnable(const at::Tensor& memory, const char* op) {
 
 }  // namespace
 
-void pin_host(const at::Tensor& memory, c10::Device device) {
+void pin_host(const at::Tensor& memory, c10::Device device, bool read_only) {
   TORCH_CHECK_VALUE(device.is_cuda(), "pin_host: pinned host memory is for a CUDA device, got ", device);
   check_pinnable(memory, "pin_host");
   if (memory.nbytes() == 0) {
     return;  // the runtime refuses an empty range; there is nothing to pin
   }
 #ifdef FVO_WITH_CUDA
-  cuda::host_register(memory.data_ptr(), memory.nbytes(), device.has_index() ? device.index() : -1);
+  cuda::host_register(memory.data_ptr(), memory.nbytes(), device.has_index() ? device.index() : -1, read_only);
 #endif
 }
 

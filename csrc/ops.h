@@ -17,7 +17,7 @@ at::Tensor pack_cpu(at::TensorList tensors, at::IntArrayRef offsets, int64_t nby
                     std::optional<c10::Device> device);
 // An uninitialized buffer, page-aligned or pinned for CUDA `device` (declared in host_store.h too).
 at::Tensor alloc_host(int64_t nbytes, bool pinned, std::optional<c10::Device> device);
-void pin_host(const at::Tensor& memory, c10::Device device);
+void pin_host(const at::Tensor& memory, c10::Device device, bool read_only);
 void unpin_host(const at::Tensor& memory, c10::Device device);
 #ifdef FVO_WITH_CUDA
 // cuda/pack.cpp

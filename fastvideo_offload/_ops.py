@@ -54,10 +54,11 @@ def _alloc_host_fake(nbytes, pinned, device=None):
     return torch.empty(nbytes, dtype=torch.uint8, device="cpu")
 
 
-def pin_host(memory: torch.Tensor, device: torch.device) -> None:
+def pin_host(memory: torch.Tensor, device: torch.device, read_only: bool = False) -> None:
     """Page-locks `memory` (a contiguous CPU tensor someone else allocated) in place for the CUDA
-    `device`'s copies; out of memory raises torch.OutOfMemoryError."""
-    _ops.pin_host.default(memory, device)
+    `device`'s copies (`read_only`: pages mapped without write access); out of memory raises
+    torch.OutOfMemoryError, registration the driver does not support NotImplementedError."""
+    _ops.pin_host.default(memory, device, read_only)
 
 
 def unpin_host(memory: torch.Tensor, device: torch.device) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import datetime
-import logging
 import mmap
 import os
 import socket
@@ -34,7 +33,6 @@ from . import _ops, formats
 from .sources import LiveWeights
 from .store import BlockStore, span
 
-logger = logging.getLogger("fastvideo_offload")
 
 #: The memfd is named MEMFD_NAME:<leader pid> (seen in /proc/*/maps and /proc/*/fd).
 MEMFD_NAME = "fastvideo_offload-share"
@@ -116,22 +114,16 @@ class NodeShare:
 
     def host_stores(self, blocks, pin, device: torch.device | None):
         # Collective, and run at this call, not at the first store asked for: a rank with no block
-        # still takes every step. Then the leader pins (registers) the blocks within its own pin
-        # budget and stages the others. The other ranks map the pages read-only, which
-        # cudaHostRegister refuses without cudaHostRegisterReadOnly (not used by the extension):
-        # on CUDA they stage every block from the shared pages.
+        # still takes every step. Then each rank pins (registers) the blocks within its own pin
+        # budget, the other ranks their read-only mapping of them, and stages the others.
         region = self.region(blocks)
-        me = dist.get_rank(self.group)
-        staged = device is not None and self._leaders[me] != me
-        if staged and blocks:
-            logger.info("share: rank %d stages its blocks from the node's shared pages, which it maps read-only", me)
 
         def stores():
             for index, (names, params) in enumerate(blocks):
                 def make(pinned):
                     return region.store(index, names, params, self if pinned else None, device)
 
-                store = pin.alloc(False, make) if staged else pin.store(BlockStore.nbytes(params), make)
+                store = pin.store(BlockStore.nbytes(params), make)
                 self.source.adopt(store)
                 yield store
 
@@ -340,6 +332,7 @@ class SharedRegion:
     def __init__(self, offsets: list[int], sizes: list[int]):
         self.offsets, self.sizes = offsets, sizes
         self._fd: int | None = None
+        self._writable = True  # the leader's mapping; the other ranks' is read-only
         self._map: mmap.mmap | None = None
         self._base: torch.Tensor | None = None
 
@@ -374,6 +367,7 @@ class SharedRegion:
         self._mmap_fd(os.fstat(self._fd).st_size, writable=False)
 
     def _mmap_fd(self, size: int, writable: bool = True) -> None:
+        self._writable = writable
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
         self._map = mmap.mmap(self._fd, size, mmap.MAP_SHARED, prot)
         # Through a memoryview, which holds an export of the mapping: close() then refuses
@@ -407,7 +401,7 @@ class SharedRegion:
         off = self.offsets[index]
         memory = self._base[off : off + self.sizes[index]]
         if owner is not None and memory.numel():
-            _pin(memory, owner, device)
+            _pin(memory, owner, device, read_only=not self._writable)
         return BlockStore.over(names, params, memory)
 
     def fill(self, source, blocks) -> None:
@@ -483,11 +477,11 @@ def _keep_shared(out, pages: set[int]):
     return out.as_subclass(SharedWeight if shared else torch.Tensor)
 
 
-def _pin(memory: torch.Tensor, owner, device: torch.device) -> None:
+def _pin(memory: torch.Tensor, owner, device: torch.device, read_only: bool) -> None:
     """Page-locks `memory` (a block's pages of the mapping) in place for `device`'s copies, until
     `owner` goes. Out of memory raises torch.OutOfMemoryError, which the pin budget's fall-back
     turns into staging. The finalizer holds `memory`, so the pages stay mapped until unlocked."""
-    _ops.pin_host(memory, device)
+    _ops.pin_host(memory, device, read_only)
     weakref.finalize(owner, _unpin, memory, device)
 
 

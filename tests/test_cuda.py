@@ -272,7 +272,7 @@ def test_pinning_the_driver_refuses_falls_back_to_staging(tmp_path, monkeypatch)
     """cudaHostRegister unsupported (a sandbox, a driver) on a node's shared store: staged, exact."""
     import torch.distributed as dist
 
-    def unsupported(memory, device):
+    def unsupported(memory, device, read_only=False):
         raise NotImplementedError("cudaHostRegister of 4096 bytes failed: operation not supported")
 
     monkeypatch.setattr(_ops, "pin_host", unsupported)
@@ -289,6 +289,29 @@ def test_pinning_the_driver_refuses_falls_back_to_staging(tmp_path, monkeypatch)
         handle.disable()
     finally:
         dist.destroy_process_group()
+
+
+def test_read_only_pages_are_registered_in_place():
+    """A node's followers map the shared store read-only: their pages are registered with
+    cudaHostRegisterReadOnly and copied from in place."""
+    import mmap
+
+    fd = os.memfd_create("fastvideo_offload-test")
+    try:
+        data = torch.arange(1 << 20, dtype=torch.int32)
+        os.write(fd, data.numpy().tobytes())
+        pages = mmap.mmap(fd, data.numel() * 4, mmap.MAP_SHARED, mmap.PROT_READ)
+        with pytest.warns(UserWarning, match="not writable"):
+            memory = torch.frombuffer(memoryview(pages), dtype=torch.uint8)
+        _ops.pin_host(memory, torch.device("cuda"), read_only=True)
+        try:
+            copied = memory.to("cuda", non_blocking=True).view(torch.int32)
+            assert torch.equal(copied.cpu(), data)
+        finally:
+            torch.cuda.synchronize()
+            _ops.unpin_host(memory, torch.device("cuda"))
+    finally:
+        os.close(fd)
 
 
 def test_trim_gives_the_slots_back():

@@ -50,10 +50,11 @@ void pinned_free(void* ptr, c10::DeviceIndex device) noexcept {
   on_device_noexcept(device, [&] { C10_CUDA_CHECK_WARN(cudaFreeHost(ptr)); });
 }
 
-void host_register(void* ptr, size_t nbytes, c10::DeviceIndex device) {
+void host_register(void* ptr, size_t nbytes, c10::DeviceIndex device, bool read_only) {
   c10::cuda::OptionalCUDAGuard guard;
   enter_device(guard, device);
-  const cudaError_t err = cudaHostRegister(ptr, nbytes, cudaHostRegisterDefault);
+  const cudaError_t err =
+      cudaHostRegister(ptr, nbytes, read_only ? cudaHostRegisterReadOnly : cudaHostRegisterDefault);
   if (err != cudaSuccess) {
     // Not a sticky error, but left as the last error the next kernel launch check would report it.
     (void)cudaGetLastError();

@@ -15,7 +15,8 @@ void pinned_free(void* ptr, c10::DeviceIndex device) noexcept;
 // Page-locks memory someone else allocated (a shared mapping), in place, for `device`'s copies.
 // Out of memory raises torch.OutOfMemoryError, any other failure (registration not supported by
 // the driver or sandbox) NotImplementedError; the runtime's error is cleared either way.
-void host_register(void* ptr, size_t nbytes, c10::DeviceIndex device);
+// `read_only`: the pages are mapped without write access, which cudaHostRegister refuses unless told.
+void host_register(void* ptr, size_t nbytes, c10::DeviceIndex device, bool read_only);
 void host_unregister(void* ptr, c10::DeviceIndex device) noexcept;
 
 }  // namespace fastvideo_offload::cuda
