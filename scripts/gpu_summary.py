@@ -156,6 +156,9 @@ def main(argv=None) -> int:
     units = slowest_units("build", since) if since is not None else []
     lines.append("build: " + ("slowest units " + ", ".join(f"{u} {s:.0f} s" for u, s in units) if units
                               else "no compile units recorded by this run"))
+    if any(row[0] == "build" and row[3] not in ("ok",) and not row[3].startswith("skipped") for row in table):
+        errors = [line for line in _lines(os.path.join(args.out, "build.log")) if "error" in line.lower()]
+        lines += [f"  {line.strip()}" for line in errors[:3]] or ["  (no line of build.log names an error)"]
     lines.append("correctness")
     lines += correctness(args.out)
     lines.append("tests")

@@ -250,7 +250,13 @@ def supervise(args, pytest_args: list[str], log) -> int:
     for nodeid, outcome, message in bad:
         say(f"{outcome.upper():<8} {nodeid} - {message}")
     if not run.outcomes:
-        say(f"no test ran: pytest's own output is in {args.log}")
+        # Nothing ran (a collection error, an empty selection): pytest's last words say why.
+        log.flush()
+        with open(args.log) as f:
+            tail = f.read().splitlines()[-12:]
+        say(f"no test ran; the end of pytest's output ({args.log}):")
+        for line in tail:
+            say(f"  | {line}")
     return 1 if bad or not_run or not run.outcomes else 0
 
 

@@ -108,7 +108,7 @@ def test_the_deadline_and_a_sigint_stop_pytest_and_still_summarize(tmp_path):
 def test_a_selection_that_runs_nothing_fails(tmp_path):
     proc, _ = supervise(tmp_path, tests="def test_a():\n    pass\n", pytest_args=("-m", "cuda"))
     out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 1 and "no test ran" in out
+    assert proc.returncode == 1 and "no test ran; the end of pytest's output" in out and "1 deselected" in out, out
 
 
 def test_the_gpu_selection_is_the_marked_tests_outside_test_cuda(monkeypatch):
@@ -144,7 +144,9 @@ def test_the_summary_shows_what_went_wrong_and_counts_the_files(tmp_path):
     out, state = tmp_path / "out", tmp_path / "state"
     out.mkdir()
     state.mkdir()
-    (state / "parts.tsv").write_text("probe\t20\t9\tok\ncorrectness\t40\t12\tFAILED (exit 1)\nsummary\t5\t-\tok\n")
+    (state / "parts.tsv").write_text("probe\t20\t9\tok\nbuild\t120\t31\tFAILED (exit 1)\n"
+                                     "correctness\t40\t12\tFAILED (exit 1)\nsummary\t5\t-\tok\n")
+    (out / "build.log").write_text("[1/9] c++ engine.cpp\ncsrc/engine.cpp:3:10: fatal error: x.h: No such file\n")
     (out / "correctness.txt").write_text(
         "correctness on cuda: 8 blocks ...\n"
         "prefetch 0                                         EXACT  (0.4 s)\n"
@@ -163,7 +165,8 @@ def test_the_summary_shows_what_went_wrong_and_counts_the_files(tmp_path):
     assert "MISMATCH max|diff| 3.052e-05" in text and "bytes copied per step [4, 9, 2]" in text
     assert "CUDA tests: 1 passed, 1 failed" in text and "FAILED   tests/test_cuda.py::test_x" in text
     assert "correctness     40    12  FAILED (exit 1)" in text and "(no bench.json" in text
-    for i in range(6):  # with the three above, 9 files: more than a device call brings back
+    assert "  csrc/engine.cpp:3:10: fatal error: x.h: No such file" in text
+    for i in range(5):  # with the four above, 9 files: more than a device call brings back
         (out / f"extra{i}").write_text("")
     proc = subprocess.run(summary, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and "PROBLEM: 9 files under" in proc.stdout
