@@ -33,7 +33,8 @@
 # call: the probe (its CUDA calls report their errors), the correctness script (on the asynchronous
 # CPU device), both test selections (their tests skip without a GPU), the bench and the summary.
 # Setup and the CUDA build are reported as skipped. The limits are 3x (a shared CPU proves code
-# paths, not speed) and torch runs one thread; about 45 s of CPU time.
+# paths, not speed) and torch runs one thread: 31 s on a quiet 2-core VM (30 s of CPU), 150-180 s
+# while other work loaded it to 10-15.
 # Usage: scripts/gpu_check.sh [--dry-run] [OUTPUT_DIR]     scripts/gpu_check.sh --limits
 set -uo pipefail
 
