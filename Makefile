@@ -12,7 +12,7 @@ PIP := $(PY) -m pip
 SOURCES := $(shell find csrc fastvideo_offload -name '*.cpp' -o -name '*.cu' -o -name '*.h') setup.py pyproject.toml
 BENCH_ARGS ?=
 
-.PHONY: bench test sanitize tsan wheel gpu-wheels clean
+.PHONY: bench test sanitize tsan wheel gpu-check-dry gpu-wheels clean
 
 $(VENV)/.torch:
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,11 @@ tsan: $(VENV)/.built
 # The wheel a user's `pip install --no-build-isolation .` builds, installed alone and imported.
 wheel: $(VENV)/.built
 	scripts/check_wheel.sh $(PY)
+
+# scripts/gpu_check.sh as a CPU dry run (CI): every Python file of the GPU call runs, on the CPU
+# device, so that the first GPU call cannot fail on a typo or a missing file.
+gpu-check-dry: $(VENV)/.built
+	PYTHON=$(abspath $(PY)) scripts/gpu_check.sh --dry-run build/gpu-check-dry
 
 # The packages a GPU machine (no network; torch, transformers, accelerate already there) lacks for
 # the FastVideo and diffusers modes and tests: pure-Python wheels in .whl/, which scripts/gpu_*.sh

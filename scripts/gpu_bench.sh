@@ -5,19 +5,14 @@
 # card's 20 GiB) before the peers, so that the time limit cuts the peers first. Builds first.
 # Writes bench.json, bench.txt (table and verdicts, rewritten after every mode), bench.log and
 # bench.png under OUTPUT_DIR.
-# Estimated on an H100 (no GPU has run it yet): setup ~15 s, build ~90-120 s (limit 120 s),
-# bench limit 420 s, starting nothing after 300 s; under 9.5 minutes. Give the device call
-# timeout_s=600, and run it only with that much device time left after gpu_check.sh.
+# Limits: setup 10 s, build 120 s, bench 420 s (starting nothing after 300 s); under 9.5 minutes.
+# Give the device call timeout_s=600, and run it only with that much device time left after
+# gpu_check.sh. No GPU has run it yet.
 # Usage: scripts/gpu_bench.sh [OUTPUT_DIR]
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 
-start=$(date +%s)
-timeout 420 $py -m fastvideo_offload bench --layers "${LAYERS:-40}" --steps "${STEPS:-3}" --warmup 1 \
-  --time-limit "${BENCH_TIME_LIMIT:-300}" --json "$out/bench.json" --table "$out/bench.txt" \
-  --plot "$out/bench.png" > "$out/bench.log" 2>&1
-bench=$?
-[ "$bench" = 0 ] || tail -20 "$out/bench.log"
-cat "$out/bench.txt" 2>/dev/null
-took "bench (exit $bench)" "$start"
-exit "$bench"
+setup_part 10
+build_part 120 || exit 1
+part bench 420 /dev/null bench_part --layers "${LAYERS:-40}" --steps "${STEPS:-3}" --warmup 1 \
+  --time-limit "${BENCH_TIME_LIMIT:-300}" --json "$out/bench.json" --table "$out/bench.txt" --plot "$out/bench.png"

@@ -6,7 +6,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+def requires_cuda(test):
+    """A test that needs a CUDA GPU: skipped without one, and marked `cuda`, by which
+    scripts/gpu_check.sh selects the GPU tests outside tests/test_cuda.py (CI runs the rest)."""
+    return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(test))
 
 
 @pytest.fixture(autouse=True)

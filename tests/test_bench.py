@@ -12,6 +12,8 @@ from dataclasses import replace
 import pytest
 import torch
 
+import fastvideo_offload as fo
+from conftest import integration
 from fastvideo_offload.bench import modes, overlap, report, run
 from fastvideo_offload.bench.model import CPU_SMALL, build, weight_bytes
 from fastvideo_offload.planner import plan, spread
@@ -251,3 +253,63 @@ def test_help_lists_every_mode(capsys):
         run.parse_args(["--help"])
     assert exit_.value.code == 0
     assert "ours budget 25%" in capsys.readouterr().out
+
+
+NARROW = replace(CPU_SMALL, dim=64, heads=1, ffn=64, text_dim=64)
+
+
+def test_each_scenario_builds_its_model_once_and_every_row_stays_exact(monkeypatch):
+    """A scenario's model is built once: this engine's modes take it and give it back to host
+    memory, the others (the resident reference, accelerate's offload) run on a view of it. Every
+    row's output matches the resident one's, which a model given back changed would not, and no row
+    counts the reused model's memory as retained by offloading."""
+    integration("accelerate")
+    bench_run = importlib.import_module("fastvideo_offload.bench.run")
+    built = []
+    real_build = bench_run.build
+    monkeypatch.setattr(bench_run, "build", lambda *args, **kwargs: built.append(args) or real_build(*args, **kwargs))
+    monkeypatch.setattr(bench_run, "CPU_SMALL", NARROW)
+    ours = ["ours p1", "ours p2", "ours budget 50%", modes.STAGED]  # in all_modes() order
+    results = bench_run.main([*TINY, "--layers", "5", "--device", "cpu", "--sections", "main,short_clip",
+                              "--modes", ",".join(["resident", *ours, "accelerate"])])
+    scenarios = [args for args in built if args[0] == replace(NARROW, layers=5)]  # not the packing section's block
+    assert len(scenarios) == 3  # main's pass of ours, its pass of the peers, the short clip
+    for section, names in (("main", ["resident", *ours, "resident after ours", "accelerate", "resident after peers"]),
+                           ("short_clip", ["resident", *ours, "resident after ours"])):
+        rows = results[section]["modes"]
+        assert list(rows) == names
+        assert all(rows[name]["bit_identical"] is True for name in names), {n: rows[n].get("skipped") for n in names}
+        assert all(rows[name]["engine"]["retained_bytes"] == 0 for name in ours)
+    assert results["main"]["modes"][modes.STAGED]["engine"]["staged_blocks"] == 2
+
+
+def test_a_view_is_moved_and_hooked_without_touching_the_model():
+    accelerate = integration("accelerate")
+    model = build(replace(NARROW, layers=2), torch.float32)
+    before = {name: (t.clone(), t.data_ptr()) for name, t in model.state_dict().items()}
+    view = modes.view(model)
+    pairs = list(zip(view.parameters(), model.parameters())) + list(zip(view.buffers(), model.buffers()))
+    assert all(a is not b and a.data_ptr() == b.data_ptr() for a, b in pairs)  # no byte copied
+    view.to(torch.float64)  # swaps each parameter's data, as a resident mode's .to(device) does
+    accelerate.cpu_offload(view, execution_device=torch.device("cpu"))  # parameters to meta, hooks
+    assert all(t.dtype == torch.float32 and t.device.type == "cpu" for t in model.state_dict().values())
+    assert all(torch.equal(t, before[n][0]) and t.data_ptr() == before[n][1] for n, t in model.state_dict().items())
+    assert not hasattr(model, "_hf_hook") and all(not hasattr(m, "_hf_hook") for m in model.modules())
+
+
+@pytest.mark.parametrize("name", [modes.STREAM_ALL, modes.STAGED, "ours budget 50%"])
+def test_this_engines_modes_give_the_model_back_as_it_was(name):
+    mode = {m.name: m for m in modes.all_modes()}[name]
+    model = build(replace(NARROW, layers=5), torch.float32)
+    before = {n: (t.clone(), t.stride()) for n, t in model.state_dict().items()}
+    x = torch.randn(1, 4, NARROW.in_channels * 4), torch.full((1,), 500.0), torch.randn(1, NARROW.text_len, 64)
+    with torch.inference_mode():
+        expected = model(*x)
+        for _ in range(2):  # given back, the model can be taken again
+            mode.prepare(model, torch.device("cpu"))
+            assert torch.equal(model(*x), expected)
+            mode.release(model)
+            assert fo.handle_of(model) is None
+            after = model.state_dict()
+            assert list(after) == list(before)
+            assert all(torch.equal(t, before[n][0]) and t.stride() == before[n][1] for n, t in after.items())

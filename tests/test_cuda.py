@@ -17,7 +17,7 @@ from fastvideo_offload import _ops
 from models import TinyDiT, tiny_input
 from snapshot import assert_unchanged, snapshot
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
 @pytest.fixture(autouse=True)

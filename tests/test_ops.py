@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import fastvideo_offload  # noqa: F401  (registers the ops)
+from conftest import requires_cuda
 from fastvideo_offload import _ops
 
 ops = torch.ops.fastvideo_offload
@@ -242,7 +243,7 @@ def test_opcheck_pack():
     torch.library.opcheck(ops.pack.default, (tensors, offsets, total, False, torch.device("cpu")))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@requires_cuda
 def test_opcheck_pack_cuda():
     tensors = [torch.randn(3, 5, device="cuda"), torch.randn(4, dtype=torch.bfloat16, device="cuda")]
     offsets, total = _ops.layout(tensors)

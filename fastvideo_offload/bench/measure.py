@@ -44,15 +44,15 @@ def free_memory(device: torch.device) -> None:
 
 def run_mode(
     mode: Mode,
-    make_model: Callable[[], nn.Module],
+    model: nn.Module,
     make_inputs: Callable[[int], tuple],
     device: torch.device,
     warmup: int,
     steps: int,
     on_step: Callable[[], None],
-) -> tuple[dict, torch.Tensor, nn.Module]:
-    """Runs `warmup + steps` denoising steps (one forward each) and measures the timed ones."""
-    model = make_model()
+) -> tuple[dict, torch.Tensor]:
+    """Readies `model` (in host memory) the mode's way, runs `warmup + steps` denoising steps (one
+    forward each) and measures the timed ones."""
     sizes = block_sizes(model)  # before enable: it swaps the parameters' data
     pinned_before = _pinned_host_bytes(device)
     free_memory(device)
@@ -86,7 +86,7 @@ def run_mode(
         result["layout"] = layout(sizes, stats_after)
     if budget is not None:
         result["device_budget"] = budget
-    return result, output.float().cpu(), model
+    return result, output.float().cpu()
 
 
 def layout(sizes: list[int], stats: dict) -> dict:

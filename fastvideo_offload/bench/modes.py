@@ -1,12 +1,17 @@
 """The ways of running one model that the benchmark puts side by side.
 
-Every mode starts from the same model, built fresh on the CPU, and leaves it ready to run on
-the device. Peers' offloaders are used when their packages are installed, set up as their
-documentation recommends for speed.
+Every mode starts from the same model in host memory, built once per scenario, and leaves it
+ready to run on the device. This engine's modes take that model itself (its host tensors become
+the host store: a second reference to them would be counted as memory offloading could not free)
+and hand it back to host memory afterwards (`release`); the others get a view of it (`view`), new
+parameter objects over the same host tensors, which they move or hook as they like. Peers'
+offloaders are used when their packages are installed, set up as their documentation recommends
+for speed.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 from collections.abc import Callable
@@ -35,6 +40,8 @@ class Mode:
     prepare: Callable[[nn.Module, torch.device], int | str | None]
     #: why this mode cannot run here, or None
     unavailable: Callable[[torch.device], str | None] = lambda device: None
+    #: for a mode that takes the scenario's model itself: puts it back in host memory as it was
+    release: Callable[[nn.Module], None] | None = None
 
 
 def _needs(package: str, cuda: bool = False):
@@ -46,6 +53,25 @@ def _needs(package: str, cuda: bool = False):
         return None
 
     return check
+
+
+def view(model: nn.Module) -> nn.Module:
+    """`model`'s modules again, with new parameter and buffer objects over the same host tensors:
+    moving or swapping them (`.to(device)`, a peer's hooks) leaves `model` as it was, and no byte is
+    copied. Nothing may write into them in place (a forward in inference mode does not)."""
+    memo = {}
+    for t in (*model.parameters(), *model.buffers()):
+        memo[id(t)] = nn.Parameter(t.detach(), requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else t.detach()
+    return copy.deepcopy(model, memo)
+
+
+def _give_back(model: nn.Module) -> None:
+    """After one of this engine's modes: the blocks' weights from the host store into host memory
+    (bit-exact, the store freed), the other weights and buffers back from the device."""
+    handle = offloader.handle_of(model)
+    if handle is not None:
+        handle.disable(device="cpu")
+    model.cpu()
 
 
 def _resident(model, device):
@@ -200,14 +226,14 @@ def _accelerate(model, device):
 def all_modes() -> list[Mode]:
     return [
         Mode("resident", _resident),
-        Mode("ours p1", _ours(1)),
-        Mode("ours p2", _ours(2)),
-        Mode("ours p1 async", _ours_async(1), _cpu_only),
+        Mode("ours p1", _ours(1), release=_give_back),
+        Mode("ours p2", _ours(2), release=_give_back),
+        Mode("ours p1 async", _ours_async(1), _cpu_only, _give_back),
         *(Mode(f"ours budget {share:.0%}", _ours_budget(lambda model, slots, s=share: share_budget(model, s, slots)),
-               _cpu_budget) for share in CPU_BUDGET_SHARES),
-        Mode(STAGED, _ours_pinned(PINNED_BLOCKS)),
-        Mode("ours budget auto", _ours_budget(lambda model, slots: "auto"), _gpu_only),
-        Mode("ours budget 24 GB card", _ours_budget(lambda model, slots: CARD_24GB_BUDGET), _gpu_only),
+               _cpu_budget, _give_back) for share in CPU_BUDGET_SHARES),
+        Mode(STAGED, _ours_pinned(PINNED_BLOCKS), release=_give_back),
+        Mode("ours budget auto", _ours_budget(lambda model, slots: "auto"), _gpu_only, _give_back),
+        Mode("ours budget 24 GB card", _ours_budget(lambda model, slots: CARD_24GB_BUDGET), _gpu_only, _give_back),
         Mode("fastvideo", _fastvideo, _needs("fastvideo", cuda=True)),
         Mode("diffusers group", _diffusers, _needs("diffusers")),
         Mode("accelerate", _accelerate, _needs("accelerate")),

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from .. import offloader
 from . import load, measure, node, overlap, report, targets
 from .model import CPU_SMALL, WAN_14B, IdleBlocks, WanShape, build, inputs, weight_bytes
-from .modes import STAGED, STREAM_ALL, Mode, all_modes
+from .modes import STAGED, STREAM_ALL, Mode, all_modes, view
 
 #: Many small Wan blocks with idle forwards: what is left of a step is the offloader's hooks.
 HOOK_SHAPE = WanShape(dim=16, heads=1, ffn=16, layers=64)
@@ -208,10 +208,12 @@ def _inputs(shape: WanShape, tokens: int, dtype: torch.dtype, device: torch.devi
 
 def scenario(bench: Bench, name: str, shape, dtype, device, modes: list[Mode], tokens: int,
              timeline: bool = False, rerun: Mode | None = None, after: str = "", **about) -> dict:
-    """Runs `modes` one after another on fresh copies of the model, adding a row each to the
+    """Runs `modes` one after another on one model, built here once, adding a row each to the
     section `name` (a later call adds more rows to the same section); then, when an offloaded
-    mode that can run here was among them, `rerun` (the resident reference) again as the row "resident after
-    `after`"."""
+    mode that can run here was among them, `rerun` (the resident reference) again as the row
+    "resident after `after`". A mode of this engine takes the model and gives it back to host
+    memory (Mode.release); the others run on a view of it (modes.view). Every row's output is
+    compared with the resident one's, so a model that came back changed shows as not bit-identical."""
     section = bench.results.get(name, {})
     if "modes" not in section:  # a first pass's failure, if any, stays on record
         section = bench.results[name] = {**section, "tokens": tokens, **about, "modes": {}}
@@ -222,46 +224,65 @@ def scenario(bench: Bench, name: str, shape, dtype, device, modes: list[Mode], t
     runs = [(mode.name, mode) for mode in modes]
     if rerun is not None and any(m.name != RESIDENT and m.unavailable(device) is None for m in modes):
         runs.append((f"{RESIDENT} after {after}", rerun))
+    host = None
     for row_name, mode in runs:
         reason = "time limit" if bench.out_of_time() else mode.unavailable(device)
         if reason:
             rows[row_name] = {"skipped": reason}
             bench.bar.update(steps)
             continue
+        if host is None:
+            host = make_model()
+        model = host if mode.release else view(host)
         try:
-            row, output, model = measure.run_mode(
-                mode, make_model, make_inputs, device, bench.args.warmup, bench.args.steps,
+            row, output = measure.run_mode(
+                mode, model, make_inputs, device, bench.args.warmup, bench.args.steps,
                 lambda: bench.bar.update(1),
             )
+            if row_name == RESIDENT:
+                bench.references[name] = output
+            reference = bench.references.get(name)
+            row["bit_identical"] = None if reference is None else bool(torch.equal(output, reference))
+            if timeline and row_name in (STREAM_ALL, STAGED):
+                _timeline(row, row_name, model, make_inputs, device)
+            rows[row_name] = row
         except torch.OutOfMemoryError:
             rows[row_name] = {"skipped": "out of device memory"}
-            measure.free_memory(device)
-            continue
         except Exception as exc:  # noqa: BLE001  (a peer's offloader failing must not stop ours)
             logger.exception("bench: mode %s failed", row_name)
             rows[row_name] = {"skipped": f"failed: {type(exc).__name__}: {exc}"[:300]}
+        finally:
+            del model
+            if mode.release:
+                host = _released(mode, host)
             measure.free_memory(device)
-            continue
-        if row_name == RESIDENT:
-            bench.references[name] = output
-        reference = bench.references.get(name)
-        row["bit_identical"] = None if reference is None else bool(torch.equal(output, reference))
-        if timeline and row_name in (STREAM_ALL, STAGED):
-            try:
-                with torch.inference_mode():
-                    row["timeline"] = measure.engine_timeline(model, make_inputs(0), device)
-            except Exception as exc:  # noqa: BLE001  (a picture, not a measurement: the row stands without it)
-                logger.exception("bench: the timeline of %s failed", row_name)
-                row["timeline_failed"] = f"{type(exc).__name__}: {exc}"[:300]
-            else:
-                share = overlap.staging_overlap(row["timeline"])
-                if share is not None:
-                    row["staging_overlap"] = share
-        rows[row_name] = row
-        del model, output
         _overheads(section)
         bench.save()
     return section
+
+
+def _released(mode: Mode, host):
+    """The scenario's model back in host memory after `mode` took it, or None (built again for
+    the next mode) if it could not be given back."""
+    try:
+        mode.release(host)
+        return host
+    except Exception:  # noqa: BLE001
+        logger.exception("bench: giving the model back after %s failed; the next mode builds it again", mode.name)
+        return None
+
+
+def _timeline(row: dict, row_name: str, model, make_inputs, device) -> None:
+    try:
+        with torch.inference_mode():
+            row["timeline"] = measure.engine_timeline(model, make_inputs(0), device)
+    except Exception as exc:  # noqa: BLE001  (a picture, not a measurement: the row stands without it)
+        logger.exception("bench: the timeline of %s failed", row_name)
+        row["timeline_failed"] = f"{type(exc).__name__}: {exc}"[:300]
+    else:
+        share = overlap.staging_overlap(row["timeline"])
+        if share is not None:
+            row["staging_overlap"] = share
 
 
 def _overheads(section: dict) -> None:
