@@ -166,6 +166,20 @@ class TiedBlocks(nn.Module):
         return self.head(x)
 
 
+class TiedInsideBlock(nn.Module):
+    """Two submodules of one block share a weight (a down and an up projection tied together)."""
+
+    def __init__(self, dim: int = 32):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.down = nn.Linear(dim, dim)
+        self.up = nn.Linear(dim, dim)
+        self.up.weight = self.down.weight
+
+    def forward(self, x):
+        return x + self.up(F.gelu(self.down(self.norm(x))))
+
+
 def tiny_input(batch: int = 2, tokens: int = 6, dtype=torch.float32) -> torch.Tensor:
     return torch.randn(batch, tokens, 8, dtype=dtype)
 
