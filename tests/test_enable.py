@@ -4,6 +4,7 @@ without offload."""
 import contextlib
 import copy
 import io
+import weakref
 
 import pytest
 import torch
@@ -570,6 +571,56 @@ def test_autocast_keeps_no_copy_of_the_blocks_and_sees_changes(prefetch):
     with torch.no_grad(), _bf16_autocast():
         # A fresh region for the reference: its own cache would hold the old weight.
         assert torch.equal(changed, reference(x)) and not torch.equal(changed, expected)
+
+
+class _CastRefs(TorchDispatchMode):
+    """Weak references to autocast's bf16 copies of parameters (a parameter requires grad, an
+    activation under no_grad does not), filed under the block running when each was made."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = None
+        self.refs: dict[int | None, list[weakref.ref]] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == torch.bfloat16 and args[0].requires_grad:
+            self.refs.setdefault(self.block, []).append(weakref.ref(out))
+        return out
+
+    def alive(self, block) -> int:
+        return sum(ref() is not None for ref in self.refs.get(block, []))
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_autocast_copies_of_a_block_die_with_it(prefetch):
+    """Seen from inside each block: the bf16 copies autocast cached for the blocks before it are
+    gone (each post-hook drops its block's), not kept to the end of the forward, while the running
+    block's own copies are alive until its post-hook."""
+    model = TinyDiT()
+    reference = copy.deepcopy(model)
+    fo.enable(model, device="cpu", prefetch=prefetch)
+    casts, seen, own = _CastRefs(), [], []
+    weights = sum(1 for _ in model.blocks[0].parameters()) - 2  # all but the LayerNorm's, which stays fp32
+
+    def leaving(i):
+        own.append(casts.alive(i))
+        casts.block = None  # the head's copies are no block's
+
+    for i, block in enumerate(model.blocks):
+        block.register_forward_pre_hook(lambda m, a, i=i: setattr(casts, "block", i))
+        # Prepended: runs before offload's post-hook, which drops the copies.
+        block.register_forward_hook(lambda m, a, o, i=i: leaving(i), prepend=True)
+        block.probe = lambda b, i=i: seen.append([casts.alive(j) for j in range(i)])
+    x = tiny_input()
+    with torch.no_grad(), _bf16_autocast(), casts:
+        got = model(x)
+    with torch.no_grad(), _bf16_autocast():
+        assert torch.equal(got, reference(x))
+    assert own == [weights] * len(model.blocks)
+    assert all(len(casts.refs[i]) == weights for i in range(len(model.blocks)))
+    assert seen == [[0] * i for i in range(len(model.blocks))]
 
 
 def test_autocast_copy_made_outside_a_block_is_not_used():
