@@ -307,19 +307,23 @@ int Engine::claim_home(const Block& blk, bool required) {
 int Engine::claim_slot(const std::vector<int64_t>& keep, bool required) {
   make_slots();
   // Cheapest first: an allocated empty slot, then the least recently used allocated slot whose
-  // block is neither running nor about to run, and only then memory not allocated yet.
+  // block is neither running nor about to run, then memory not allocated yet. A block that must
+  // run takes, last, the slot of one only about to run (copied again when it runs): with a block
+  // run inside another's forward, those may hold every slot that no running block holds.
   int best = -1;
   auto rank = [&](int s) {
     const Slot& slot = slots_[s];
     if (!slot.buffer.defined()) {
       return 2;
     }
-    return slot.block < 0 ? 0 : 1;
+    if (slot.block < 0) {
+      return 0;
+    }
+    return std::find(keep.begin(), keep.end(), slot.block) != keep.end() ? 3 : 1;
   };
   for (int s = 0; s < ring_; ++s) {
     const Slot& slot = slots_[s];
-    if (slot.block >= 0 &&
-        (blocks_[slot.block].held || std::find(keep.begin(), keep.end(), slot.block) != keep.end())) {
+    if ((slot.block >= 0 && blocks_[slot.block].held) || (!required && rank(s) == 3)) {
       continue;
     }
     if (best < 0 || rank(s) < rank(best) || (rank(s) == rank(best) && slot.last_use < slots_[best].last_use)) {
@@ -407,8 +411,8 @@ void Engine::enter(int64_t block) {
   if (blk.nbytes > 0) {
     if (blk.slot < 0) {
       const int s = blk.home >= 0 ? claim_home(blk, /*required=*/true) : claim_slot(keep, /*required=*/true);
-      TORCH_CHECK(s >= 0, "enter: all ", slots_.size(), " device slots hold running blocks; block ", block,
-                  " cannot run inside another offloaded block");
+      TORCH_CHECK(s >= 0, "enter: all ", ring_, " streaming device slots (prefetch + 1) hold running blocks; block ",
+                  block, " cannot run inside another offloaded block: raise prefetch");
       upload(block, s);
       ++sync_loads_;
     }

@@ -19,13 +19,15 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim, dtype=dtype), nn.GELU(), nn.Linear(2 * dim, dim, dtype=dtype))
         self.probe = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, inside: nn.Module | None = None) -> torch.Tensor:
         if self.probe is not None:
             self.probe(self)
         b, n, d = x.shape
         q, k, v = self.qkv(self.norm(x)).view(b, n, 3, self.heads, d // self.heads).unbind(2)
         a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         x = x + self.proj(a.transpose(1, 2).reshape(b, n, d))
+        if inside is not None:  # another block, run between this one's attention and its MLP
+            x = inside(x)
         return x + self.mlp(x)
 
 
@@ -43,6 +45,21 @@ class TinyDiT(nn.Module):
         x = self.embed(x) + self.freqs
         for block in self.blocks:
             x = block(x)
+        return self.head(x)
+
+
+class CallsInside(TinyDiT):
+    """Block `outer` runs block `inner` inside its forward, so that it reads its own weights on
+    both sides of the call (a block reused as a refiner); `inner` also runs in its own place."""
+
+    def __init__(self, outer: int, inner: int, layers: int = 6):
+        super().__init__(layers=layers)
+        self.outer, self.inner = outer, inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x) + self.freqs
+        for i, block in enumerate(self.blocks):
+            x = block(x, self.blocks[self.inner] if i == self.outer else None)
         return self.head(x)
 
 
@@ -147,6 +164,20 @@ class TiedBlocks(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.head(x)
+
+
+class TiedInsideBlock(nn.Module):
+    """Two submodules of one block share a weight (a down and an up projection tied together)."""
+
+    def __init__(self, dim: int = 32):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.down = nn.Linear(dim, dim)
+        self.up = nn.Linear(dim, dim)
+        self.up.weight = self.down.weight
+
+    def forward(self, x):
+        return x + self.up(F.gelu(self.down(self.norm(x))))
 
 
 def tiny_input(batch: int = 2, tokens: int = 6, dtype=torch.float32) -> torch.Tensor:

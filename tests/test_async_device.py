@@ -8,12 +8,14 @@ import copy
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
+from torch import nn
 
 import fastvideo_offload as fo
-from models import TinyDiT, tiny_input
+from models import ListOf, TinyDiT, tiny_input
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VIOLATION = "async CPU device: ordering violation"
@@ -87,6 +89,49 @@ def test_the_device_rejects_bad_settings(monkeypatch):
             with pytest.raises(ValueError, match=message):
                 fo.enable(model, device="cpu")
         assert fo.handle_of(model) is None and all(p.numel() > 0 for p in model.parameters())
+
+
+class _HeadAndTail(nn.Module):
+    """One block: a small weight at the start of its slot, 40 MiB at the end. A slot this large
+    is fresh mapped memory (above glibc's largest mmap threshold, 32 MiB), which reads as zeros
+    until something writes it: what a read finds there before the copy comes from the device."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Parameter(torch.randn(64))
+        self.tail = nn.Parameter(torch.randn(10 << 20))
+        self.probe = None
+
+    def forward(self, x):
+        self.probe(self)
+        return x
+
+
+def test_weights_read_before_their_copy_is_done_read_as_poison(async_device):
+    """With the ready wait skipped, a block reads its slot while the copy is still landing in slow
+    chunks: once the head has arrived, the tail that has not reads as poison (0xFF, NaN), written
+    before the copy began, not as whatever the slot's memory held. Then the checker catches it."""
+    async_device.setenv("FASTVIDEO_OFFLOAD_INJECT_FAULT", "skip_ready_wait")
+    async_device.setenv("FASTVIDEO_OFFLOAD_ASYNC_DELAY_US", "20000")  # 40 chunks of up to 20 ms
+    async_device.setenv("FASTVIDEO_OFFLOAD_ASYNC_CHUNK_BYTES", str(1 << 20))
+    async_device.setenv("FASTVIDEO_OFFLOAD_ASYNC_SEED", "0")
+    model = ListOf([_HeadAndTail()])
+    head = model.layers[0].head.detach().clone()
+    fo.enable(model, device="cpu", blocks=["layers"])
+    seen = []
+
+    def probe(block):
+        deadline = time.monotonic() + 30
+        while not torch.equal(block.head, head):  # the first chunk has landed: the poison is down
+            assert time.monotonic() < deadline, "the copy's first chunk never landed"
+            time.sleep(0.001)
+        # The last chunk lands after 39 more delays, about 0.4 s: far later than this read.
+        seen.append(block.tail.detach()[-(1 << 18):].view(torch.uint8).clone())
+
+    model.layers[0].probe = probe
+    with pytest.raises(RuntimeError, match=f"{VIOLATION}: a block ran from slot 0 without waiting for its copy"):
+        run(model, [tiny_input()])
+    assert len(seen) == 1 and bool((seen[0] == 0xFF).all())
 
 
 # ---- each injected fault is caught: by the checker directly, and by the suite ----

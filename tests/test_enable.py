@@ -4,6 +4,7 @@ without offload."""
 import contextlib
 import copy
 import io
+import weakref
 
 import pytest
 import torch
@@ -11,11 +12,15 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastvideo_offload as fo
+from fastvideo_offload.store import BlockStore
 from models import (
+    CallsInside,
     Interleaved,
+    ListOf,
     MixedModel,
     Nested,
     TiedBlocks,
+    TiedInsideBlock,
     TinyDiT,
     TwoListDiT,
     WithEmptyBlock,
@@ -103,6 +108,53 @@ def test_parameter_shared_by_two_blocks_stays_resident():
     assert model.blocks[0].proj.weight is model.blocks[2].proj.weight
 
 
+def test_a_weight_tied_between_blocks_1_and_10_stays_resident():
+    """blocks.1 is a prefix of blocks.10's name, but not of its path: the tied weight belongs to
+    neither block alone."""
+    reference = TinyDiT(layers=11)
+    reference.blocks[10].proj.weight = reference.blocks[1].proj.weight
+    model = copy.deepcopy(reference)
+    sizes = [BlockStore.nbytes(list(b.parameters())) for b in model.blocks]
+    shared = model.blocks[1].proj.weight
+    without = [BlockStore.nbytes([p for p in b.parameters() if p is not shared]) for b in model.blocks]
+    handle = fo.enable(model, device="cpu")
+    assert model.blocks[1].proj.weight is model.blocks[10].proj.weight and shared.shape == (32, 32)
+    assert is_placeholder(model.blocks[1].qkv.weight) and is_placeholder(model.blocks[10].qkv.weight)
+    assert handle.stats()["host_bytes"] == sum(without) < sum(sizes)
+    inputs = [tiny_input() for _ in range(3)]
+    for e, g in zip(run_passes(reference, inputs), run_passes(model, inputs)):
+        assert torch.equal(e, g)
+
+
+def test_a_weight_tied_inside_one_block_is_offloaded_and_saved_under_both_names():
+    """Tied between two submodules of one block, the weight is offloaded with it, once; state_dict
+    holds it under both names, and load_state_dict through either name reaches the next forward."""
+    reference = ListOf([TiedInsideBlock() for _ in range(3)])
+    model = copy.deepcopy(reference)
+    expected = {k: v.clone() for k, v in reference.state_dict().items()}
+    assert "layers.1.up.weight" in expected and "layers.1.down.weight" in expected
+    handle = fo.enable(model, device="cpu", blocks=["layers"])
+    block = model.layers[1]
+    assert block.up.weight is block.down.weight and is_placeholder(block.up.weight)
+    assert handle.stats()["host_bytes"] == sum(BlockStore.nbytes(list(b.parameters())) for b in reference.layers)
+    inputs = [tiny_input() for _ in range(2)]
+    assert all(torch.equal(e, g) for e, g in zip(run_passes(reference, inputs), run_passes(model, inputs)))
+    got = model.state_dict()
+    assert got.keys() == expected.keys()
+    for k in expected:
+        assert torch.equal(got[k], expected[k]), k
+    torch.manual_seed(1)
+    other = ListOf([TiedInsideBlock() for _ in range(3)])
+    result = model.load_state_dict(other.state_dict())
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    for k, v in other.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+    assert all(torch.equal(e, g) for e, g in zip(run_passes(other, inputs), run_passes(model, inputs)))
+    handle.disable()
+    assert model.layers[1].up.weight is model.layers[1].down.weight
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
+
+
 def test_two_block_lists_are_both_offloaded():
     inputs = [tiny_input() for _ in range(3)]
     model, handle = assert_same_outputs(TwoListDiT, inputs)
@@ -153,6 +205,76 @@ def test_residency_from_inside_forward():
     # outside the forward every block parameter is a placeholder; shapes come from state_dict
     assert all(is_placeholder(p) for p in model.blocks.parameters())
     assert model.embed.weight.shape == (32, 8)
+
+
+def _check_inside(model, reference, outer: int, inner: int) -> list[bool]:
+    """From inside the inner block's forward, when it runs inside the outer one's: whether both
+    hold their own weights (the outer one's slot not taken by the inner one's copy or by a
+    prefetch it started). One entry per nested call."""
+    real = {i: [p.detach().clone() for p in reference.blocks[i].parameters()] for i in (outer, inner)}
+    inside, checks = [], []
+    # Registered after offload's hooks: they see the outer block entered, and not yet left.
+    model.blocks[outer].register_forward_pre_hook(lambda m, a: inside.append(True))
+    model.blocks[outer].register_forward_hook(lambda m, a, o: inside.clear())
+
+    def probe(block):
+        if inside:
+            checks.append(all(torch.equal(p, r) for i in (outer, inner)
+                              for p, r in zip(model.blocks[i].parameters(), real[i], strict=True)))
+
+    model.blocks[inner].probe = probe
+    return checks
+
+
+@pytest.mark.parametrize("prefetch", [1, 2])
+@pytest.mark.parametrize("outer, inner", [(1, 2), (2, 1), (1, 4), (4, 1), (3, 0), (0, 5)])
+def test_a_block_run_inside_another_never_takes_its_slot(prefetch, outer, inner):
+    """An offloaded block that calls another one inside its forward, adjacent or not: neither the
+    inner block's copy nor the prefetches it starts may take the slot the outer one still runs from."""
+    reference = CallsInside(outer, inner)
+    model = copy.deepcopy(reference)
+    handle = fo.enable(model, device="cpu", prefetch=prefetch)
+    checks = _check_inside(model, reference, outer, inner)
+    inputs = [tiny_input() for _ in range(3)]
+    for e, g in zip(run_passes(reference, inputs), run_passes(model, inputs)):
+        assert torch.equal(e, g)
+    assert checks == [True] * len(inputs)
+    stats = handle.stats()
+    assert stats["max_materialized_blocks"] == 2 and stats["enters"] == 7 * len(inputs)
+    assert all(is_placeholder(p) for p in model.blocks.parameters())
+
+
+@pytest.mark.parametrize("outer, inner, resident", [(1, 5, 1), (3, 0, 2)])
+def test_a_block_run_inside_another_under_a_device_budget(outer, inner, resident):
+    """With resident blocks beside a ring of two slots, the ring's free slot may hold a block that
+    the inner one's lookahead names: the inner block takes it (that block is copied again when it
+    runs) rather than being refused as if every slot held a running block."""
+    reference = CallsInside(outer, inner)
+    model = copy.deepcopy(reference)
+    fixed, sizes = fo.offloader.footprint(model)
+    handle = fo.enable(model, device="cpu", prefetch=1, device_budget=fixed + (2 + resident) * max(sizes))
+    assert handle.stats()["resident_blocks"] == resident
+    checks = _check_inside(model, reference, outer, inner)
+    inputs = [tiny_input() for _ in range(3)]
+    for e, g in zip(run_passes(reference, inputs), run_passes(model, inputs)):
+        assert torch.equal(e, g)
+    assert checks == [True] * len(inputs)
+
+
+def test_a_block_run_inside_another_needs_a_second_slot():
+    """prefetch 0 gives one streaming slot, which the outer block holds: the inner one is refused by
+    name, and the model is left as it was."""
+    reference = CallsInside(1, 3)
+    model = copy.deepcopy(reference)
+    handle = fo.enable(model, device="cpu", prefetch=0)
+    x = tiny_input()
+    with pytest.raises(RuntimeError, match=r"all 1 streaming device slots \(prefetch \+ 1\) hold running blocks; "
+                                           r"block 3 cannot run inside another offloaded block: raise prefetch"):
+        run_passes(model, [x])
+    assert all(is_placeholder(p) for p in model.blocks.parameters())
+    handle.disable()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters()))
+    assert torch.equal(run_passes(model, [x])[0], run_passes(reference, [x])[0])
 
 
 def test_exact_host_bytes_and_uploads():
@@ -465,6 +587,56 @@ def test_autocast_keeps_no_copy_of_the_blocks_and_sees_changes(prefetch):
     with torch.no_grad(), _bf16_autocast():
         # A fresh region for the reference: its own cache would hold the old weight.
         assert torch.equal(changed, reference(x)) and not torch.equal(changed, expected)
+
+
+class _CastRefs(TorchDispatchMode):
+    """Weak references to autocast's bf16 copies of parameters (a parameter requires grad, an
+    activation under no_grad does not), filed under the block running when each was made."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = None
+        self.refs: dict[int | None, list[weakref.ref]] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == torch.bfloat16 and args[0].requires_grad:
+            self.refs.setdefault(self.block, []).append(weakref.ref(out))
+        return out
+
+    def alive(self, block) -> int:
+        return sum(ref() is not None for ref in self.refs.get(block, []))
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_autocast_copies_of_a_block_die_with_it(prefetch):
+    """Seen from inside each block: the bf16 copies autocast cached for the blocks before it are
+    gone (each post-hook drops its block's), not kept to the end of the forward, while the running
+    block's own copies are alive until its post-hook."""
+    model = TinyDiT()
+    reference = copy.deepcopy(model)
+    fo.enable(model, device="cpu", prefetch=prefetch)
+    casts, seen, own = _CastRefs(), [], []
+    weights = sum(1 for _ in model.blocks[0].parameters()) - 2  # all but the LayerNorm's, which stays fp32
+
+    def leaving(i):
+        own.append(casts.alive(i))
+        casts.block = None  # the head's copies are no block's
+
+    for i, block in enumerate(model.blocks):
+        block.register_forward_pre_hook(lambda m, a, i=i: setattr(casts, "block", i))
+        # Prepended: runs before offload's post-hook, which drops the copies.
+        block.register_forward_hook(lambda m, a, o, i=i: leaving(i), prepend=True)
+        block.probe = lambda b, i=i: seen.append([casts.alive(j) for j in range(i)])
+    x = tiny_input()
+    with torch.no_grad(), _bf16_autocast(), casts:
+        got = model(x)
+    with torch.no_grad(), _bf16_autocast():
+        assert torch.equal(got, reference(x))
+    assert own == [weights] * len(model.blocks)
+    assert all(len(casts.refs[i]) == weights for i in range(len(model.blocks)))
+    assert seen == [[0] * i for i in range(len(model.blocks))]
 
 
 def test_autocast_copy_made_outside_a_block_is_not_used():

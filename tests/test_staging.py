@@ -2,6 +2,7 @@
 the device through the engine's staging ring (csrc/staging.cpp), on both CPU devices."""
 
 import copy
+import json
 import logging
 import time
 from collections import Counter
@@ -337,6 +338,50 @@ def test_a_checkpoint_loads_into_pinned_and_staged_blocks(cpu_device, tmp_path):
     assert handle.stats()["mapped_bytes"] == sum(sizes[2:])  # gathered from the file's pages
     inputs = [tiny_input() for _ in range(3)]
     assert all(torch.equal(e, g) for e, g in zip(run(reference, inputs), run(model, inputs)))
+
+
+def _save_sharded(state: dict, root, shards: int = 3) -> tuple:
+    """`state` as a sharded checkpoint, safetensors files and the index json that diffusers'
+    save_pretrained writes; the shards are cut by key count, so blocks span two of them."""
+    from safetensors.torch import save_file
+
+    keys = list(state)
+    per = -(-len(keys) // shards)
+    weight_map = {}
+    for i in range(shards):
+        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: state[k].contiguous() for k in keys[i * per:(i + 1) * per]}
+        save_file(part, str(root / name))
+        weight_map.update(dict.fromkeys(part, name))
+    index = root / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return index, weight_map
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+@pytest.mark.parametrize("pinned_blocks", [0, 2])
+def test_staged_blocks_from_a_sharded_checkpoint(cpu_device, tmp_path, prefetch, pinned_blocks):
+    """Each staged block is gathered from the pages of the shards that hold its tensors, a block
+    cut across two shards from both."""
+    accelerate = pytest.importorskip("accelerate")
+    reference = TinyDiT(layers=LAYERS).eval()
+    index, weight_map = _save_sharded(reference.state_dict(), tmp_path)
+    files = {i: {f for k, f in weight_map.items() if k.startswith(f"blocks.{i}.")} for i in range(LAYERS)}
+    assert len(set(weight_map.values())) == 3 and any(len(f) == 2 for i, f in files.items() if i >= pinned_blocks)
+    with accelerate.init_empty_weights():
+        model = TinyDiT(layers=LAYERS).eval()
+    sizes = block_bytes(reference)
+    handle = fo.enable(model, device="cpu", prefetch=prefetch, checkpoint=index,
+                       host_pin_budget=sum(sizes[:pinned_blocks]))
+    stats = handle.stats()
+    assert stats["staged_blocks"] == LAYERS - pinned_blocks
+    assert stats["pinned_bytes"] == sum(sizes[:pinned_blocks])
+    assert stats["mapped_bytes"] == sum(sizes[pinned_blocks:])
+    inputs = [tiny_input() for _ in range(3)]
+    assert all(torch.equal(e, g) for e, g in zip(run(reference, inputs), run(model, inputs)))
+    assert handle.stats()["staged_bytes"] >= len(inputs) * sum(sizes[pinned_blocks:])
+    got, expected = model.state_dict(), reference.state_dict()
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
 
 
 def _saved(tmp_path, dim: int = 32, seed: int = 0):
