@@ -107,6 +107,7 @@ class _HeadAndTail(nn.Module):
         return x
 
 
+@pytest.mark.injected_race
 def test_weights_read_before_their_copy_is_done_read_as_poison(async_device):
     """With the ready wait skipped, a block reads its slot while the copy is still landing in slow
     chunks: once the head has arrived, the tail that has not reads as poison (0xFF, NaN), written
@@ -137,6 +138,7 @@ def test_weights_read_before_their_copy_is_done_read_as_poison(async_device):
 # ---- each injected fault is caught: by the checker directly, and by the suite ----
 
 
+@pytest.mark.injected_race
 def test_checker_catches_a_block_run_before_its_copy(async_device):
     async_device.setenv("FASTVIDEO_OFFLOAD_INJECT_FAULT", "skip_ready_wait")
     model = TinyDiT()
@@ -145,6 +147,7 @@ def test_checker_catches_a_block_run_before_its_copy(async_device):
         run(model, [tiny_input()])
 
 
+@pytest.mark.injected_race
 def test_checker_catches_a_copy_not_ordered_after_the_release(async_device):
     async_device.setenv("FASTVIDEO_OFFLOAD_INJECT_FAULT", "skip_release_wait")
     async_device.setenv("FASTVIDEO_OFFLOAD_ASYNC_DELAY_US", "3000")  # releases complete late
@@ -154,6 +157,7 @@ def test_checker_catches_a_copy_not_ordered_after_the_release(async_device):
         run(model, [tiny_input() for _ in range(5)])
 
 
+@pytest.mark.injected_race
 def test_checker_catches_slot_memory_freed_in_flight(async_device):
     async_device.setenv("FASTVIDEO_OFFLOAD_INJECT_FAULT", "free_unsynchronized")
     async_device.setenv("FASTVIDEO_OFFLOAD_ASYNC_DELAY_US", "3000")
@@ -164,6 +168,7 @@ def test_checker_catches_slot_memory_freed_in_flight(async_device):
         handle.trim()
 
 
+@pytest.mark.injected_race
 @pytest.mark.parametrize(
     "fault, tests, caught_by",
     [

@@ -120,6 +120,7 @@ def test_the_staging_trace_records_every_fill(cpu_device, threads):
     assert len(_ops.engine_staging_trace(engine)) == 0
 
 
+@pytest.mark.injected_race
 def test_reusing_a_staging_buffer_before_its_upload_finished_is_caught(cpu_device):
     """The fault refills a staging buffer while the copy engine still reads it: the slot gets
     another block's bytes, and the outputs show it (slow copies make the overlap certain)."""
