@@ -130,11 +130,13 @@ def main(out: str, mode: str) -> None:
     failing = base.startswith(("differ", "stall", "already"))
     before = {n: p.detach().clone() for n, p in model.named_parameters()} if failing else {}
     read_before = read_bytes()
+    started = time.monotonic()
     try:
         handle = fo.enable(model, device="cpu", **kwargs)
     except Exception as exc:
         # What a failed enable leaves: the model as it was, and no hold on any shared memory.
         result["error"] = f"{type(exc).__name__}: {exc}"
+        result["enable_seconds"] = time.monotonic() - started
         result["model_unchanged"] = fo.handle_of(model) is None and all(
             p.is_meta if from_checkpoint else torch.equal(p, before[n]) for n, p in model.named_parameters()
         )
@@ -154,11 +156,15 @@ def main(out: str, mode: str) -> None:
             _write(out, rank, result)
             return
         result["second_equal"] = torch.equal(model(x), output)
-    del output
     gc.collect()
     dist.barrier()  # every rank maps the store while each measures its share of it
     result.update(pss_before=pss_before, pss_after=pss(), store_pss=store_pss(), **handle.stats())
     dist.barrier()
+    # The model without offload, in this process: the same numerics (threads, kernels) as the
+    # offloaded forward, whatever the machine. The checkpoint holds these weights (seed 0).
+    torch.manual_seed(0)
+    with torch.no_grad():
+        result["equals_resident"] = torch.equal(output, TinyDiT(dim, LAYERS).eval()(x))
     _write(out, rank, result)
     dist.destroy_process_group()
 

@@ -22,7 +22,7 @@ from fastvideo_offload import share
 WORKER = os.path.join(os.path.dirname(__file__), "share_worker.py")
 #: The ranks import the package this test imports (a worktree's, not an installed one).
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(fo.__file__))
-from share_worker import DIM, LAYERS, PINNED, dim_of  # noqa: E402
+from share_worker import LAYERS, PINNED, dim_of  # noqa: E402
 
 
 def _free_port() -> int:
@@ -89,12 +89,6 @@ def _model(dim: int, seed: int = 0) -> TinyDiT:
     return TinyDiT(dim, LAYERS).eval()
 
 
-def _reference(dim: int = DIM) -> torch.Tensor:
-    x = torch.randn(1, 16, 8, generator=torch.Generator().manual_seed(7))
-    with torch.no_grad():
-        return _model(dim)(x)
-
-
 def _write_checkpoints(tmp_path, mode: str) -> None:
     """What the checkpoint modes read: model.safetensors (the weights of seed 0, as the other modes
     build them) and other.safetensors (seed 1)."""
@@ -134,15 +128,17 @@ def _host_bytes_per_node(results) -> int:
     return sum(r["pss_after"] - r["pss_before"] - r["device_bytes"] for r in results)
 
 
-def _run_exact(tmp_path, n: int, mode: str, dim: int = DIM) -> list[dict]:
-    """`n` ranks in `mode`, each of whose two forwards gave the model's output without offload."""
+def _run_exact(tmp_path, n: int, mode: str) -> list[dict]:
+    """`n` ranks in `mode`, each of whose two forwards gave the output of the model without offload
+    computed in that rank's own process (a reference from this process would run on other threads,
+    and differ in the last bits on some machines); the ranks, started alike, agree with each other."""
     with Ranks(tmp_path, n, mode) as ranks:
         results = ranks.wait()
     assert all("error" not in r and "exit" not in r for r in results), ranks.logs()
-    reference = _reference(dim)
+    first = torch.load(f"{tmp_path}/out0.pt")
     for rank, r in enumerate(results):
-        assert torch.equal(torch.load(f"{tmp_path}/out{rank}.pt"), reference)
-        assert r["second_equal"]
+        assert r["equals_resident"] and r["second_equal"], r
+        assert torch.equal(torch.load(f"{tmp_path}/out{rank}.pt"), first)
     return results
 
 
@@ -185,7 +181,7 @@ def test_shared_store_with_a_pin_budget_stages_the_rest(tmp_path, mode, no_lefto
     pages through its own staging ring: outputs exact, on both CPU devices."""
     if mode.startswith("checkpoint"):
         _write_checkpoints(tmp_path, mode)
-    results = _run_exact(tmp_path, 2, mode, dim_of(mode))
+    results = _run_exact(tmp_path, 2, mode)
     block = results[0]["host_bytes"] // LAYERS
     for r in results:
         assert (r["staged_blocks"], r["pinned_bytes"]) == (LAYERS - PINNED, PINNED * block)
@@ -215,8 +211,10 @@ def test_a_rank_refused_before_the_share_begins_tells_the_others(tmp_path, no_le
     """Rank 1's model is enabled already: it raises at once, and rank 0 learns it in the share's
     first step instead of waiting for rank 1 until the group's timeout."""
     with Ranks(tmp_path, 2, "already") as ranks:
-        results = ranks.wait(timeout=50)  # the workers' gloo timeout is 60 s
+        results = ranks.wait()
     assert results[1]["error"].startswith("RuntimeError: offload is already enabled"), results[1]
+    # Timed inside the worker, from its enable: process start-up on a loaded machine does not count.
+    assert results[0]["enable_seconds"] < 30, results[0]  # the workers' gloo timeout is 60 s
     assert results[0]["error"].startswith("RuntimeError: share: rank 1 of the group failed while describing its "
                                           "blocks: RuntimeError: offload is already enabled"), results[0]
     assert results[0]["model_unchanged"] and not results[0]["holds_memfd"]
