@@ -7,6 +7,7 @@ compile); CPU build otherwise, or when FASTVIDEO_OFFLOAD_CPU_ONLY=1.
 import glob
 import os
 import shutil
+import sys
 
 from setuptools import setup
 
@@ -70,7 +71,19 @@ def _extension():
     )
 
 
+class _BuildExtension(BuildExtension):
+    """pip's editable install compiles in a fresh temporary folder each time; in the folder a wheel
+    build uses instead, ninja recompiles only what changed, and `make wheel` after `make test`
+    reuses every object."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        if getattr(self, "editable_mode", False):
+            here = os.path.dirname(os.path.abspath(__file__))
+            self.build_temp = os.path.join(here, "build", f"temp.{self.plat_name}-{sys.implementation.cache_tag}")
+
+
 setup(
     ext_modules=[_extension()],
-    cmdclass={"build_ext": BuildExtension},
+    cmdclass={"build_ext": _BuildExtension},
 )
