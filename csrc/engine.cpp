@@ -755,6 +755,7 @@ c10::Dict<std::string, int64_t> Engine::stats() {
   out.insert("forward_h2d_bytes", h2d_bytes_ - h2d_at_forward_);
   out.insert("max_resident_blocks", max_resident_);
   out.insert("max_materialized_blocks", max_materialized_);
+  out.insert("running_blocks", std::count_if(blocks_.begin(), blocks_.end(), [](const Block& b) { return b.held; }));
   int64_t staged = 0;
   int64_t staged_host = 0;
   for (const Block& blk : blocks_) {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import weakref
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
@@ -97,6 +98,13 @@ def footprint(model: nn.Module) -> tuple[int, list[int]]:
     return _staying_bytes(model, offloaded), [BlockStore.nbytes(params) for params in block_params]
 
 
+def _finalize_engine(engine: int) -> None:
+    # The handle goes with its model, so no forward of it can still run: a block that an interrupted
+    # forward left entered is released first (at exit too).
+    _ops.engine_reset(engine)
+    _ops.engine_destroy(engine)
+
+
 class OffloadHandle:
     """What `enable` returns: stats, weight changes, and `disable`."""
 
@@ -155,7 +163,7 @@ class OffloadHandle:
         peers = group_handles(group) if group is not None else []
         peer = next((h._engine for h in peers if h.device == device), 0)
         self._engine = _ops.engine_create(device, self.prefetch, staging_threads, peer)
-        self._finalizer = weakref.finalize(self, _ops.engine_destroy, self._engine)
+        self._finalizer = weakref.finalize(self, _finalize_engine, self._engine)
         self._stores: list[BlockStore] = []
         self._hooks = []
         self._outside: OutsideCalls | None = None
@@ -371,7 +379,26 @@ class OffloadHandle:
     def trim(self) -> None:
         """Frees this model's device slots and pinned staging buffers until its next forward (an
         idle Wan2.2 expert)."""
+        self._release_interrupted()
         _ops.engine_trim(self._engine)
+
+    def _release_interrupted(self) -> None:
+        """A forward interrupted by a KeyboardInterrupt (or another BaseException, for which torch
+        skips even always-called post-hooks) leaves its block entered. Released here, unless some
+        thread is still inside that block's forward: then the engine's refusal stands."""
+        if not _ops.engine_stats(self._engine)["running_blocks"] or self._a_block_runs():
+            return
+        logger.info("a forward was interrupted inside a block: its block is released")
+        _ops.engine_reset(self._engine)
+
+    def _a_block_runs(self) -> bool:
+        call = nn.Module._call_impl.__code__
+        for frame in sys._current_frames().values():
+            while frame is not None:
+                if frame.f_code is call and id(frame.f_locals.get("self")) in self._block_index:
+                    return True
+                frame = frame.f_back
+        return False
 
     @property
     def engine(self) -> int:

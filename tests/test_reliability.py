@@ -3,6 +3,10 @@ generation, so one leaked block or byte per step, or one wrong weight after a fa
 
 import copy
 import gc
+import os
+import subprocess
+import sys
+import textwrap
 import threading
 
 import pytest
@@ -11,6 +15,9 @@ import torch
 import fastvideo_offload as fo
 from models import TinyDiT, tiny_input
 from snapshot import assert_unchanged, snapshot
+
+#: The subprocess imports the package this test imports (a worktree's, not an installed one).
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(fo.__file__))
 
 
 def run(model, x):
@@ -22,28 +29,100 @@ def materialized(model):
     return [b for b in model.blocks if any(p.numel() > 0 for p in b.parameters())]
 
 
-@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
-def test_fault_inside_a_block_leaves_nothing_behind(error):
+def test_fault_inside_a_block_leaves_nothing_behind():
+    """Looked at right after the fault, before any other forward could clean up: the failing block
+    was left (its always-called post-hook), no weight is on the device outside a forward."""
     model = TinyDiT()
     reference = copy.deepcopy(model)
     handle = fo.enable(model, device="cpu", prefetch=2)
     x = tiny_input()
 
     def fail(block):
-        raise error("stop")
+        raise RuntimeError("stop")
 
     model.blocks[2].probe = fail
-    with pytest.raises(error):
+    with pytest.raises(RuntimeError, match="stop"):
         run(model, x)
-    model.blocks[2].probe = None
-    assert torch.equal(run(model, x), run(reference, x))
     assert materialized(model) == []
     stats = handle.stats()
-    assert stats["max_materialized_blocks"] == 1
+    assert stats["running_blocks"] == 0 and stats["max_materialized_blocks"] == 1
     assert stats["device_bytes"] <= 3 * stats["slot_bytes"]
+    model.blocks[2].probe = None
+    assert torch.equal(run(model, x), run(reference, x))
     handle.disable()
     for a, b in zip(model.parameters(), reference.parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("then", ["forward", "trim", "disable"])
+def test_an_interrupted_forward_leaves_its_block_to_the_next_call(then):
+    """KeyboardInterrupt skips even torch's always-called post-hooks, so the interrupted block stays
+    entered; the next forward, trim or disable releases it (no error, nothing left on the device)."""
+    model = TinyDiT()
+    reference = copy.deepcopy(model)
+    handle = fo.enable(model, device="cpu", prefetch=2)
+    x = tiny_input()
+
+    def interrupt(block):
+        raise KeyboardInterrupt
+
+    model.blocks[2].probe = interrupt
+    with pytest.raises(KeyboardInterrupt):
+        run(model, x)
+    model.blocks[2].probe = None
+    assert materialized(model) == [model.blocks[2]] and handle.stats()["running_blocks"] == 1
+    if then == "forward":
+        assert torch.equal(run(model, x), run(reference, x))
+    else:
+        getattr(handle, then)()
+    assert materialized(model) == ([] if then != "disable" else list(model.blocks))
+    if then != "disable":
+        assert handle.stats()["running_blocks"] == 0
+        handle.disable()
+    for a, b in zip(model.parameters(), reference.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_trim_inside_a_running_block_is_refused():
+    """The release above is only for a forward that no thread is running any more."""
+    model = TinyDiT()
+    handle = fo.enable(model, device="cpu")
+    errors = []
+
+    def trim(block):
+        try:
+            handle.trim()
+        except RuntimeError as exc:
+            errors.append(str(exc))
+
+    model.blocks[1].probe = trim
+    run(model, tiny_input())
+    assert errors == ["trim: a block is running; call it between forward passes"]
+
+
+def test_an_interrupted_forward_leaves_nothing_at_exit():
+    """A model dropped (or the interpreter leaving) with an interrupted block: the engine goes
+    without an error printed at exit."""
+    code = textwrap.dedent("""
+        import sys
+        sys.path.insert(0, sys.argv[1])
+        import torch, fastvideo_offload as fo
+        from models import TinyDiT, tiny_input
+        model = TinyDiT()
+        fo.enable(model, device="cpu")
+        def interrupt(block):
+            raise KeyboardInterrupt
+        model.blocks[1].probe = interrupt
+        try:
+            with torch.no_grad():
+                model(tiny_input())
+        except KeyboardInterrupt:
+            print("interrupted")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code, os.path.dirname(__file__)], capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, PYTHONPATH=PACKAGE_ROOT))
+    assert proc.returncode == 0 and proc.stdout.strip() == "interrupted", proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr[-3000:]
 
 
 def test_prefetch_without_device_memory_falls_back_to_synchronous_loads():
