@@ -29,8 +29,10 @@ def spread(n: int, count: int) -> list[int]:
 def plan(sizes: Sequence[int], budget: int, slots: int) -> Plan:
     """`sizes`: each block's bytes, in execution order; `budget`: the device bytes the blocks may take;
     `slots`: ring slots for streamed blocks (ring_slots), each as large as the largest streamed
-    block; no more of them fill than there are streamed blocks. Keeps as many blocks resident as
-    fit and streams the rest, spread evenly.
+    block; no more of them fill than there are streamed blocks. Streams the fewest blocks that fit
+    the budget, spread evenly through the order: for blocks of one size (a DiT's) that keeps the
+    most blocks resident that any choice could; with mixed sizes it may keep fewer, since the
+    spread picks positions, not sizes.
 
     Raises ValueError when even streaming every block does not fit."""
     n = len(sizes)

@@ -2,6 +2,7 @@
 blocks resident, copies exactly the streamed ones, and never holds more than the budget."""
 
 import copy
+import itertools
 import random
 
 import pytest
@@ -27,21 +28,39 @@ def test_streamed_blocks_are_spread_through_the_order():
     assert plan([10] * 8, 20, slots=2).streamed == tuple(range(8))
 
 
+def _need(sizes, streamed, slots):
+    """The device bytes of keeping every block but `streamed`: them, and a ring of as many slots as
+    can fill (no more than the streamed blocks), each as large as the largest streamed block."""
+    ring = min(slots, len(streamed)) * max((sizes[i] for i in streamed), default=0)
+    return sum(s for i, s in enumerate(sizes) if i not in streamed) + ring
+
+
 def test_the_plan_never_exceeds_the_budget_and_keeps_the_most_it_can():
+    """Computed independently of the planner: within the budget; no plan streaming one block fewer
+    (spread alike) fits; for blocks of one size (a DiT's), no choice of blocks at all keeps more."""
     rng = random.Random(0)
-    for _ in range(300):
-        sizes = [rng.randint(1, 100) for _ in range(rng.randint(1, 12))]
+    for case in range(600):
+        n = rng.randint(1, 10)
+        uniform = case % 2 == 0
+        size = rng.randint(1, 100)
+        sizes = [size if uniform else rng.randint(1, 100) for _ in range(n)]
         slots = rng.randint(1, 3)
         budget = rng.randint(0, sum(sizes) + 100)
         try:
             p = plan(sizes, budget, slots)
         except ValueError:
-            assert budget < slots * max(sizes)
+            assert _need(sizes, set(range(n)), slots) > budget  # not even streaming all of them fits
             continue
-        ring = slots * max((sizes[i] for i in p.streamed), default=0)
-        assert p.device_bytes == sum(sizes[i] for i in p.resident) + ring <= budget
-        assert sorted(p.resident + p.streamed) == list(range(len(sizes)))
+        assert sorted(p.resident + p.streamed) == list(range(n))
+        assert p.streamed == tuple(spread(n, len(p.streamed)))
+        assert p.device_bytes == _need(sizes, set(p.streamed), slots) <= budget
         assert p.streamed_bytes == sum(sizes[i] for i in p.streamed)
+        if p.streamed:
+            assert _need(sizes, set(spread(n, len(p.streamed) - 1)), slots) > budget
+        if uniform:
+            best = max(n - k for k in range(n + 1)
+                       for streamed in itertools.combinations(range(n), k) if _need(sizes, set(streamed), slots) <= budget)
+            assert len(p.resident) == best, (sizes, budget, slots, p)
 
 
 def test_a_budget_below_the_ring_is_refused():

@@ -157,6 +157,16 @@ def staging_throughput(threads: int, block_bytes: int = 32 << 20, blocks: int = 
     pageable blocks entered and left in turn with no compute, so each byte is copied twice
     (pageable -> staging buffer by the threads, staging buffer -> slot by the upload), the two
     overlapped. Compare with copy_ceiling(cpu), one memcpy."""
+    counts, seconds = staged_steps(threads, block_bytes, blocks, steps)
+    return counts["staged_bytes"] / seconds / 1e9
+
+
+STAGING_COUNTS = ("staged_bytes", "stagings", "uploads")
+
+
+def staged_steps(threads: int, block_bytes: int, blocks: int, steps: int) -> tuple[dict[str, int], float]:
+    """What staging_throughput times: how much the engine staged and uploaded (STAGING_COUNTS) in
+    `steps` steps after a first one, and the seconds they took."""
     engine = _ops.engine_create(torch.device("cpu"), 1, threads)
     try:
         keep = []
@@ -173,12 +183,13 @@ def staging_throughput(threads: int, block_bytes: int = 32 << 20, blocks: int = 
                 _ops.engine_exit(engine, b)
 
         step()  # allocates the slots and staging buffers
-        before = _ops.engine_stats(engine)["staged_bytes"]
+        before = _ops.engine_stats(engine)
         start = time.perf_counter()
         for _ in range(steps):
             step()
         elapsed = time.perf_counter() - start
-        return (_ops.engine_stats(engine)["staged_bytes"] - before) / elapsed / 1e9
+        after = _ops.engine_stats(engine)
+        return {k: after[k] - before[k] for k in STAGING_COUNTS}, elapsed
     finally:
         _ops.engine_destroy(engine)
 
