@@ -168,6 +168,7 @@ def test_checker_catches_slot_memory_freed_in_flight(async_device):
         handle.trim()
 
 
+@pytest.mark.sync_pass_only
 @pytest.mark.injected_race
 @pytest.mark.parametrize(
     "fault, tests, caught_by",

@@ -286,6 +286,7 @@ RSS_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.sync_pass_only
 def test_peak_host_memory_while_loading_is_the_host_store(tmp_path):
     """~200 MB of blocks, measured by the OS in a fresh process: the load adds at most the host
     store + 5% (scratch for casts, thread stacks, malloc arenas) + the resident weights (on a CPU

@@ -119,6 +119,7 @@ RSS_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.sync_pass_only
 def test_peak_host_memory_while_loading_is_below_the_unpatched_loaders(tmp_path):
     """~100 MB of bf16 blocks from an fp32 checkpoint, each way in a fresh process, measured by the
     OS (VmHWM): FastVideo's loader holds the loaded model while `enable` packs it; the patch reads

@@ -17,6 +17,9 @@ integration("fastvideo")
 integration("diffusers")
 WORKER = __file__.replace("test_fastvideo_share.py", "fastvideo_sp_worker.py")
 
+# FastVideo's ranks on the patch; the shared store's paths run on both devices in test_share.py.
+pytestmark = pytest.mark.sync_pass_only
+
 
 def test_loader_ranks_share_one_store_bit_identical(tmp_path, no_leftovers):
     """FastVideo's TransformerLoader on each rank: the node's leader reads the blocks from the

@@ -18,6 +18,9 @@ sys.path.insert(0, SCRIPTS)
 import gpu_summary  # noqa: E402
 import gpu_tests  # noqa: E402
 
+# Each piece picks its device itself (the correctness script runs on the asynchronous one).
+pytestmark = pytest.mark.sync_pass_only
+
 PARTS = ["setup", "probe", "build", "correctness", "cuda_tests", "gpu_tests", "bench", "summary"]
 
 
