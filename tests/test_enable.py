@@ -4,6 +4,9 @@ without offload."""
 import contextlib
 import copy
 import io
+import os
+import subprocess
+import sys
 import weakref
 
 import pytest
@@ -734,6 +737,30 @@ def test_group_members_take_turns_on_the_device():
     assert hs.stats()["device_bytes"] > 0  # not in the group
     with pytest.raises(TypeError, match="group"):
         fo.enable(TinyDiT(), device="cpu", group=3)
+
+
+def test_a_compiled_model_runs_offloaded_and_exact():
+    """The whole model compiled: the model's and the blocks' hooks stay eager (disabled for the
+    compiler), so every block is still entered and left, and outputs match the resident model's."""
+    torch._dynamo.reset()
+    model = TinyDiT()
+    reference = copy.deepcopy(model)
+    handle = fo.enable(model, device="cpu", prefetch=1)
+    model.compile(backend="eager")
+    inputs = [tiny_input() for _ in range(3)]
+    for got, expected in zip(run_passes(model, inputs), run_passes(reference, inputs)):
+        assert torch.equal(got, expected)
+    assert handle.stats()["enters"] == 12 and handle.stats()["running_blocks"] == 0
+    torch._dynamo.reset()
+
+
+def test_importing_the_package_leaves_the_compiler_unloaded():
+    """Importing torch's compiler (dynamo) costs about two seconds: `import fastvideo_offload` must
+    not, so the hooks are disabled for it when they are attached, not when defined."""
+    code = "import sys, fastvideo_offload; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(fo.__file__))))
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr[-2000:]
 
 
 def test_compiled_blocks_run_offloaded_without_recompiling():
