@@ -183,9 +183,7 @@ class OffloadHandle:
             )
             if self._budget is not None:
                 self._budget.attach(model, self._engine)
-            # Disabled for the compiler here, not where it is defined: the decorator imports dynamo,
-            # which would cost every `import fastvideo_offload` about two seconds.
-            self._hooks.append(model.register_forward_pre_hook(torch.compiler.disable(self._before_forward)))
+            self._hooks.append(model.register_forward_pre_hook(self._before_forward))
         except BaseException:
             self._destroy_engine()
             self._remove_hooks()
@@ -248,6 +246,7 @@ class OffloadHandle:
         _ops.engine_invalidate(self._engine)
         self._outside.refresh()
 
+    @torch.compiler.disable
     def _before_forward(self, module, args) -> None:
         # No block can be running when the whole model starts: one still entered was left by an
         # interrupted forward (KeyboardInterrupt skips torch's always-called post-hooks).
