@@ -12,7 +12,7 @@ PIP := $(PY) -m pip
 SOURCES := $(shell find csrc fastvideo_offload -name '*.cpp' -o -name '*.cu' -o -name '*.h') setup.py pyproject.toml
 BENCH_ARGS ?=
 
-.PHONY: bench test sanitize tsan wheel gpu-check-dry gpu-wheels clean
+.PHONY: bench test lint sanitize tsan wheel gpu-check-dry gpu-wheels clean
 
 $(VENV)/.torch:
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,16 @@ bench: $(VENV)/.built
 test: $(VENV)/.built
 	FASTVIDEO_OFFLOAD_REQUIRE_INTEGRATIONS=1 $(PY) -m pytest tests -q
 	FASTVIDEO_OFFLOAD_REQUIRE_INTEGRATIONS=1 FASTVIDEO_OFFLOAD_CPU_TRANSFER=async $(PY) -m pytest tests -q -m "not sync_pass_only"
+
+# ruff, pinned, with the rules in pyproject.toml (CI runs it first).
+RUFF_SPEC := ruff==0.17.6
+
+$(VENV)/.ruff: $(VENV)/.torch
+	$(PIP) install -q "$(RUFF_SPEC)"
+	touch $@
+
+lint: $(VENV)/.ruff
+	$(PY) -m ruff check .
 
 # The C++ under AddressSanitizer and UndefinedBehaviorSanitizer, and under ThreadSanitizer on the
 # asynchronous CPU device (CI runs both after `make test`).

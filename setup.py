@@ -19,7 +19,8 @@ def _find_cuda_home():
     """torch guesses CUDA_HOME from `which nvcc`, which is wrong when nvcc is a wrapper script."""
     if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
         return
-    for candidate in ("/usr/local/cuda", os.path.dirname(os.path.dirname(os.path.realpath(shutil.which("nvcc") or "")))):
+    on_path = os.path.dirname(os.path.dirname(os.path.realpath(shutil.which("nvcc") or "")))
+    for candidate in ("/usr/local/cuda", on_path):
         if candidate and os.path.exists(os.path.join(candidate, "bin", "nvcc")) and os.path.isdir(
             os.path.join(candidate, "include")
         ):
@@ -53,7 +54,8 @@ def _extension():
         link = [f"-fsanitize={sanitizers}"]
     if _want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
-        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")) + glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+        cuda = os.path.join("csrc", "cuda")
+        sources += sorted(glob.glob(os.path.join(cuda, "*.cpp")) + glob.glob(os.path.join(cuda, "*.cu")))
         return CUDAExtension(
             "fastvideo_offload._C",
             sources,

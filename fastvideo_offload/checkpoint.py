@@ -480,7 +480,8 @@ class _Mapped:
                 pages = mmap.mmap(self._files.fd(file), 0, flags=mmap.MAP_PRIVATE,
                                   prot=mmap.PROT_READ | mmap.PROT_WRITE)
             except OSError as exc:
-                logger.warning("%s cannot be mapped (%s): its staged blocks are read into host memory instead", file, exc)
+                logger.warning("%s cannot be mapped (%s): its staged blocks are read into host memory instead",
+                               file, exc)
                 self._bases[file] = None
             else:
                 # Through a memoryview, as share.py maps: nothing can unmap pages a tensor still views.

@@ -113,7 +113,8 @@ def mismatch(dst: torch.Tensor, src: torch.Tensor) -> str | None:
         for a in attrs:
             inner, value = getattr(dst, a), getattr(src, a)
             if value.shape != inner.shape or value.dtype != inner.dtype:
-                return f"inner tensor {a} is {value.dtype} {tuple(value.shape)}, the model's {inner.dtype} {tuple(inner.shape)}"
+                return (f"inner tensor {a} is {value.dtype} {tuple(value.shape)}, "
+                        f"the model's {inner.dtype} {tuple(inner.shape)}")
             problem = mismatch(inner, value)
             if problem:
                 return f"inner tensor {a}: {problem}"

@@ -229,7 +229,7 @@ class OffloadHandle:
                                     pin, target)
         with contextlib.closing(stores), tqdm(total=total, unit="B", unit_scale=True, leave=False, disable=None,
                                               desc=f"fastvideo_offload: {source.label}") as progress:
-            for index, ((path, block), params) in enumerate(zip(blocks, block_params)):
+            for index, (path, block) in enumerate(blocks):
                 try:
                     store = next(stores)
                 except Exception as exc:
@@ -349,7 +349,7 @@ class OffloadHandle:
         finally:
             for i in indices:
                 _ops.engine_park(self._engine, i)
-        del writes
+        writes.clear()  # the copies on the device go now, not with this frame
         self._weights_changed()
         if problems:
             raise ValueError(

@@ -128,4 +128,6 @@ def resolve(budget: int | str | None) -> int | None:
 def is_allocation_failure(exc: BaseException) -> bool:
     # cudaHostAlloc fails as "CUDA error: out of memory", posix_memalign as "could not allocate".
     text = str(exc).lower()
-    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in text or "could not allocate" in text
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    return "out of memory" in text or "could not allocate" in text

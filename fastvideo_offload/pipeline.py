@@ -88,7 +88,9 @@ class PipelineHandle:
                 kept = _nbytes(module)
             staying[name], sizes[name] = kept, block_sizes
         self.device = device
-        self.device_budget = auto_budget(device, list(components.values())) if device_budget == "auto" else device_budget
+        if device_budget == "auto":
+            device_budget = auto_budget(device, list(components.values()))
+        self.device_budget = device_budget
         self.shares: dict[str, int] = {}
         if self.device_budget is not None:
             self._split(staying, sizes, prefetch)

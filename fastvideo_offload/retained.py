@@ -44,7 +44,8 @@ class RetainedCheck:
                 for attr, value in vars(module).items():
                     if isinstance(value, torch.Tensor) and value.numel():
                         storage = value.untyped_storage()
-                        entry = found.setdefault((str(value.device), storage.data_ptr()), [storage.nbytes(), None, None])
+                        key = (str(value.device), storage.data_ptr())
+                        entry = found.setdefault(key, [storage.nbytes(), None, None])
                         entry[2] = ".".join(filter(None, (path, name, attr)))
         total = sum(n for n, _, _ in found.values())
         if total:

@@ -2,8 +2,9 @@
 
 The node's leader (its lowest rank in the group) creates an anonymous memfd sized for every block
 and fills it (packs its loaded weights, or reads the checkpoint into it); the node's other ranks
-open it through /proc/<leader pid>/fd/<fd> and map the same pages. The memory has no name in any file system, so nothing outlives the
-processes: it goes when the last one that maps it exits, SIGKILL included. Every step is agreed
+open it through /proc/<leader pid>/fd/<fd> and map the same pages. The memory has no name in any file
+system, so nothing outlives the processes: it goes when the last one that maps it exits, SIGKILL
+included. Every step is agreed
 through torch.distributed (all_gather_object over the group): a rank that fails makes every rank
 raise instead of leaving the others waiting.
 

@@ -93,7 +93,9 @@ class BlockStore:
         return cls(names, params, buffer, offsets, views, [(p, 1) for p in params])
 
     @classmethod
-    def gathered_from(cls, names: list[str], params: list[torch.nn.Parameter], sources: list[torch.Tensor]) -> BlockStore:
+    def gathered_from(
+        cls, names: list[str], params: list[torch.nn.Parameter], sources: list[torch.Tensor]
+    ) -> BlockStore:
         """A staged store whose host bytes stay in `sources` (each parameter's value, contiguous,
         in mapped pages of a checkpoint): nothing is allocated or copied; each staging gathers them."""
         offsets, nbytes = _ops.layout([p.detach() for p in params])

@@ -68,7 +68,8 @@ def driver() -> str:
 
 def nvcc() -> str:
     home = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
-    found = next((p for p in (os.path.join(home, "bin", "nvcc"), shutil.which("nvcc")) if p and os.path.exists(p)), None)
+    candidates = (os.path.join(home, "bin", "nvcc"), shutil.which("nvcc"))
+    found = next((p for p in candidates if p and os.path.exists(p)), None)
     if found is None:
         return "not found"
     lines = _run(found, "--version").splitlines()

@@ -147,13 +147,13 @@ class Run:
 def _stop(proc: subprocess.Popen, wait: float) -> None:
     """SIGINT to pytest's session (it prints its summary if it can), SIGKILL if it is still there
     after `wait` seconds."""
-    for sig, wait in ((signal.SIGINT, wait), (signal.SIGKILL, None)):
+    for sig, limit in ((signal.SIGINT, wait), (signal.SIGKILL, None)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
             return
         try:
-            proc.wait(wait)
+            proc.wait(limit)
             return
         except subprocess.TimeoutExpired:
             pass
@@ -195,7 +195,8 @@ def supervise(args, pytest_args: list[str], log) -> int:
     run = Run(os.path.join(workdir, "results.jsonl"))
     open(run.path, "w").close()
     env = dict(os.environ, **{RESULTS_ENV: run.path, LIMIT_ENV: str(args.per_test)})
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(os.path.abspath(__file__)), env.get("PYTHONPATH")]))
+    here = os.path.dirname(os.path.abspath(__file__))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [here, env.get("PYTHONPATH")]))
     stopped, processes, exits = None, 0, []
     interrupted = []
     # The part's own time limit (timeout -s INT): noted, and the loop below stops pytest and

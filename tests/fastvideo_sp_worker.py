@@ -9,7 +9,6 @@ other weights, offloaded the way the loader offloads) | lora (FastVideo's LoRA p
 unmerges and merges again an adapter into the offloaded DiT and into the same DiT resident in this
 process; rank 1 reaches each step later)."""
 
-import json
 import logging
 import os
 import sys
@@ -140,7 +139,8 @@ def main(out: str, mode: str) -> None:
         "read_bytes": read,
         "host_bytes": handle.stats()["host_bytes"],
         "maps_store": holds_memfd(),
-        "equal": all(torch.equal(run(model, step, dtype=dtype), run(reference, step, dtype=dtype)) for step in range(2)),
+        "equal": all(torch.equal(run(model, step, dtype=dtype), run(reference, step, dtype=dtype))
+                     for step in range(2)),
         "messages": messages.seen,
     }
     _write(out, rank, result)

@@ -5,7 +5,7 @@ full size where its defaults do not (the real checkpoints' configs)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -115,8 +115,8 @@ def _dit_inputs():
     return dict(hidden_states=r(2, 4, 8, 8), timestep=t(10, 500), class_labels=t(1, 3))
 
 
-_SANA_WM_REFINER = dict(in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
-                        audio_in_channels=8, audio_out_channels=8, audio_num_attention_heads=2,
+_SANA_WM_REFINER = dict(in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=8,
+                        cross_attention_dim=16, audio_in_channels=8, audio_out_channels=8, audio_num_attention_heads=2,
                         audio_attention_head_dim=8, audio_cross_attention_dim=16, num_layers=2, caption_channels=16)
 
 
@@ -248,8 +248,8 @@ DIFFUSERS: dict[str, Case] = {
                      prior_token_drop=torch.zeros(1, dtype=torch.bool), timestep=t(500),
                      target_size=torch.tensor([[8.0, 8.0]]), crop_coords=torch.tensor([[0.0, 0.0]]))),
     "HeliosTransformer3DModel": Case(
-        dict(_WAN_BASE, qk_norm="rms_norm_across_heads", rope_dim=(4, 4, 4), has_multi_term_memory_patch=True, guidance_cross_attn=True,
-             zero_history_timestep=True, is_amplify_history=False),
+        dict(_WAN_BASE, qk_norm="rms_norm_across_heads", rope_dim=(4, 4, 4), has_multi_term_memory_patch=True,
+             guidance_cross_attn=True, zero_history_timestep=True, is_amplify_history=False),
         lambda: _video(indices_hidden_states=torch.ones(1, 2), indices_latents_history_short=torch.ones(1, 1),
                        indices_latents_history_mid=torch.ones(1, 1), indices_latents_history_long=torch.ones(1, 4),
                        latents_history_short=r(1, 4, 1, 8, 8), latents_history_mid=r(1, 4, 1, 8, 8),
@@ -651,7 +651,8 @@ FASTVIDEO: dict[str, tuple[str, str]] = {
     "Kandinsky5Transformer3DModel": ("kandinsky5", "kandinsky5.Kandinsky5VideoConfig"),
     "LingBotVideoTransformer3DModel": ("lingbot_video", "lingbot_video.LingBotVideoConfig"),
     "LingBotWorldTransformer3DModel": ("lingbotworld.model", "lingbotworld.LingBotWorldVideoConfig"),
-    "LingBotWorld2CausalFastTransformer3DModel": ("lingbotworld2.causal_fast", "lingbotworld2.LingBotWorld2CausalFastVideoConfig"),
+    "LingBotWorld2CausalFastTransformer3DModel": (
+        "lingbotworld2.causal_fast", "lingbotworld2.LingBotWorld2CausalFastVideoConfig"),
     "LongCatTransformer3DModel": ("longcat", "longcat.LongCatVideoConfig"),
     "LTX2Transformer3DModel": ("ltx2", "ltx2.LTX2VideoConfig"),
     "MagiHumanDiT": ("magi_human", "magi_human.MagiHumanVideoConfig"),
@@ -705,9 +706,10 @@ _FV_WAN = dict(num_attention_heads=2, attention_head_dim=12, in_channels=4, out_
 FASTVIDEO_TINY: dict[str, Case] = {
     "WanTransformer3DModel": Case(_FV_WAN, lambda: _video()),
     "HunyuanVideoTransformer3DModel": Case(
-        dict(patch_size=2, patch_size_t=1, in_channels=16, out_channels=16, num_attention_heads=4, attention_head_dim=16,
-             hidden_size=64, mlp_ratio=2.0, num_layers=2, num_single_layers=3, num_refiner_layers=1,
-             rope_axes_dim=(4, 6, 6), guidance_embeds=False, text_embed_dim=64, pooled_projection_dim=32),
+        dict(patch_size=2, patch_size_t=1, in_channels=16, out_channels=16, num_attention_heads=4,
+             attention_head_dim=16, hidden_size=64, mlp_ratio=2.0, num_layers=2, num_single_layers=3,
+             num_refiner_layers=1, rope_axes_dim=(4, 6, 6), guidance_embeds=False, text_embed_dim=64,
+             pooled_projection_dim=32),
         lambda: dict(hidden_states=r(1, 16, 4, 8, 8), encoder_hidden_states=[r(1, 8, 64), r(1, 32)], timestep=t(500))),
     "CausalWanTransformer3DModel": Case(_FV_WAN, lambda: dict(_video(), timestep=torch.full((1, 2), 500))),
     "LingBotWorldTransformer3DModel": Case(_FV_WAN, lambda: _video()),
@@ -799,7 +801,8 @@ FASTVIDEO_TINY.update({
              connector_attention_head_dim=8, connector_num_layers=1, audio_connector_num_attention_heads=2,
              audio_connector_attention_head_dim=8, audio_connector_num_layers=1),
         lambda: dict(hidden_states=r(1, 8, 2, 4, 4), encoder_hidden_states=r(1, 6, 16), timestep=t(0.5),
-                     audio_hidden_states=r(1, 8, 5, 1), audio_encoder_hidden_states=r(1, 6, 16), audio_timestep=t(0.5))),
+                     audio_hidden_states=r(1, 8, 5, 1), audio_encoder_hidden_states=r(1, 6, 16),
+                     audio_timestep=t(0.5))),
     "GlmImageTransformer2DModel": Case(
         dict(hidden_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
              num_attention_heads=2, text_embed_dim=32, time_embed_dim=16, condition_dim=8,

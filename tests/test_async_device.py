@@ -175,7 +175,8 @@ def test_checker_catches_slot_memory_freed_in_flight(async_device):
     [
         ("skip_ready_wait", ["tests/test_enable.py", "-k", "bit_identical"], "test_outputs_bit_identical"),
         ("skip_release_wait", ["tests/test_enable.py", "-k", "bit_identical"], "test_outputs_bit_identical"),
-        ("free_unsynchronized", ["tests/test_reliability.py", "-k", "trim_disable_and_del"], "test_trim_disable_and_del_right_after"),
+        ("free_unsynchronized", ["tests/test_reliability.py", "-k", "trim_disable_and_del"],
+         "test_trim_disable_and_del_right_after"),
     ],
 )
 def test_the_suite_fails_with_each_fault(fault, tests, caught_by):

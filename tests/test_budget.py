@@ -58,8 +58,8 @@ def test_the_plan_never_exceeds_the_budget_and_keeps_the_most_it_can():
         if p.streamed:
             assert _need(sizes, set(spread(n, len(p.streamed) - 1)), slots) > budget
         if uniform:
-            best = max(n - k for k in range(n + 1)
-                       for streamed in itertools.combinations(range(n), k) if _need(sizes, set(streamed), slots) <= budget)
+            best = max(n - k for k in range(n + 1) for streamed in itertools.combinations(range(n), k)
+                       if _need(sizes, set(streamed), slots) <= budget)
             assert len(p.resident) == best, (sizes, budget, slots, p)
 
 

@@ -479,8 +479,9 @@ def test_a_header_longer_than_safetensors_reads_is_refused_unread(tmp_path):
     with open(path, "wb") as f:
         f.write((100_000_001).to_bytes(8, "little"))
         f.truncate(200_000_000)  # sparse: the header would fit
-    with pytest.raises(ckpt.CheckpointError, match=rf"^{re.escape(str(path))}: not a safetensors file: its header length "
-                                                   r"field says 100000001 bytes, more than safetensors reads"):
+    with pytest.raises(ckpt.CheckpointError,
+                       match=rf"^{re.escape(str(path))}: not a safetensors file: its header length "
+                             r"field says 100000001 bytes, more than safetensors reads"):
         ckpt.read_header(path)
     with pytest.raises(SafetensorError, match="header too large"):
         load_file(path)

@@ -90,7 +90,8 @@ def test_enable_logs_each_list_and_the_resident_share(caplog):
     messages = [r.getMessage() for r in caplog.records]
     assert f"offloading blocks: 4 blocks, {block_bytes / 2**20:.1f} MiB" in messages
     share = 100 * (total - block_bytes) / total
-    assert f"{share:.1f}% of TinyDiT's parameter bytes ({(total - block_bytes) / 2**20:.1f} MiB) stay on cpu" in messages
+    mib = (total - block_bytes) / 2**20
+    assert f"{share:.1f}% of TinyDiT's parameter bytes ({mib:.1f} MiB) stay on cpu" in messages
     assert share < 10 and not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 

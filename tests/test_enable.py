@@ -71,7 +71,8 @@ def test_mixed_dtypes_and_strides_in_one_block():
     fo.enable(model, device="cpu")
     seen = []
     # registered after ours, so it runs after the swap
-    hook = block.register_forward_pre_hook(lambda m, a: seen.append([(p.dtype, p.shape, p.stride()) for p in m.parameters()]))
+    hook = block.register_forward_pre_hook(
+        lambda m, a: seen.append([(p.dtype, p.shape, p.stride()) for p in m.parameters()]))
     got = run_passes(model, inputs)
     hook.remove()
     assert seen[0] == layout

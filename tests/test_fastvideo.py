@@ -168,7 +168,8 @@ def test_missing_symbol_names_the_version(monkeypatch):
     from fastvideo.pipelines import lora_pipeline
 
     monkeypatch.delattr(lora_pipeline, "_get_hook_ctx")
-    with pytest.raises(RuntimeError, match=r"FastVideo 0\.2\.1 has no fastvideo\.pipelines\.lora_pipeline\._get_hook_ctx"):
+    missing = r"FastVideo 0\.2\.1 has no fastvideo\.pipelines\.lora_pipeline\._get_hook_ctx"
+    with pytest.raises(RuntimeError, match=missing):
         fo.patch_fastvideo()
     assert not integ.is_patched()
 

@@ -55,7 +55,8 @@ def unpatched_then_enable(path):
 
 
 def assert_same(model, reference):
-    assert {k: v.dtype for k, v in model.state_dict().items()} == {k: v.dtype for k, v in reference.state_dict().items()}
+    dtypes = {k: v.dtype for k, v in reference.state_dict().items()}
+    assert {k: v.dtype for k, v in model.state_dict().items()} == dtypes
     assert all(torch.equal(v, reference.state_dict()[k]) for k, v in model.state_dict().items())
     for step in range(2):  # FastVideo's Wan loads in bf16
         assert torch.equal(run(model, step, dtype=torch.bfloat16), run(reference, step, dtype=torch.bfloat16))

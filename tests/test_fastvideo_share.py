@@ -21,7 +21,8 @@ WORKER = __file__.replace("test_fastvideo_share.py", "fastvideo_sp_worker.py")
 pytestmark = pytest.mark.sync_pass_only
 
 
-def test_loader_ranks_share_one_store_bit_identical(tmp_path, no_leftovers):
+@pytest.mark.usefixtures("no_leftovers")
+def test_loader_ranks_share_one_store_bit_identical(tmp_path):
     """FastVideo's TransformerLoader on each rank: the node's leader reads the blocks from the
     checkpoint into the store the ranks share; the other rank reads none of them."""
     save_wan(tmp_path / "wan")
@@ -39,7 +40,8 @@ def test_loader_ranks_share_one_store_bit_identical(tmp_path, no_leftovers):
     assert leader["read_bytes"] - other["read_bytes"] >= 0.99 * leader["host_bytes"]
 
 
-def test_ranks_with_different_weights_keep_their_own_stores(tmp_path, no_leftovers):
+@pytest.mark.usefixtures("no_leftovers")
+def test_ranks_with_different_weights_keep_their_own_stores(tmp_path):
     with Ranks(tmp_path, 2, "differ", worker=WORKER) as ranks:
         results = ranks.wait(timeout=240)
         assert all("equal" in r for r in results), ranks.logs()
@@ -48,7 +50,8 @@ def test_ranks_with_different_weights_keep_their_own_stores(tmp_path, no_leftove
         assert any("each rank keeps its own host store" in m and "weights differ" in m for m in r["messages"]), r
 
 
-def test_lora_merge_and_unmerge_change_the_shared_store_once(tmp_path, no_leftovers):
+@pytest.mark.usefixtures("no_leftovers")
+def test_lora_merge_and_unmerge_change_the_shared_store_once(tmp_path):
     """FastVideo's own LoRA pipeline at sequence parallelism 2 (set_lora_adapter, which converts and
     merges; unmerge_lora_weights; merge_lora_weights), each block's merge inside `handle.mutate(block)`
     on both ranks of the share, rank 1 a second late to each step: weights and outputs stay

@@ -69,8 +69,9 @@ def supervise(tmp_path, *args, tests=DEMO, pytest_args=()):
     (tmp_path / "tests").mkdir(exist_ok=True)
     (tmp_path / "tests" / "test_demo.py").write_text(tests)
     log = tmp_path / "tests.txt"
-    proc = subprocess.Popen([sys.executable, os.path.join(SCRIPTS, "gpu_tests.py"), "--title", "demo", "--log", str(log),
-                             *args, "--", "-q", "-p", "no:cacheprovider", *pytest_args, "tests/test_demo.py"],
+    proc = subprocess.Popen([sys.executable, os.path.join(SCRIPTS, "gpu_tests.py"), "--title", "demo",
+                             "--log", str(log), *args, "--", "-q", "-p", "no:cacheprovider", *pytest_args,
+                             "tests/test_demo.py"],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return proc, log
 
@@ -94,7 +95,8 @@ def test_a_hung_or_crashed_test_costs_that_test_alone_and_the_summary_prints(tmp
 
 
 def test_the_deadline_and_a_sigint_stop_pytest_and_still_summarize(tmp_path):
-    slow = "import time\n\ndef test_a_pass():\n    pass\n\ndef test_b_slow():\n    time.sleep(60)\n\ndef test_c_pass():\n    pass\n"
+    slow = ("import time\n\ndef test_a_pass():\n    pass\n\ndef test_b_slow():\n    time.sleep(60)\n\n"
+            "def test_c_pass():\n    pass\n")
     # A loaded CPU can take seconds to format pytest's KeyboardInterrupt report.
     proc, _ = supervise(tmp_path, "--per-test", "60", "--deadline", "4", "--sigint-wait", "30", tests=slow)
     out, _ = proc.communicate(timeout=60)
@@ -178,7 +180,8 @@ def test_the_summary_shows_what_went_wrong_and_counts_the_files(tmp_path):
 def correctness(*env):
     return subprocess.run([sys.executable, "-m", "fastvideo_offload.bench.correctness", "--device", "cpu"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, FASTVIDEO_OFFLOAD_CPU_TRANSFER="async", OMP_NUM_THREADS="1", **dict(env)))
+                          env=dict(os.environ, FASTVIDEO_OFFLOAD_CPU_TRANSFER="async", OMP_NUM_THREADS="1",
+                                   **dict(env)))
 
 
 def test_the_correctness_script_is_exact_on_the_asynchronous_device():

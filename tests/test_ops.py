@@ -11,7 +11,8 @@ ops = torch.ops.fastvideo_offload
 
 
 def test_layout_aligns_every_offset_and_sizes_exactly():
-    tensors = [torch.zeros(3, dtype=torch.uint8), torch.zeros(10, 10), torch.zeros(0), torch.zeros(1, dtype=torch.bfloat16)]
+    tensors = [torch.zeros(3, dtype=torch.uint8), torch.zeros(10, 10), torch.zeros(0),
+               torch.zeros(1, dtype=torch.bfloat16)]
     offsets, total = _ops.layout(tensors)
     assert offsets == [0, 256, 768, 768]
     assert total == 768 + 2
@@ -269,7 +270,8 @@ def test_alloc_host_rejects_bad_arguments():
 def test_opcheck_engine_staging_trace():
     engine = _ops.engine_create(torch.device("cpu"), 1)
     try:
-        torch.library.opcheck(ops.engine_staging_trace.default, (engine,), test_utils=("test_schema", "test_faketensor"))
+        torch.library.opcheck(ops.engine_staging_trace.default, (engine,),
+                              test_utils=("test_schema", "test_faketensor"))
     finally:
         _ops.engine_destroy(engine)
 

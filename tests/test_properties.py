@@ -69,7 +69,8 @@ def test_pack(ts, data):
         return
     assert buffer.numel() == total
     for off, t in zip(offsets, ts):
-        back = torch.empty(0, dtype=t.dtype).set_(buffer.untyped_storage(), off // t.element_size(), t.shape, t.stride())
+        back = torch.empty(0, dtype=t.dtype).set_(buffer.untyped_storage(), off // t.element_size(), t.shape,
+                                                  t.stride())
         assert bytes_of(back) == bytes_of(t)
 
 
@@ -124,7 +125,8 @@ def test_engine_add_block_enter_exit(ts, data):
 
 
 @SETTINGS
-@given(st.one_of(st.integers(max_value=0), st.integers(min_value=2**40, max_value=2**63 - 1)), st.integers(-(2**63), 2**63 - 1))
+@given(st.one_of(st.integers(max_value=0), st.integers(min_value=2**40, max_value=2**63 - 1)),
+       st.integers(-(2**63), 2**63 - 1))
 def test_unknown_engines_and_blocks(handle, block):
     for call in (
         lambda: ops.engine_enter(handle, block),

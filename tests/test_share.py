@@ -311,7 +311,8 @@ def test_cuda_store_is_pinned_in_place(tmp_path, pinned_blocks):
         torch.manual_seed(0)
         model = TinyDiT().eval()
         x = torch.randn(1, 16, 8)
-        budget = None if pinned_blocks is None else pinned_blocks * BlockStore.nbytes(list(model.blocks[0].parameters()))
+        block = BlockStore.nbytes(list(model.blocks[0].parameters()))
+        budget = None if pinned_blocks is None else pinned_blocks * block
         pinned = len(model.blocks) if pinned_blocks is None else pinned_blocks
         with torch.no_grad():
             expected = model.cuda()(x.cuda())

@@ -151,7 +151,8 @@ def test_auto_budget_arithmetic():
           "/sys/fs/cgroup/memory/memory.usage_in_bytes": f"{10 * GiB}\n"}
     assert pinning.auto_budget(reader(v1)) == 0
     # v1 without a limit says about 2**63.
-    assert pinning.auto_budget(reader({"/sys/fs/cgroup/memory/memory.limit_in_bytes": "9223372036854771712"})) == 8 * GiB
+    unlimited_v1 = {"/sys/fs/cgroup/memory/memory.limit_in_bytes": "9223372036854771712"}
+    assert pinning.auto_budget(reader(unlimited_v1)) == 8 * GiB
     with pytest.raises(RuntimeError, match="MemAvailable"):
         pinning.auto_budget(lambda path: "MemTotal: 1 kB\n" if path == "/proc/meminfo" else None)
 
@@ -282,7 +283,8 @@ def test_pinning_the_driver_does_not_support_falls_back_to_staging(cpu_device, m
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="fastvideo_offload"):
             handle = fo.enable(model, device="cpu", host_pin_budget=budget)
-        assert "pinning host memory failed (cudaHostRegister of 4096 bytes failed: operation not supported)" in caplog.text
+        failed = "pinning host memory failed (cudaHostRegister of 4096 bytes failed: operation not supported)"
+        assert failed in caplog.text
         assert handle.stats()["staged_blocks"] == LAYERS and handle.stats()["pinned_bytes"] == 0
         assert all(torch.equal(e, g) for e, g in zip(run(reference, inputs), run(model, inputs)))
 

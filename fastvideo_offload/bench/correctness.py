@@ -118,7 +118,9 @@ class Cases:
         return self.block // 2 if self.device.type == "cuda" else 0
 
 
-def check(cases: Cases, name: str, enable: Callable[[Cases], tuple[nn.Module, object]], budget: bool = False) -> list[str]:
+def check(
+    cases: Cases, name: str, enable: Callable[[Cases], tuple[nn.Module, object]], budget: bool = False
+) -> list[str]:
     """One case: its verdict line and, for a budget case, its bytes line; the problems it found."""
     begin = time.monotonic()
     try:
@@ -189,7 +191,8 @@ def all_cases() -> list[tuple[str, Callable, bool]]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fastvideo_offload.bench.correctness", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m fastvideo_offload.bench.correctness",
+                                description=__doc__.splitlines()[0])
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when there is one)")
     p.add_argument("--time-limit", type=float, default=35.0, metavar="SECONDS",
                    help="start no case after this many seconds (default: %(default)s)")

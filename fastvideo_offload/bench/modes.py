@@ -61,7 +61,8 @@ def view(model: nn.Module) -> nn.Module:
     copied. Nothing may write into them in place (a forward in inference mode does not)."""
     memo = {}
     for t in (*model.parameters(), *model.buffers()):
-        memo[id(t)] = nn.Parameter(t.detach(), requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else t.detach()
+        detached = t.detach()
+        memo[id(t)] = nn.Parameter(detached, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else detached
     return copy.deepcopy(model, memo)
 
 

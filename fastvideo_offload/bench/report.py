@@ -95,7 +95,8 @@ LOAD_WAYS = {"ours": "ours: meta + enable(checkpoint=)", "diffusers": "diffusers
 
 
 def _load_table(section: dict) -> list[str]:
-    on_host = "; on this CPU device they count in RSS and are left out of x store" if section["non_block_on_host"] else ""
+    on_host = ("; on this CPU device they count in RSS and are left out of x store"
+               if section["non_block_on_host"] else "")
     lines = [f"  {'way':<40}{'seconds':>9}{'peak RSS MB':>13}{'x store':>9}{'max abs diff':>14}"]
     for way, row in section["ways"].items():
         label = LOAD_WAYS.get(way, way)
@@ -138,7 +139,8 @@ def _target_line(target: dict) -> str:
         return f"  {target['name']:<46}{verdict:>7}  ({target['why']})"
     if target["at_most"] is None:  # an equality, in exact numbers
         relation = "==" if target["met"] else "!="
-        return f"  {target['name']:<46}{verdict:>7}  {target['value']:,} {relation} {target['limit']:,} {target['unit']}"
+        value = f"{target['value']:,} {relation} {target['limit']:,} {target['unit']}"
+        return f"  {target['name']:<46}{verdict:>7}  {value}"
     scale, unit = (GiB, "GiB") if target["unit"] == "bytes" else (1, target["unit"])
     value, limit = target["value"] / scale, target["limit"] / scale
     relation = ("<=" if target["met"] else ">") if target["at_most"] else (">=" if target["met"] else "<")

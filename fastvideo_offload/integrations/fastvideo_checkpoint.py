@@ -11,8 +11,9 @@ requires_grad, quantization, regional compile) runs as before.
 What this path cannot do exactly as FastVideo does falls back to FastVideo's own load into host
 memory (the patched loader offloads it from there), with the reason logged: a whole-parameter LoRA
 adapter, quantized linears, and a checkpoint the model does not fit exactly (merged or extra keys,
-zero-initialised parameters). A DiT without a list of blocks loads as FastVideo loads it. With several ranks on a node, the node's leader alone reads the blocks, into the
-store the ranks share (fastvideo.py).
+zero-initialised parameters). A DiT without a list of blocks loads as FastVideo loads it. With
+several ranks on a node, the node's leader alone reads the blocks, into the store the ranks share
+(fastvideo.py).
 """
 
 from __future__ import annotations
