@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from . import _ops
+from .arguments import byte_count
 from .planner import Plan, plan
 
 logger = logging.getLogger("fastvideo_offload")
@@ -25,13 +26,6 @@ logger = logging.getLogger("fastvideo_offload")
 #: and allocator fragmentation.
 AUTO_HEADROOM_BYTES = 1 << 30
 AUTO_HEADROOM_FRACTION = 0.05
-
-
-def check_budget(budget) -> None:
-    if budget is None or budget == "auto":
-        return
-    if isinstance(budget, bool) or not isinstance(budget, int) or not 0 <= budget < 2**63:
-        raise ValueError(f"device_budget must be a byte count in [0, 2**63), 'auto' or None, got {budget!r}")
 
 
 def auto_budget(device: torch.device, modules: list[nn.Module]) -> int:
@@ -109,7 +103,7 @@ class DeviceBudget:
 
     def set_budget(self, budget: int) -> None:
         """A new budget from the next forward on."""
-        check_budget(budget)
+        byte_count("set_device_budget", budget)
         old = self._total
         self._total = budget
         try:

@@ -15,12 +15,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import _ops, formats, share as node_share
-from .budget import DeviceBudget, check_budget
+from .arguments import byte_count
+from .budget import DeviceBudget
 from .blocks import BlockList, find_block_lists
 from .checkpoint import CheckpointWeights
 from .hooks import attach_block_hooks
 from .outside import OutsideCalls
-from .pinning import PinPlan, check_pin_budget, is_allocation_failure, resolve as resolve_pin_budget
+from .pinning import PinPlan, is_allocation_failure, resolve as resolve_pin_budget
 from .planner import ring_slots
 from .placement import OffloadReport
 from .retained import RetainedCheck
@@ -265,8 +266,7 @@ class OffloadHandle:
         """Caps the device bytes this model's slots take together (None: no cap). Past the cap
         prefetches are skipped; a block that must run frees the other slots first, and only a
         cap below one block raises torch.OutOfMemoryError."""
-        if nbytes is not None and (isinstance(nbytes, bool) or not isinstance(nbytes, int) or not 0 <= nbytes < 2**63):
-            raise ValueError(f"limit_device_memory expects a byte count in [0, 2**63) or None, got {nbytes!r}")
+        byte_count("limit_device_memory", nbytes, none=True)
         _ops.engine_set_slot_budget(self._engine, -1 if nbytes is None else nbytes)
 
     def set_device_budget(self, nbytes: int) -> None:
@@ -400,11 +400,18 @@ class OffloadHandle:
                 frame = frame.f_back
         return False
 
-    @property
-    def engine(self) -> int:
-        """The engine's integer handle, for the ops in `_ops` that the handle does not wrap (the
-        staging trace)."""
-        return self._engine
+    def trace_staging(self, on: bool = True) -> None:
+        """Starts (or stops) recording each piece the staging threads copy into the pinned ring;
+        `staging_trace` reads what they recorded. On before any block is staged, it traces from the
+        first fill."""
+        _ops.engine_trace_staging(self._engine, on)
+
+    def staging_trace(self) -> torch.Tensor:
+        """Returns and clears what the staging threads recorded since the last call: an int64
+        `[n, 4]` tensor, a row per piece (at most 4 MiB) copied into the ring, `(block, staging
+        thread, start, end)`, the times in nanoseconds of CLOCK_MONOTONIC (`time.monotonic_ns()`),
+        in the order the copies ended. At most 262144 rows per staging ring between reads."""
+        return _ops.engine_staging_trace(self._engine)
 
     @property
     def enabled(self) -> bool:
@@ -557,40 +564,48 @@ def enable(
     host_pin_budget: int | str | None = None,
     staging_threads: int = 1,
 ) -> OffloadHandle | PipelineHandle:
-    """Offloads `model`'s transformer blocks to host memory and streams each one to `device`
-    just before it runs, `prefetch` blocks ahead (cut to the number of other blocks: no more can
-    be in flight). Everything else moves to `device`.
+    """Offloads `model`'s transformer blocks to host memory and streams each one to `device` just
+    before it runs; everything else moves to `device`. Returns the OffloadHandle (stats, `mutate`,
+    `trim`, `disable`), or for a diffusers DiffusionPipeline a pipeline.PipelineHandle that places
+    every component under one budget (see pipeline.py).
 
-    `checkpoint`: a safetensors file, a sharded checkpoint's index json, or a directory holding
-    either (or a `CheckpointWeights(path, rename=...)` whose keys a loader renames). The weights are
-    read from it straight into the host store and onto the device, so a model built on the meta
-    device is offloaded without ever being whole in host memory.
+    Args:
+        model: an nn.Module holding its blocks in lists (nn.ModuleList or nn.Sequential), or a
+            diffusers DiffusionPipeline.
+        device: where the blocks run: "cuda", "cuda:N" (or N) or "cpu" (a CPU "device" streams into CPU
+            slots, as the tests do); None: the current CUDA device if there is one, else the CPU.
+        prefetch: how many blocks are copied ahead of the running one (0: each is copied when it
+            starts). Cut to the number of other blocks: no more can be in flight.
+        blocks: attribute paths of the lists to offload, every item of each a block, for example
+            ["blocks"] or ["transformer_blocks", "single_transformer_blocks"]; None: every list of
+            blocks found at any depth (blocks.py says how they are recognised).
+        group: a name; models enabled with the same group take turns on the device: when one
+            starts a forward the others free their slots (Wan2.2's two experts).
+        device_budget: the device bytes the whole model may take, or "auto" on CUDA (free memory
+            less headroom): the blocks that fit stay resident, the rest stream (budget.py).
+        checkpoint: a safetensors file, a sharded checkpoint's index json, a directory holding
+            either, or a CheckpointWeights(path, rename=...) whose keys a loader renames. The
+            weights are read from it straight into the host store, so a model built on the meta
+            device is offloaded without ever being whole in host memory.
+        share: "node" (or a ProcessGroup) keeps one host copy of the blocks per node for the ranks
+            of torch.distributed's default group (or of that group); every rank must call enable
+            with the same weights or the same checkpoint, which the node's leader alone reads
+            (share.py).
+        host_pin_budget: the host bytes that may be pinned, or "auto" (what the cgroup limit and
+            MemAvailable leave, less headroom; pinning.py); the blocks beyond it stay pageable and
+            are copied ahead of their upload into a small ring of pinned staging buffers. None:
+            every block pinned.
+        staging_threads: host threads that fill the staging ring (1 to 64).
 
-    Models enabled with the same `group` take turns: when one starts a forward, the others
-    free their device slots (Wan2.2's experts: the idle one holds no block on the GPU).
-
-    `device_budget` (bytes, or "auto" on CUDA: free memory less headroom): the device memory the
-    whole model may take; the blocks that fit stay resident, the rest stream (see budget.py).
-
-    `share="node"` (or a ProcessGroup) keeps one host copy of the blocks per node for the ranks of
-    torch.distributed's default group (or of that group): every rank of it must call `enable` with
-    the same weights, or the same `checkpoint`, which the node's leader alone reads; see share.py.
-
-    `host_pin_budget` (bytes, or "auto": what the cgroup limit and MemAvailable leave, less
-    headroom; see pinning.py): the blocks within it are pinned, the others stay pageable and are
-    copied ahead of their upload into a small ring of pinned staging buffers by `staging_threads`
-    host threads. None: every block pinned.
-
-    Given a diffusers DiffusionPipeline, places every component under one budget and returns a
-    pipeline.PipelineHandle (see pipeline.py)."""
+    A refused or failed call leaves the model as it was."""
     if isinstance(prefetch, bool) or not isinstance(prefetch, int):
         raise TypeError(f"prefetch must be an int, got {type(prefetch).__name__}")
     if prefetch < 0:
         raise ValueError(f"prefetch must be >= 0, got {prefetch}")
     if group is not None and not isinstance(group, str):
         raise TypeError(f"group must be a string, got {type(group).__name__}")
-    check_budget(device_budget)
-    check_pin_budget(host_pin_budget)
+    byte_count("device_budget", device_budget, auto=True, none=True)
+    byte_count("host_pin_budget", host_pin_budget, auto=True, none=True)
     if isinstance(staging_threads, bool) or not isinstance(staging_threads, int):
         raise TypeError(f"staging_threads must be an int, got {type(staging_threads).__name__}")
     if not 1 <= staging_threads <= 64:

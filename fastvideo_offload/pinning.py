@@ -27,15 +27,6 @@ _CGROUP_FILES = (
 )
 
 
-def check_pin_budget(budget) -> None:
-    if budget is None or budget == "auto":
-        return
-    if isinstance(budget, bool) or not isinstance(budget, int):
-        raise TypeError(f"host_pin_budget must be a byte count, 'auto' or None, got {budget!r}")
-    if not 0 <= budget < 2**63:
-        raise ValueError(f"host_pin_budget must be a byte count in [0, 2**63), got {budget}")
-
-
 def _read(path: str) -> str | None:
     try:
         with open(path) as f:

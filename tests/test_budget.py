@@ -212,13 +212,21 @@ def test_a_re_plan_copies_only_what_changed():
 
 
 def test_bad_budgets_are_refused():
-    for bad in (-1, 1.5, True, "lots", 2**63):
-        with pytest.raises(ValueError, match="device_budget must be a byte count"):
+    for bad in (-1, 2**63):
+        with pytest.raises(ValueError, match=r"device_budget must be a byte count in \[0, 2\*\*63\), 'auto' or None"):
             fo.enable(TinyDiT(), device="cpu", device_budget=bad)
+    for bad in (1.5, True, "lots"):  # the same rule as host_pin_budget's: a wrong type is a TypeError
+        with pytest.raises(TypeError, match="device_budget must be a byte count, 'auto' or None, got"):
+            fo.enable(TinyDiT(), device="cpu", device_budget=bad)
+        with pytest.raises(TypeError, match="host_pin_budget must be a byte count, 'auto' or None, got"):
+            fo.enable(TinyDiT(), device="cpu", host_pin_budget=bad)
     with pytest.raises(ValueError, match="device_budget='auto' reads free CUDA memory"):
         fo.enable(TinyDiT(), device="cpu", device_budget="auto")
     with pytest.raises(RuntimeError, match="enabled without device_budget"):
         fo.enable(TinyDiT(), device="cpu").set_device_budget(10)
+    handle = fo.enable(TinyDiT(), device="cpu", device_budget=10**9)
+    with pytest.raises(TypeError, match="set_device_budget must be a byte count, got 'auto'"):
+        handle.set_device_budget("auto")  # a new budget is a number: "auto" is read once, at enable
 
 
 def test_experts_of_a_group_take_turns_holding_their_resident_blocks():

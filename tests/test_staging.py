@@ -95,12 +95,11 @@ def test_the_staging_trace_records_every_fill(cpu_device, threads):
     pinned, steps, prefetch = 2, 3, 1
     handle = fo.enable(model, device="cpu", prefetch=prefetch, host_pin_budget=sum(block_bytes(model)[:pinned]),
                        staging_threads=threads)
-    engine = handle.engine
-    _ops.engine_trace_staging(engine, True)  # before the ring exists: it starts tracing when made
+    handle.trace_staging(True)  # before the ring exists: it starts tracing when made
     before = time.monotonic_ns()
     run(model, [tiny_input() for _ in range(steps)])
     after = time.monotonic_ns()
-    trace = _ops.engine_staging_trace(engine)
+    trace = handle.staging_trace()
     stagings = handle.stats()["stagings"]
     block, thread, start, end = trace.T
     assert set(block.tolist()) == set(range(pinned, LAYERS))  # the staged blocks only
@@ -112,12 +111,12 @@ def test_the_staging_trace_records_every_fill(cpu_device, threads):
     # once per step, or once more.
     assert stagings <= len(trace) <= stagings + prefetch + 2
     assert set(Counter(block.tolist()).values()) <= {steps, steps + 1}
-    assert len(_ops.engine_staging_trace(engine)) == 0  # read and cleared
-    _ops.engine_trace_staging(engine, False)
+    assert len(handle.staging_trace()) == 0  # read and cleared
+    handle.trace_staging(False)
     run(model, [tiny_input()])  # takes the fills that were in progress, traced, when it was switched off
-    _ops.engine_staging_trace(engine)
+    handle.staging_trace()
     run(model, [tiny_input()])
-    assert len(_ops.engine_staging_trace(engine)) == 0
+    assert len(handle.staging_trace()) == 0
 
 
 @pytest.mark.injected_race
@@ -230,7 +229,7 @@ def test_trim_frees_the_staging_ring(cpu_device):
     reference = TinyDiT(layers=LAYERS)
     model = copy.deepcopy(reference)
     handle = fo.enable(model, device="cpu", prefetch=1, host_pin_budget=sum(block_bytes(model)[:2]))
-    _ops.engine_trace_staging(handle.engine, True)
+    handle.trace_staging(True)
     x = tiny_input()
     expected = run(reference, [x])[0]
     assert torch.equal(run(model, [x])[0], expected)
@@ -241,11 +240,11 @@ def test_trim_frees_the_staging_ring(cpu_device):
     assert stats["staging_buffer_bytes"] == 0 and stats["device_bytes"] == 0
     assert stats["staging_pool_bytes"] == 0  # a model of no group keeps none of them either
     assert stats["stagings"] == stagings
-    assert len(_ops.engine_staging_trace(handle.engine)) >= stagings  # the freed ring's trace
+    assert len(handle.staging_trace()) >= stagings  # the freed ring's trace
     assert torch.equal(run(model, [x])[0], expected)
     stats = handle.stats()
     assert stats["staging_buffer_bytes"] == ring and stats["stagings"] >= 2 * stagings
-    assert len(_ops.engine_staging_trace(handle.engine)) >= stagings  # the new ring traces too
+    assert len(handle.staging_trace()) >= stagings  # the new ring traces too
 
 
 def test_experts_of_a_group_share_one_set_of_staging_buffers(cpu_device):

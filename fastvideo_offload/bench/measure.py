@@ -204,14 +204,14 @@ def engine_timeline(model: nn.Module, inputs: tuple, device: torch.device) -> di
     staging thread copied into the pinned ring (none when every block is pinned), from the
     engine's trace, which shares the host clock (CLOCK_MONOTONIC) with the marks here. Pieces
     copied ahead for the next step end after the step."""
-    engine = offloader.handle_of(model).engine
-    _ops.engine_trace_staging(engine, True)
+    handle = offloader.handle_of(model)
+    handle.trace_staging(True)
     try:
-        _ops.engine_staging_trace(engine)  # what earlier steps staged
+        handle.staging_trace()  # what earlier steps staged
         lanes, start_ns = _cuda_lanes(model, inputs, device) if device.type == "cuda" else _cpu_lanes(model, inputs)
-        trace = _ops.engine_staging_trace(engine).tolist()
+        trace = handle.staging_trace().tolist()
     finally:
-        _ops.engine_trace_staging(engine, False)
+        handle.trace_staging(False)
     lanes["staging"] = [[(begin - start_ns) / 1e6, (end - begin) / 1e6, thread, block]
                         for block, thread, begin, end in trace]
     return lanes
