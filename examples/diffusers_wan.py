@@ -22,25 +22,16 @@ EXPERTS = ("transformer", "transformer_2")
 def load_pipeline(root: str, device: str, dtype: torch.dtype, host_pin_budget="auto", prefetch: int = 1):
     """The WanPipeline saved in folder `root`, its transformer(s) offloaded to `device` from their
     checkpoints within `host_pin_budget` (bytes or "auto"), its other components on `device`."""
-    from accelerate import init_empty_weights
     from diffusers import WanPipeline, WanTransformer3DModel
 
     experts = {}
     for name in EXPERTS:
         folder = os.path.join(root, name)
-        if not os.path.isdir(folder):
-            continue
-        with init_empty_weights():
-            model = WanTransformer3DModel.from_config(WanTransformer3DModel.load_config(folder))
-        # The dtypes from_pretrained(dtype=dtype) gives: the class's fp32 modules stay fp32.
-        keep = getattr(model, "_keep_in_fp32_modules", None) or []
-        for param_name, p in model.named_parameters():
-            if not any(k in param_name.split(".") for k in keep):
-                p.data = p.data.to(dtype)
-        # One group: when one Wan2.2 expert starts, the other gives its device slots back.
-        fastvideo_offload.enable(model.eval(), device=device, prefetch=prefetch, group="wan", checkpoint=folder,
-                                 host_pin_budget=host_pin_budget)
-        experts[name] = model
+        if os.path.isdir(folder):
+            # One group: when one Wan2.2 expert starts, the other gives its device slots back.
+            experts[name] = fastvideo_offload.from_pretrained(
+                WanTransformer3DModel, folder, torch_dtype=dtype, device=device, prefetch=prefetch, group="wan",
+                host_pin_budget=host_pin_budget)
     pipe = WanPipeline.from_pretrained(root, dtype=dtype, **experts)
     pipe.text_encoder.to(device)
     pipe.vae.to(device)

@@ -8,8 +8,9 @@
 
 from .checkpoint import CheckpointWeights
 from .integrations.fastvideo import patch_fastvideo, unpatch_fastvideo
+from .loading import from_pretrained
 from .offloader import OffloadHandle, disable, enable, handle_of
 from .pipeline import PipelineHandle
 
-__all__ = ["CheckpointWeights", "OffloadHandle", "PipelineHandle", "disable", "enable", "handle_of", "patch_fastvideo",
-           "unpatch_fastvideo"]
+__all__ = ["CheckpointWeights", "OffloadHandle", "PipelineHandle", "disable", "enable", "from_pretrained", "handle_of",
+           "patch_fastvideo", "unpatch_fastvideo"]
