@@ -6,11 +6,13 @@
     handle.disable()                                 # every weight back on the device
 """
 
+from .api import disable, enable, handle_of
 from .checkpoint import CheckpointWeights
+from .config import OffloadConfig
 from .integrations.fastvideo import patch_fastvideo, unpatch_fastvideo
 from .loading import from_pretrained
-from .offloader import OffloadHandle, disable, enable, handle_of
+from .offloader import OffloadHandle
 from .pipeline import PipelineHandle
 
-__all__ = ["CheckpointWeights", "OffloadHandle", "PipelineHandle", "disable", "enable", "from_pretrained", "handle_of",
-           "patch_fastvideo", "unpatch_fastvideo"]
+__all__ = ["CheckpointWeights", "OffloadConfig", "OffloadHandle", "PipelineHandle", "disable", "enable",
+           "from_pretrained", "handle_of", "patch_fastvideo", "unpatch_fastvideo"]

@@ -17,18 +17,19 @@ import torch
 from torch import nn
 
 from . import _ops
-from .arguments import byte_count
+from .arguments import byte_count, leave_headroom
+from .hooks import Hooks
 from .planner import Plan, plan
 
 logger = logging.getLogger("fastvideo_offload")
 
-#: "auto" leaves this much of the device free: for other processes, the CUDA context's growth
-#: and allocator fragmentation.
-AUTO_HEADROOM_BYTES = 1 << 30
-AUTO_HEADROOM_FRACTION = 0.05
+#: device_budget="auto" leaves max(DEVICE_HEADROOM_MIN, DEVICE_HEADROOM_FRACTION of the device's
+#: memory) free: for other processes, the CUDA context's growth and allocator fragmentation.
+DEVICE_HEADROOM_MIN = 1 << 30
+DEVICE_HEADROOM_FRACTION = 0.05
 
 
-def auto_budget(device: torch.device, modules: list[nn.Module]) -> int:
+def auto_device_budget(device: torch.device, modules: list[nn.Module]) -> int:
     """device_budget="auto": free device memory plus what `modules` hold there already (memory they
     may use), less the headroom."""
     if device.type != "cuda":
@@ -36,7 +37,7 @@ def auto_budget(device: torch.device, modules: list[nn.Module]) -> int:
     free, total = torch.cuda.mem_get_info(device)
     tensors = {id(t): t for m in modules for t in [*m.parameters(), *m.buffers()] if t.device == device}
     held = sum(t.untyped_storage().nbytes() for t in tensors.values())
-    return free + held - max(AUTO_HEADROOM_BYTES, int(AUTO_HEADROOM_FRACTION * total))
+    return leave_headroom(free + held, total, at_least=DEVICE_HEADROOM_MIN, fraction=DEVICE_HEADROOM_FRACTION)
 
 
 class DeviceBudget:
@@ -51,18 +52,18 @@ class DeviceBudget:
         self._order = list(range(len(sizes)))  # the execution order planned in
         self._activations = 0
         self._measuring = False
-        self._total = auto_budget(device, [model]) if budget == "auto" else budget
+        self._total = auto_device_budget(device, [model]) if budget == "auto" else budget
         self.plan: Plan = self._plan()
         self._applied: frozenset[int] | None = None  # the resident blocks the engine holds
-        self._hooks = []
 
-    def attach(self, model: nn.Module, engine: int) -> None:
-        """Applies the plan to the engine that now holds the blocks, and measures every forward."""
+    def attach(self, model: nn.Module, engine: int, hooks: Hooks) -> None:
+        """Applies the plan to the engine that now holds the blocks, and measures every forward
+        (hooks into the model's set)."""
         self._engine = engine
         self._apply()
         if self._device.type == "cuda":
             _ops.engine_watch_memory(engine, True)
-        self._hooks = [model.register_forward_pre_hook(self._before), model.register_forward_hook(self._after)]
+        hooks.add(model.register_forward_pre_hook(self._before), model.register_forward_hook(self._after))
 
     @property
     def blocks_budget(self) -> int:
@@ -157,8 +158,3 @@ class DeviceBudget:
         except ValueError as exc:
             self._activations = old
             logger.warning("a forward's activations (%.1f MiB) leave no room to plan in: %s", activations / 2**20, exc)
-
-    def remove(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks.clear()

@@ -1,12 +1,51 @@
-"""The forward pre-hook and post-hook of an offloaded block: one C++ call each, and two checks."""
+"""The hooks of an offloaded model: the set that holds them all, removed together, and the forward
+pre-hook and post-hook of a block (one C++ call each, and two checks)."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
+from torch.compiler import is_compiling
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from . import _ops
+
+
+class Hooks:
+    """Every hook one offloaded model puts on its modules (blocks, state_dict, budget, outside calls),
+    whichever room attached it: `disable`, or an `enable` that failed, removes them in one place."""
+
+    def __init__(self):
+        self._handles: list[RemovableHandle] = []
+
+    def add(self, *handles: RemovableHandle) -> None:
+        self._handles.extend(handles)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+def eager(hook: Callable) -> Callable:
+    """`hook`, kept out of any compiled graph (the swap must run eagerly, around a compiled block or
+    between the graphs of a compiled model) without loading the compiler before anything compiles:
+    `torch.compiler.disable` imports torch._dynamo (1-2 s, 150 MB), so it is applied when the
+    compiler, tracing this hook, is loaded anyway."""
+    disabled: list[Callable] = []
+
+    @functools.wraps(hook)
+    def run(*args):
+        if is_compiling():
+            if not disabled:
+                disabled.append(torch.compiler.disable(hook))
+            return disabled[0](*args)
+        return hook(*args)
+
+    return run
 
 
 def attach_block_hooks(
@@ -16,12 +55,11 @@ def attach_block_hooks(
     autocast_on, drop_casts = torch.is_autocast_enabled, torch.clear_autocast_cache
     grad_on = torch.is_grad_enabled
 
-    # Disabled for the compiler: the swap must stay eager, outside any compiled graph.
-    @torch.compiler.disable
+    @eager
     def pre_forward(module, args):
         enter(engine, index)
 
-    @torch.compiler.disable
+    @eager
     def post_forward(module, args, output):
         try:
             exit_(engine, index)

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .offloader import enable
+from .api import enable
 
 
 def from_pretrained(

@@ -1,25 +1,24 @@
-"""One offloaded model: enabling, the handle users keep, and disabling."""
+"""One offloaded model: the handle `enable` builds and users keep, and its `disable`."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import sys
 import weakref
-from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import _ops, formats, share as node_share
+from . import _ops, formats, registry, share as node_share
 from .arguments import byte_count
 from .budget import DeviceBudget
 from .blocks import BlockList, find_block_lists
 from .checkpoint import CheckpointWeights
-from .hooks import attach_block_hooks
+from .config import OffloadConfig
+from .hooks import Hooks, attach_block_hooks, eager
 from .outside import OutsideCalls
 from .pinning import PinPlan, is_allocation_failure, resolve as resolve_pin_budget
 from .planner import ring_slots
@@ -27,39 +26,9 @@ from .placement import OffloadReport
 from .retained import RetainedCheck
 from .sources import LiveWeights, assign
 from .state_dict import attach_state_dict_hooks
-from .store import BlockStore, span as _flat
-
-if TYPE_CHECKING:
-    from .pipeline import PipelineHandle
+from .store import BlockStore, span, span_elements
 
 logger = logging.getLogger("fastvideo_offload")
-
-_HANDLE_ATTR = "_fastvideo_offload_handle"
-#: Models enabled with the same `group` take turns on the device (Wan2.2's two experts).
-_GROUPS: dict[str, weakref.WeakSet] = {}
-
-
-def resolve_device(device: torch.device | str | int | None) -> torch.device:
-    """None means the current CUDA device when there is one, else the CPU."""
-    if device is None:
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"device: {device!r} is not a device") from exc
-    if device.type == "cpu":
-        return torch.device("cpu")
-    if device.type != "cuda":
-        raise ValueError(f"device: offloading to {device.type} is not supported (cpu or cuda)")
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    index = device.index if device.index is not None else (torch.cuda.current_device() if count else 0)
-    if index >= count:
-        raise ValueError(f"device: {device} does not exist ({count} CUDA device(s) visible)")
-    # Tensor.is_pinned() answers False until torch has set up CUDA, and enable() may be a
-    # process's first CUDA call.
-    torch.cuda.init()
-    return torch.device("cuda", index)
-
 
 def _param_names(model: nn.Module) -> dict[int, list[str]]:
     """Every name under which each parameter is registered (a tied weight has several)."""
@@ -107,39 +76,34 @@ def _finalize_engine(engine: int) -> None:
 
 
 class OffloadHandle:
-    """What `enable` returns: stats, weight changes, and `disable`."""
+    """What `enable` returns for one model: stats, weight changes, and `disable`.
 
-    def __init__(
-        self,
-        model: nn.Module,
-        device: torch.device,
-        prefetch: int,
-        lists: list[BlockList],
-        group: str | None = None,
-        device_budget: int | str | None = None,
-        source: LiveWeights | CheckpointWeights | node_share.NodeShare | None = None,
-        host_pin_budget: int | str | None = None,
-        staging_threads: int = 1,
-    ):
+    Built top-down, each room once: the plan (which parameters each block offloads, the checks, the
+    device budget), the host stores, the engine that streams them, then the hooks."""
+
+    def __init__(self, model: nn.Module, lists: list[BlockList], config: OffloadConfig,
+                 source: LiveWeights | CheckpointWeights | node_share.NodeShare):
         # Weak: the model holds the handle (attribute, hooks), so a strong reference back would make
         # a cycle, and `del model` would free neither slots nor host memory until a GC pass.
         self._model_ref = weakref.ref(model)
+        device = config.device
         self.device = device
-        self.group = group
+        self.group = config.group
         self.block_paths = [path for path, _ in lists]
 
         # Everything is checked before anything changes: a refused model is left as it was.
         _check_blocks_registered_once(model, lists)
-        source = source or LiveWeights()
         source.check(model)
         self._source = source  # a node's shared store stays pinned as long as the handle lives
         self._budget: DeviceBudget | None = None
         blocks = [named for _, named_blocks in lists for named in named_blocks]
         # What can be in flight is bounded by the blocks: a deeper prefetch would only reserve more.
-        self.prefetch = ring_slots(prefetch, len(blocks)) - 1
-        if prefetch > max(self.prefetch, 1):
+        self.prefetch = ring_slots(config.prefetch, len(blocks)) - 1
+        if config.prefetch > max(self.prefetch, 1):
             logger.info("prefetch %d is cut to %d: no more blocks than that can be ahead of the running one",
-                        prefetch, self.prefetch)
+                        config.prefetch, self.prefetch)
+        #: The checked arguments this model was enabled with (prefetch as cut).
+        self.config = config.replace(prefetch=self.prefetch)
         self._block_index = {id(block): index for index, (_, block) in enumerate(blocks)}
         names = _param_names(model)
         block_params = _block_params(blocks, names)
@@ -153,49 +117,38 @@ class OffloadHandle:
             logger.info("%d parameter(s) shared outside a single block stay resident on %s", len(shared), device)
         formats.check(((names[id(p)][0], p) for params in block_params for p in params), device)
         report = OffloadReport.measure(model, lists, offloaded)
-        if device_budget is not None:
+        if config.device_budget is not None:
             self._budget = DeviceBudget(model, device, [BlockStore.nbytes(params) for params in block_params],
-                                        self.prefetch + 1, _staying_bytes(model, offloaded), device_budget)
+                                        self.prefetch + 1, _staying_bytes(model, offloaded), config.device_budget)
         retained = RetainedCheck(
             [held for params in block_params for p in params for held in formats.holders(names[id(p)][0], p)]
         )
 
         # The models of a group take turns on the device, so one set of staging buffers serves them all.
-        peers = group_handles(group) if group is not None else []
+        peers = registry.group_handles(config.group) if config.group is not None else []
         peer = next((h._engine for h in peers if h.device == device), 0)
-        self._engine = _ops.engine_create(device, self.prefetch, staging_threads, peer)
+        self._engine = _ops.engine_create(device, self.prefetch, config.staging_threads, peer)
         self._finalizer = weakref.finalize(self, _finalize_engine, self._engine)
         self._stores: list[BlockStore] = []
-        self._hooks = []
+        self._hooks = Hooks()
         self._outside: OutsideCalls | None = None
         undo = _Undo(model, offloaded)
         try:
-            pin = PinPlan(resolve_pin_budget(host_pin_budget), device.type == "cuda")
+            pin = PinPlan(resolve_pin_budget(config.host_pin_budget), device.type == "cuda")
             self._pack_blocks(blocks, block_params, names, source, pin)
             self._move_resident(offloaded, source)
-            host_views = {
-                n: host for store in self._stores for p, host in store.host_weights() for n in names[id(p)]
-            }
-            self._hooks += attach_state_dict_hooks(model, host_views, self._weights_changed,
-                                                   source if isinstance(source, node_share.NodeShare) else None)
-            self._outside = OutsideCalls(
-                blocks, {id(p): view for s in self._stores for p, view in zip(s.params, s.views)},
-                lambda view: _on_device(view, device),
-            )
-            if self._budget is not None:
-                self._budget.attach(model, self._engine)
-            self._hooks.append(model.register_forward_pre_hook(self._before_forward))
+            self._attach_hooks(model, blocks, names, source)
         except BaseException:
             self._destroy_engine()
-            self._remove_hooks()
+            self._hooks.remove()
             undo.restore(self._stores)
             self._stores.clear()
             raise
         del undo  # it holds device tensors until here; the check below sees what else does
         self._retained_bytes = retained.measure(blocks)
-        if group is not None:
-            _GROUPS.setdefault(group, weakref.WeakSet()).add(self)
-        setattr(model, _HANDLE_ATTR, self)
+        if config.group is not None:
+            registry.join_group(config.group, self)
+        registry.attach(model, self)
         stats = self.stats()
         logger.info(
             "offloading %d blocks (%s) of %s: %.1f MiB in host memory, %d device slot(s) of %.1f MiB on %s",
@@ -203,6 +156,24 @@ class OffloadHandle:
             stats["host_bytes"] / 2**20, self.prefetch + 1, stats["slot_bytes"] / 2**20, device,
         )
         report.log(type(model).__name__, device)
+
+    def _attach_hooks(self, model: nn.Module, blocks, names, source) -> None:
+        """Every hook this model gets, into the one set that `disable` (or a failed enable) removes."""
+        # OutsideCalls belongs to the handle: its copy function holding the handle would be a cycle,
+        # and `del model` would wait for a GC pass to free the engine.
+        hooks, device = self._hooks, self.device
+        for index, (path, block) in enumerate(blocks):
+            hooks.add(*attach_block_hooks(block, path, self._engine, index, device.type))
+        host_views = {n: host for store in self._stores for p, host in store.host_weights() for n in names[id(p)]}
+        hooks.add(*attach_state_dict_hooks(model, host_views, self._weights_changed,
+                                           source if isinstance(source, node_share.NodeShare) else None))
+        self._outside = OutsideCalls(
+            blocks, {id(p): view for s in self._stores for p, view in zip(s.params, s.views)},
+            lambda view: _on_device(view, device), hooks,
+        )
+        if self._budget is not None:
+            self._budget.attach(model, self._engine, hooks)
+        hooks.add(model.register_forward_pre_hook(eager(self._before_forward)))
 
     @property
     def _model(self) -> nn.Module | None:
@@ -230,7 +201,7 @@ class OffloadHandle:
                                     pin, target)
         with contextlib.closing(stores), tqdm(total=total, unit="B", unit_scale=True, leave=False, disable=None,
                                               desc=f"fastvideo_offload: {source.label}") as progress:
-            for index, (path, block) in enumerate(blocks):
+            for path, _ in blocks:
                 try:
                     store = next(stores)
                 except Exception as exc:
@@ -240,14 +211,12 @@ class OffloadHandle:
                     raise _out_of_host_memory(exc, path, pinned, total, obtained) from exc
                 store.add_to(self._engine)
                 self._stores.append(store)
-                self._hooks += attach_block_hooks(block, path, self._engine, index, self.device.type)
                 progress.update(store.size)
 
     def _weights_changed(self) -> None:
         _ops.engine_invalidate(self._engine)
         self._outside.refresh()
 
-    @torch.compiler.disable
     def _before_forward(self, module, args) -> None:
         # No block can be running when the whole model starts: one still entered was left by an
         # interrupted forward (KeyboardInterrupt skips torch's always-called post-hooks).
@@ -258,7 +227,7 @@ class OffloadHandle:
             torch.clear_autocast_cache()
         if self.group is not None:
             # The other models of the group give their device slots back (Wan2.2's idle expert).
-            for other in group_handles(self.group):
+            for other in registry.group_handles(self.group):
                 if other is not self and other.device == self.device:
                     other.trim()
 
@@ -327,7 +296,7 @@ class OffloadHandle:
                 if p.shape != view.shape or p.dtype != view.dtype:
                     problems.append(f"{name}: {view.dtype} {tuple(view.shape)} became {p.dtype} {tuple(p.shape)}")
                 elif p.stride() == view.stride():
-                    writes.append((name, _flat(view), _flat(p.detach())))
+                    writes.append((name, span(view), span(p.detach())))
                 elif _overlaps(view):
                     # Values laid out otherwise need not fit strides whose elements share memory.
                     problems.append(f"{name}: its strides {view.stride()} overlap and became {p.stride()}")
@@ -440,26 +409,16 @@ class OffloadHandle:
         self._destroy_engine()
         for p, data in restored:
             p.data = data
-        self._remove_hooks()
+        self._hooks.remove()
+        self._outside = None  # its resident copies of submodules' weights go now
         self._stores.clear()
         self._source = None  # a node's share: its blocks are unpinned and unmapped now, not when the handle goes
-        model = self._model
-        if model is not None and getattr(model, _HANDLE_ATTR, None) is self:
-            delattr(model, _HANDLE_ATTR)
+        registry.detach(self._model, self)
 
     def _destroy_engine(self) -> None:
         if self._finalizer.alive:
             _ops.engine_destroy(self._engine)  # refuses while a block is running
             self._finalizer.detach()
-
-    def _remove_hooks(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks.clear()
-        if self._outside is not None:
-            self._outside.remove()
-        if self._budget is not None:
-            self._budget.remove()
 
 
 class _Undo:
@@ -532,120 +491,15 @@ def _retold(exc: Exception, message: str) -> Exception:
         return RuntimeError(message)
 
 
-def group_handles(group: str) -> list[OffloadHandle]:
-    """The enabled handles of a group."""
-    return [h for h in list(_GROUPS.get(group, ())) if h.enabled]
-
-
 def _on_device(view: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A device copy of a host-store view with the same shape, strides and values. The span its
     strides reach is copied as one run of elements: a plain .to() would not keep strides with
     gaps, and an element-wise copy_ refuses overlapping ones (an expanded, stride-0 parameter)."""
     data = torch.empty_strided(view.shape, view.stride(), dtype=view.dtype, device=device)
-    _flat(data).copy_(_flat(view))
+    span(data).copy_(span(view))
     return data
 
 
 def _overlaps(t: torch.Tensor) -> bool:
     """Whether some elements of `t` share memory (expanded, or fewer elements in its span than it has)."""
-    return any(size > 1 and stride == 0 for size, stride in zip(t.shape, t.stride())) or _flat(t).numel() < t.numel()
-
-
-def enable(
-    model,
-    *,
-    device: torch.device | str | int | None = None,
-    prefetch: int = 1,
-    blocks: Sequence[str] | None = None,
-    group: str | None = None,
-    device_budget: int | str | None = None,
-    checkpoint: str | os.PathLike | CheckpointWeights | None = None,
-    share=None,
-    host_pin_budget: int | str | None = None,
-    staging_threads: int = 1,
-) -> OffloadHandle | PipelineHandle:
-    """Offloads `model`'s transformer blocks to host memory and streams each one to `device` just
-    before it runs; everything else moves to `device`. Returns the OffloadHandle (stats, `mutate`,
-    `trim`, `disable`), or for a diffusers DiffusionPipeline a pipeline.PipelineHandle that places
-    every component under one budget (see pipeline.py).
-
-    Args:
-        model: an nn.Module holding its blocks in lists (nn.ModuleList or nn.Sequential), or a
-            diffusers DiffusionPipeline.
-        device: where the blocks run: "cuda", "cuda:N" (or N) or "cpu" (a CPU "device" streams into CPU
-            slots, as the tests do); None: the current CUDA device if there is one, else the CPU.
-        prefetch: how many blocks are copied ahead of the running one (0: each is copied when it
-            starts). Cut to the number of other blocks: no more can be in flight.
-        blocks: attribute paths of the lists to offload, every item of each a block, for example
-            ["blocks"] or ["transformer_blocks", "single_transformer_blocks"]; None: every list of
-            blocks found at any depth (blocks.py says how they are recognised).
-        group: a name; models enabled with the same group take turns on the device: when one
-            starts a forward the others free their slots (Wan2.2's two experts).
-        device_budget: the device bytes the whole model may take, or "auto" on CUDA (free memory
-            less headroom): the blocks that fit stay resident, the rest stream (budget.py).
-        checkpoint: a safetensors file, a sharded checkpoint's index json, a directory holding
-            either, or a CheckpointWeights(path, rename=...) whose keys a loader renames. The
-            weights are read from it straight into the host store, so a model built on the meta
-            device is offloaded without ever being whole in host memory.
-        share: "node" (or a ProcessGroup) keeps one host copy of the blocks per node for the ranks
-            of torch.distributed's default group (or of that group); every rank must call enable
-            with the same weights or the same checkpoint, which the node's leader alone reads
-            (share.py).
-        host_pin_budget: the host bytes that may be pinned, or "auto" (what the cgroup limit and
-            MemAvailable leave, less headroom; pinning.py); the blocks beyond it stay pageable and
-            are copied ahead of their upload into a small ring of pinned staging buffers. None:
-            every block pinned.
-        staging_threads: host threads that fill the staging ring (1 to 64).
-
-    A refused or failed call leaves the model as it was."""
-    if isinstance(prefetch, bool) or not isinstance(prefetch, int):
-        raise TypeError(f"prefetch must be an int, got {type(prefetch).__name__}")
-    if prefetch < 0:
-        raise ValueError(f"prefetch must be >= 0, got {prefetch}")
-    if group is not None and not isinstance(group, str):
-        raise TypeError(f"group must be a string, got {type(group).__name__}")
-    byte_count("device_budget", device_budget, auto=True, none=True)
-    byte_count("host_pin_budget", host_pin_budget, auto=True, none=True)
-    if isinstance(staging_threads, bool) or not isinstance(staging_threads, int):
-        raise TypeError(f"staging_threads must be an int, got {type(staging_threads).__name__}")
-    if not 1 <= staging_threads <= 64:
-        raise ValueError(f"staging_threads must be in [1, 64], got {staging_threads}")
-    from .pipeline import enable_pipeline, is_pipeline  # it imports this module
-
-    if is_pipeline(model):
-        if checkpoint is not None or share is not None or host_pin_budget is not None:
-            raise ValueError("checkpoint=, share= and host_pin_budget= apply to a model: a pipeline's components "
-                             "load their own weights and are not shared between ranks")
-        return enable_pipeline(model, device, prefetch, blocks, group, device_budget)
-    shared = node_share.resolve(share)
-    try:  # from here on a failure is told to the other ranks of a share, which would wait for this one
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"enable expects an nn.Module or a diffusers DiffusionPipeline, got {type(model).__name__}")
-        if getattr(model, _HANDLE_ATTR, None) is not None:
-            raise RuntimeError(f"offload is already enabled on this {type(model).__name__}; disable it first")
-        device = resolve_device(device)
-        if checkpoint is None:
-            source = LiveWeights()
-        else:
-            source = checkpoint if isinstance(checkpoint, CheckpointWeights) else CheckpointWeights(checkpoint)
-        if shared is not None:
-            source = shared.over(source)
-        return OffloadHandle(model, device, prefetch, find_block_lists(model, blocks), group, device_budget, source,
-                             host_pin_budget, staging_threads)
-    except BaseException as exc:
-        if shared is not None:
-            shared.abandon(exc)  # the other ranks learn it in the share's first step
-        raise
-
-
-def disable(model) -> None:
-    """Undoes `enable(model)` (a model or a pipeline)."""
-    handle = getattr(model, _HANDLE_ATTR, None)
-    if handle is None:
-        raise RuntimeError(f"offload is not enabled on this {type(model).__name__}")
-    handle.disable()
-
-
-def handle_of(model: nn.Module) -> OffloadHandle | None:
-    """The handle of an offloaded model, or None."""
-    return getattr(model, _HANDLE_ATTR, None)
+    return any(size > 1 and stride == 0 for size, stride in zip(t.shape, t.stride())) or span_elements(t) < t.numel()

@@ -20,9 +20,9 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from . import formats
+from .hooks import Hooks
 
 logger = logging.getLogger("fastvideo_offload")
 
@@ -61,10 +61,11 @@ class OutsideCalls:
         blocks: list[tuple[str, nn.Module]],
         host_views: dict[int, torch.Tensor],
         copy: Callable[[torch.Tensor], torch.Tensor],
+        hooks: Hooks,
     ):
         self._copy = copy
         self._resident: list[_Resident] = []
-        self._hooks: list[RemovableHandle] = []
+        self._hooks = hooks  # the model's: the probes, and the post-hooks added when a call is found
         for path, block in blocks:
             for name, sub in block.named_modules():
                 # What the engine swaps: a wrapper subclass's (torchao's) inner tensors.
@@ -73,7 +74,7 @@ class OutsideCalls:
                 if sub is block or not params:
                     continue
                 views = [host_views[id(p)] for p in params]
-                self._hooks.append(sub.register_forward_pre_hook(self._probe(f"{path}.{name}", params, views)))
+                hooks.add(sub.register_forward_pre_hook(self._probe(f"{path}.{name}", params, views)))
 
     def _probe(self, name: str, params: list[nn.Parameter], views: list[torch.Tensor]):
         found: list[_Resident] = []
@@ -85,7 +86,7 @@ class OutsideCalls:
                 found.append(_Resident(params, views, self._copy))
                 self._resident.append(found[0])
                 # torch reads a module's post-hooks after its forward: this one runs for this call too.
-                self._hooks.append(module.register_forward_hook(found[0].swap_out, always_call=True))
+                self._hooks.add(module.register_forward_hook(found[0].swap_out, always_call=True))
                 logger.info(
                     "%s runs outside its block's forward: its %.2f MiB of weights stay resident for those calls",
                     name, found[0].nbytes() / 2**20,
@@ -102,9 +103,3 @@ class OutsideCalls:
         """Copies the host store's weights again (after load_state_dict or mutate)."""
         for r in self._resident:
             r.refresh()
-
-    def remove(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks.clear()
-        self._resident.clear()

@@ -11,15 +11,16 @@ from collections.abc import Callable
 
 import torch
 
+from .arguments import leave_headroom
 from .store import BlockStore
 
 logger = logging.getLogger("fastvideo_offload")
 
-#: "auto" leaves this much of the memory limit unpinned (at least AUTO_HEADROOM_MIN): pinned pages
-#: cannot be reclaimed or swapped, and the pageable blocks, activations and the rest of the process
-#: still need room.
-AUTO_HEADROOM_FRACTION = 0.25
-AUTO_HEADROOM_MIN = 2 << 30
+#: host_pin_budget="auto" leaves max(PIN_HEADROOM_MIN, PIN_HEADROOM_FRACTION of the memory limit)
+#: unpinned: pinned pages cannot be reclaimed or swapped, and the pageable blocks, activations and
+#: the rest of the process still need room.
+PIN_HEADROOM_MIN = 2 << 30
+PIN_HEADROOM_FRACTION = 0.25
 
 _CGROUP_FILES = (
     ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2
@@ -35,9 +36,9 @@ def _read(path: str) -> str | None:
         return None
 
 
-def auto_budget(read: Callable[[str], str | None] = _read) -> int:
+def auto_pin_budget(read: Callable[[str], str | None] = _read) -> int:
     """Bytes that may be pinned: the memory still available (MemAvailable, and the cgroup's limit
-    less its usage, whichever is less), less max(AUTO_HEADROOM_MIN, AUTO_HEADROOM_FRACTION of the
+    less its usage, whichever is less), less max(PIN_HEADROOM_MIN, PIN_HEADROOM_FRACTION of the
     memory limit: MemTotal or the cgroup's, whichever is less). `read(path)` gives a file's text or None."""
     meminfo = {}
     for line in (read("/proc/meminfo") or "").splitlines():
@@ -55,8 +56,7 @@ def auto_budget(read: Callable[[str], str | None] = _read) -> int:
             usage = int((read(usage_file) or "0").strip() or 0)
             limit, available = int(text), min(available, max(0, int(text) - usage))
             break
-    headroom = max(AUTO_HEADROOM_MIN, int(limit * AUTO_HEADROOM_FRACTION))
-    return max(0, available - headroom)
+    return leave_headroom(available, limit, at_least=PIN_HEADROOM_MIN, fraction=PIN_HEADROOM_FRACTION)
 
 
 class PinPlan:
@@ -113,7 +113,7 @@ def _staged(store: BlockStore) -> BlockStore:
 
 
 def resolve(budget: int | str | None) -> int | None:
-    return auto_budget() if budget == "auto" else budget
+    return auto_pin_budget() if budget == "auto" else budget
 
 
 def is_allocation_failure(exc: BaseException) -> bool:

@@ -24,9 +24,13 @@ import sys
 import torch
 from torch import nn
 
-from .budget import auto_budget
-from .offloader import _HANDLE_ATTR, OffloadHandle, enable, footprint, handle_of, resolve_device
+from . import formats, registry
+from .blocks import find_block_lists
+from .budget import auto_device_budget
+from .config import OffloadConfig
+from .offloader import OffloadHandle, footprint
 from .planner import plan, ring_slots
+from .sources import LiveWeights
 
 PLANNED, STREAMED, MOVED = "planned", "streamed", "moved"
 _groups = itertools.count()
@@ -34,7 +38,7 @@ _groups = itertools.count()
 
 def _nbytes(module: nn.Module) -> int:
     tensors = {id(t): t for t in [*module.parameters(), *module.buffers()]}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    return sum(map(formats.nbytes, tensors.values()))  # a tensor subclass by its inner tensors
 
 
 class _Placement:
@@ -67,15 +71,16 @@ class _Placement:
 class PipelineHandle:
     """What `enable(pipe)` returns: per-component stats, and `disable` for all of them."""
 
-    def __init__(self, pipe, device: torch.device, prefetch: int, device_budget: int | str | None):
+    def __init__(self, pipe, config: OffloadConfig):
         components = {name: m for name, m in pipe.components.items() if isinstance(m, nn.Module)}
         for name, module in components.items():
-            if handle_of(module) is not None:
+            if registry.handle_of(module) is not None:
                 raise RuntimeError(f"enable(pipeline): offload is already enabled on its {name}; disable it first")
         # Sized and planned before anything changes: a pipeline refused is left as it was.
         self.placement: dict[str, str] = {}
         staying: dict[str, int] = {}
         sizes: dict[str, list[int]] = {}
+        device, prefetch = config.device, config.prefetch
         for name, module in components.items():
             kept, block_sizes = (0, []) if name.startswith("vae") else footprint(module)
             ring = ring_slots(prefetch, len(block_sizes)) * max(block_sizes, default=0)
@@ -88,8 +93,9 @@ class PipelineHandle:
                 kept = _nbytes(module)
             staying[name], sizes[name] = kept, block_sizes
         self.device = device
+        device_budget = config.device_budget
         if device_budget == "auto":
-            device_budget = auto_budget(device, list(components.values()))
+            device_budget = auto_device_budget(device, list(components.values()))
         self.device_budget = device_budget
         self.shares: dict[str, int] = {}
         if self.device_budget is not None:
@@ -102,8 +108,11 @@ class PipelineHandle:
         order = [n for role in (STREAMED, PLANNED) for n, r in self.placement.items() if r == role]
         try:
             for name in order:
-                self.handles[name] = enable(components[name], device=device, prefetch=prefetch, group=group,
-                                            device_budget=self.shares.get(name))
+                module = components[name]
+                self.handles[name] = OffloadHandle(
+                    module, find_block_lists(module), config.replace(group=group, device_budget=self.shares.get(name)),
+                    LiveWeights(),
+                )
             for name, role in self.placement.items():
                 if role == MOVED:
                     self._placements[name].move(device)
@@ -111,7 +120,7 @@ class PipelineHandle:
             self._undo(list(self.placement))
             raise
         self._moved_bytes = {name: staying[name] for name, role in self.placement.items() if role == MOVED}
-        setattr(pipe, _HANDLE_ATTR, self)
+        registry.attach(pipe, self)
 
     def _split(self, staying: dict[str, int], sizes: dict[str, list[int]], prefetch: int) -> None:
         budget = self.device_budget
@@ -160,8 +169,7 @@ class PipelineHandle:
         if not self.enabled:
             raise RuntimeError("offload is already disabled for this pipeline")
         self._undo(list(self._placements))
-        if getattr(self._pipe, _HANDLE_ATTR, None) is self:
-            delattr(self._pipe, _HANDLE_ATTR)
+        registry.detach(self._pipe, self)
 
 
 def is_pipeline(obj) -> bool:
@@ -171,11 +179,11 @@ def is_pipeline(obj) -> bool:
     return diffusers is not None and isinstance(obj, diffusers.DiffusionPipeline)
 
 
-def enable_pipeline(pipe, device, prefetch: int, blocks, group, device_budget: int | str | None) -> PipelineHandle:
-    """`enable` on a pipeline, its arguments already checked."""
+def check_pipeline_arguments(blocks, group, checkpoint, share, host_pin_budget) -> None:
+    """Refuses what `enable` takes for a model but a pipeline chooses per component."""
+    if checkpoint is not None or share is not None or host_pin_budget is not None:
+        raise ValueError("checkpoint=, share= and host_pin_budget= apply to a model: a pipeline's components "
+                         "load their own weights and are not shared between ranks")
     if blocks is not None or group is not None:
         raise ValueError("enable(pipeline): blocks= and group= are chosen per component for a pipeline; enable a "
                          "component on its own to set them")
-    if getattr(pipe, _HANDLE_ATTR, None) is not None:
-        raise RuntimeError(f"offload is already enabled on this {type(pipe).__name__}; disable it first")
-    return PipelineHandle(pipe, resolve_device(device), prefetch, device_budget)

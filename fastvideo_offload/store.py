@@ -87,7 +87,7 @@ class BlockStore:
         end = 0
         for off, view in sorted(zip(offsets, views), key=lambda item: item[0]):
             buffer[end:off].zero_()
-            end = off + _span_bytes(view)
+            end = off + span_elements(view) * view.element_size()
         buffer[end:].zero_()
         # A checkpoint's parameters are plain: each one is its own single holder.
         return cls(names, params, buffer, offsets, views, [(p, 1) for p in params])
@@ -115,11 +115,10 @@ class BlockStore:
         return cls._laid_out(names, params, given)
 
 
-def _span_bytes(t: torch.Tensor) -> int:
-    """Bytes from `t`'s first element to the end of its last, as the layout counts them."""
-    if t.numel() == 0:
-        return 0
-    return (1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))) * t.element_size()
+def span_elements(t: torch.Tensor) -> int:
+    """Elements from `t`'s first to its last in memory (gaps and elements shared by overlapping
+    strides included): what the layout gives it."""
+    return 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) if t.numel() else 0
 
 
 def _view(buffer: torch.Tensor, offset: int, like: torch.Tensor) -> torch.Tensor:
@@ -133,5 +132,4 @@ def _view(buffer: torch.Tensor, offset: int, like: torch.Tensor) -> torch.Tensor
 def span(t: torch.Tensor) -> torch.Tensor:
     """The elements from `t`'s first to its last in memory, as a 1-D tensor: the bytes a store
     holds for it (gaps and elements shared by overlapping strides included)."""
-    n = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) if t.numel() else 0
-    return t.as_strided((n,), (1,))
+    return t.as_strided((span_elements(t),), (1,))

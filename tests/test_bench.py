@@ -118,7 +118,7 @@ def test_the_async_mode_sets_its_environment_only_around_enable(monkeypatch):
     seen = {}
     monkeypatch.setenv("FASTVIDEO_OFFLOAD_CPU_TRANSFER", "sync")
     monkeypatch.delenv("FASTVIDEO_OFFLOAD_ASYNC_DELAY_US", raising=False)
-    monkeypatch.setattr(modes.offloader, "enable", lambda model, **kw: seen.update(
+    monkeypatch.setattr(modes.api, "enable", lambda model, **kw: seen.update(
         {k: os.environ.get(k) for k in modes.ASYNC_CPU_ENV}))
     mode = {m.name: m for m in modes.all_modes()}["ours p1 async"]
     mode.prepare(torch.nn.Linear(2, 2), torch.device("cpu"))

@@ -134,31 +134,31 @@ def test_reusing_a_staging_buffer_before_its_upload_finished_is_caught(cpu_devic
     assert not all(torch.equal(e, g) for e, g in zip(expected, run(model, inputs)))
 
 
-def test_auto_budget_arithmetic():
+def test_auto_pin_budget_arithmetic():
     meminfo = "MemTotal:       16777216 kB\nMemFree: 1 kB\nMemAvailable:   12582912 kB\n"  # 16 GiB, 12 GiB
 
     def reader(files):
         return lambda path: files.get(path, meminfo if path == "/proc/meminfo" else None)
 
     # No cgroup limit: 12 GiB available less max(2 GiB, 16 GiB / 4).
-    assert pinning.auto_budget(reader({"/sys/fs/cgroup/memory.max": "max\n"})) == 8 * GiB
+    assert pinning.auto_pin_budget(reader({"/sys/fs/cgroup/memory.max": "max\n"})) == 8 * GiB
     # cgroup v2 limit of 8 GiB with 3 GiB used: 5 GiB available less max(2 GiB, 2 GiB).
     v2 = {"/sys/fs/cgroup/memory.max": f"{8 * GiB}\n", "/sys/fs/cgroup/memory.current": f"{3 * GiB}\n"}
-    assert pinning.auto_budget(reader(v2)) == 3 * GiB
+    assert pinning.auto_pin_budget(reader(v2)) == 3 * GiB
     # cgroup v1 limit of 12 GiB with 10 GiB used: 2 GiB available, all of it headroom.
     v1 = {"/sys/fs/cgroup/memory/memory.limit_in_bytes": f"{12 * GiB}\n",
           "/sys/fs/cgroup/memory/memory.usage_in_bytes": f"{10 * GiB}\n"}
-    assert pinning.auto_budget(reader(v1)) == 0
+    assert pinning.auto_pin_budget(reader(v1)) == 0
     # v1 without a limit says about 2**63.
     unlimited_v1 = {"/sys/fs/cgroup/memory/memory.limit_in_bytes": "9223372036854771712"}
-    assert pinning.auto_budget(reader(unlimited_v1)) == 8 * GiB
+    assert pinning.auto_pin_budget(reader(unlimited_v1)) == 8 * GiB
     with pytest.raises(RuntimeError, match="MemAvailable"):
-        pinning.auto_budget(lambda path: "MemTotal: 1 kB\n" if path == "/proc/meminfo" else None)
+        pinning.auto_pin_budget(lambda path: "MemTotal: 1 kB\n" if path == "/proc/meminfo" else None)
 
 
-def test_auto_budget_on_this_machine(cpu_device):
+def test_auto_pin_budget_on_this_machine(cpu_device):
     available = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemAvailable"))
-    budget = pinning.auto_budget()
+    budget = pinning.auto_pin_budget()
     assert 0 <= budget <= available
     reference = TinyDiT()
     model = copy.deepcopy(reference)
@@ -315,7 +315,7 @@ def test_bad_arguments_leave_the_model_alone():
     ]:
         with pytest.raises(error):
             fo.enable(model, device="cpu", **kwargs)
-    assert fo.offloader.handle_of(model) is None
+    assert fo.handle_of(model) is None
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters()))
     with pytest.raises(ValueError, match="staging_threads"):
         _ops.engine_create(torch.device("cpu"), 1, 0)

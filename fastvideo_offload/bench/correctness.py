@@ -29,7 +29,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .. import offloader
+from .. import api
+from ..config import resolve_device
 from ..store import BlockStore
 
 LAYERS = 8
@@ -153,7 +154,7 @@ def check(
 def _offload(**options):
     def enable(cases: Cases):
         model = cases.copy()
-        return model, offloader.enable(model, device=cases.device, **options)
+        return model, api.enable(model, device=cases.device, **options)
 
     return enable
 
@@ -161,7 +162,7 @@ def _offload(**options):
 def _mapped(prefetch: int):
     def enable(cases: Cases):
         model = cases.from_checkpoint()
-        return model, offloader.enable(model, device=cases.device, prefetch=prefetch, checkpoint=cases.checkpoint,
+        return model, api.enable(model, device=cases.device, prefetch=prefetch, checkpoint=cases.checkpoint,
                                        host_pin_budget=0)
 
     return enable
@@ -174,7 +175,7 @@ def _budget(resident: int, prefetch: int = 1):
         model = cases.copy()
         ring = 0 if resident == LAYERS else 1 + prefetch
         budget = staying_bytes(model) + (resident + ring) * cases.block + cases.margin()
-        return model, offloader.enable(model, device=cases.device, prefetch=prefetch, device_budget=budget)
+        return model, api.enable(model, device=cases.device, prefetch=prefetch, device_budget=budget)
 
     return enable
 
@@ -198,7 +199,7 @@ def main(argv=None) -> int:
                    help="start no case after this many seconds (default: %(default)s)")
     args = p.parse_args(argv)
     start = time.monotonic()
-    device = offloader.resolve_device(args.device)
+    device = resolve_device(args.device)
     gpu = device.type == "cuda"
     # On a GPU 64 MiB blocks (a copy takes about as long as the lag); on a CPU a few seconds in all.
     dim, dtype, tokens = (2048, torch.float16, 256) if gpu else (64, torch.float32, 16)

@@ -29,7 +29,7 @@ from dataclasses import replace
 import torch
 from safetensors.torch import save_file
 
-from .. import offloader
+from .. import api
 from . import measure, modes
 from .model import WanShape, build_empty, inputs, time_frequencies
 
@@ -132,7 +132,7 @@ def _fastvideo_cannot_load(class_name: str) -> str:
 
 
 def _ours(model, directory, device) -> dict:
-    handle = offloader.enable(model, device=device, checkpoint=directory)
+    handle = api.enable(model, device=device, checkpoint=directory)
     return {"host_bytes": handle.stats()["host_bytes"]}
 
 

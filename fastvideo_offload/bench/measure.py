@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .. import _ops, offloader
+from .. import _ops, api
 from ..planner import spread
 from .modes import Mode, block_sizes, host_bytes
 
@@ -104,7 +104,7 @@ def layout(sizes: list[int], stats: dict) -> dict:
 
 
 def _engine_stats(model: nn.Module) -> dict | None:
-    handle = offloader.handle_of(model)
+    handle = api.handle_of(model)
     return handle.stats() if handle is not None else None
 
 
@@ -204,7 +204,7 @@ def engine_timeline(model: nn.Module, inputs: tuple, device: torch.device) -> di
     staging thread copied into the pinned ring (none when every block is pinned), from the
     engine's trace, which shares the host clock (CLOCK_MONOTONIC) with the marks here. Pieces
     copied ahead for the next step end after the step."""
-    handle = offloader.handle_of(model)
+    handle = api.handle_of(model)
     handle.trace_staging(True)
     try:
         handle.staging_trace()  # what earlier steps staged
@@ -262,7 +262,7 @@ def _cpu_lanes(model: nn.Module, inputs: tuple) -> tuple[dict[str, list], int]:
         marks["compute"].append([ms(now["run"]), (time.monotonic_ns() - now["run"]) / 1e6])
 
     handles = []
-    for path in offloader.handle_of(model).block_paths:
+    for path in api.handle_of(model).block_paths:
         for block in model.get_submodule(path):
             handles.append(block.register_forward_pre_hook(before_enter, prepend=True))
             handles.append(block.register_forward_pre_hook(after_enter))

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .. import offloader
+from .. import api
 from ..planner import plan
 from ..store import BlockStore
 
@@ -69,7 +69,7 @@ def view(model: nn.Module) -> nn.Module:
 def _give_back(model: nn.Module) -> None:
     """After one of this engine's modes: the blocks' weights from the host store into host memory
     (bit-exact, the store freed), the other weights and buffers back from the device."""
-    handle = offloader.handle_of(model)
+    handle = api.handle_of(model)
     if handle is not None:
         handle.disable(device="cpu")
     model.cpu()
@@ -81,7 +81,7 @@ def _resident(model, device):
 
 def _ours(prefetch: int):
     def prepare(model, device):
-        offloader.enable(model, device=device, prefetch=prefetch)
+        api.enable(model, device=device, prefetch=prefetch)
 
     return prepare
 
@@ -97,7 +97,7 @@ def _ours_async(prefetch: int):
         saved = {name: os.environ.get(name) for name in ASYNC_CPU_ENV}
         os.environ.update(ASYNC_CPU_ENV)
         try:
-            offloader.enable(model, device=device, prefetch=prefetch)
+            api.enable(model, device=device, prefetch=prefetch)
         finally:
             for name, value in saved.items():
                 if value is None:
@@ -144,7 +144,7 @@ def _smallest_budget(sizes: list[int], slots: int, keep: int) -> int:
 def _ours_budget(budget: Callable[[nn.Module, int], int | str], prefetch: int = 1):
     def prepare(model, device):
         chosen = budget(model, 1 + prefetch)
-        offloader.enable(model, device=device, prefetch=prefetch, device_budget=chosen)
+        api.enable(model, device=device, prefetch=prefetch, device_budget=chosen)
         return chosen
 
     return prepare
@@ -158,7 +158,7 @@ STAGED = f"ours pin {PINNED_BLOCKS} blocks"
 def _ours_pinned(blocks: int, prefetch: int = 1):
     def prepare(model, device):
         block = BlockStore.nbytes(list(model.blocks[0].parameters()))
-        offloader.enable(model, device=device, prefetch=prefetch, host_pin_budget=blocks * block)
+        api.enable(model, device=device, prefetch=prefetch, host_pin_budget=blocks * block)
 
     return prepare
 
@@ -243,5 +243,5 @@ def all_modes() -> list[Mode]:
 
 def host_bytes(model: nn.Module) -> int | None:
     """Host bytes our engine keeps (exact), or None for other modes."""
-    handle = offloader.handle_of(model)
+    handle = api.handle_of(model)
     return handle.stats()["host_bytes"] if handle is not None else None

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from .. import offloader
+from .. import api
 from . import measure, modes
 from .model import CPU_SMALL, WanShape, build, build_empty, inputs
 
@@ -116,16 +116,18 @@ def rank_main(out: str, way: str, shape: WanShape) -> None:
     x = inputs(shape, TOKENS, DTYPE, "cpu")
     with torch.inference_mode():  # what a first forward loads belongs to the interpreter, not to the store
         build(replace(shape, layers=1), DTYPE)(*x)
+    # So does what building on the meta device loads (torch's meta kernels import torch._dynamo).
+    build_empty(replace(shape, layers=1), DTYPE)
     _settle()
     dist.barrier()
     before = measure.proc_bytes("Pss:", table="smaps_rollup")
     if way == "checkpoint":
         model = build_empty(shape, DTYPE)
-        handle = offloader.enable(model, device="cpu", share="node", checkpoint=f"{out}/model.safetensors")
+        handle = api.enable(model, device="cpu", share="node", checkpoint=f"{out}/model.safetensors")
     else:
         torch.manual_seed(0)
         model = build(shape, DTYPE)
-        handle = offloader.enable(model, device="cpu", share="node" if way == "shared" else None)
+        handle = api.enable(model, device="cpu", share="node" if way == "shared" else None)
     with torch.inference_mode():
         model(*x)
     _settle()

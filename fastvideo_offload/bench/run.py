@@ -12,7 +12,8 @@ from dataclasses import replace
 import torch
 from tqdm.auto import tqdm
 
-from .. import offloader
+from .. import api
+from ..config import resolve_device
 from . import load, measure, node, overlap, report, targets
 from .model import CPU_SMALL, WAN_14B, IdleBlocks, WanShape, build, inputs, weight_bytes
 from .modes import STAGED, STREAM_ALL, Mode, all_modes, view
@@ -119,7 +120,7 @@ class Bench:
 
 
 def run(args: argparse.Namespace) -> dict:
-    device = offloader.resolve_device(args.device)
+    device = resolve_device(args.device)
     gpu = device.type == "cuda"
     base = WAN_14B if gpu else CPU_SMALL
     shape = replace(base, layers=args.layers or base.layers)
@@ -316,7 +317,7 @@ def wan22(bench: Bench, shape, dtype, device, tokens: int) -> dict:
     pair = replace(shape, layers=min(shape.layers, 20))
     make_inputs = _inputs(pair, tokens, dtype, device)
     experts = [_factory(pair, dtype, device, seed)() for seed in (1, 2)]
-    handles = [offloader.enable(m, device=device, prefetch=1, group="bench-wan22") for m in experts]
+    handles = [api.enable(m, device=device, prefetch=1, group="bench-wan22") for m in experts]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     switch = steps // 2

@@ -43,7 +43,7 @@ import weakref
 
 import torch
 
-from .. import offloader, share
+from .. import api, offloader, registry, share
 from ..blocks import find_block_lists
 from .fastvideo_checkpoint import pending, wrap_state_dict_load
 
@@ -89,18 +89,18 @@ def _ranks():
 
 def _offload(model: torch.nn.Module, checkpoint=None) -> None:
     try:
-        handle = offloader.enable(model, device=_device(), group=GROUP, checkpoint=checkpoint, share=_ranks())
+        handle = api.enable(model, device=_device(), group=GROUP, checkpoint=checkpoint, share=_ranks())
     except share.Refused as exc:
         # Every rank was refused alike, so every rank retries alone.
         logger.warning("fastvideo_offload: each rank keeps its own host store of %s: %s", type(model).__name__, exc)
-        handle = offloader.enable(model, device=_device(), group=GROUP, checkpoint=checkpoint)
+        handle = api.enable(model, device=_device(), group=GROUP, checkpoint=checkpoint)
     model._layerwise_offload_manager = _ReleaseManager(handle)
     _register_hooks(model, handle)
 
 
 def enable_layerwise_offload(model: torch.nn.Module, is_replace: bool = False) -> None:
     """Replaces FastVideo's function of the same name and signature."""
-    if offloader.handle_of(model) is not None or getattr(_loading, "to_host", False):
+    if api.handle_of(model) is not None or getattr(_loading, "to_host", False):
         return  # the loader enabled it from the checkpoint, or places it once loaded (_place)
     try:
         find_block_lists(model)
@@ -117,7 +117,7 @@ def enable_layerwise_offload(model: torch.nn.Module, is_replace: bool = False) -
 def _place(model: torch.nn.Module) -> None:
     """A DiT FastVideo's loader has loaded to be offloaded: offloaded, or, where it cannot be, on the
     device, where FastVideo leaves a DiT it does not offload; never left in host memory."""
-    if offloader.handle_of(model) is not None:
+    if api.handle_of(model) is not None:
         return
     try:
         _offload(model)
@@ -161,7 +161,7 @@ def _wrap_lora_conversion(original):
         # placeholders. Seeded here, FastVideo's conversion uses these blocks instead.
         if not self.lora_initialized:
             for name, dit in self.trainable_transformer_modules.items():
-                handle = offloader.handle_of(dit)
+                handle = api.handle_of(dit)
                 if handle is not None and name not in self.lora_layers:
                     blocks = [(path, m) for path, m in dit.named_modules() if handle.owns_block(m)]
                     self.lora_layers[name] = _offloaded_lora_layers()(blocks)
@@ -238,7 +238,7 @@ def _register_hooks(model: torch.nn.Module, handle: offloader.OffloadHandle) -> 
 def _wrap_hook_ctx(original):
     def get_hook_ctx(module):
         if module is not None:
-            for handle in offloader.group_handles(GROUP):
+            for handle in registry.group_handles(GROUP):
                 if handle.owns_block(module):
                     return handle.mutate(module)
         return original(module)
