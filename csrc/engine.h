@@ -104,7 +104,8 @@ class Engine final : private SlotPool::Owner {
 
  private:
   struct Block {
-    enum class State { OnHost, OnDevice, Running };  // See [Note: block life cycle]
+    // See [Note: block life cycle].
+    enum class State { OnHost, OnDevice, Running };
     at::Tensor host;                         // exact-size host buffer, read by every upload (gathered: empty)
     std::vector<at::Tensor> sources;         // a gathered block's tensors, kept alive for its segments
     std::vector<Staging::Segment> segments;  // where a staged block's bytes are
