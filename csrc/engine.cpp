@@ -176,8 +176,8 @@ void Engine::upload(int64_t block, int slot) {
       // more than there are staged blocks to hold.
       const auto staged = std::count_if(blocks_.begin(), blocks_.end(), [](const Block& b) { return b.staged; });
       const auto buffers = static_cast<int>(std::min<int64_t>(slots_.ring() + 1, staged));
-      staging_ = std::make_unique<Staging>(buffers, static_cast<int>(staging_threads_), staged_block_bytes_, pool_,
-                                           faults_);
+      staging_ =
+          std::make_unique<Staging>(buffers, static_cast<int>(staging_threads_), staged_block_bytes_, pool_, faults_);
       staging_->trace(trace_staging_);
     }
     src = staging_->take(staging_request(block), &staging_buffer);
@@ -223,9 +223,8 @@ void Engine::enter(int64_t block) {
   }
   schedule_.entered(block);
   ++enters_;
-  const std::vector<int64_t> keep = schedule_.window(block, [&](int64_t b) {
-    return slots_.resident(b) && blocks_[b].slot >= 0;
-  });
+  const std::vector<int64_t> keep =
+      schedule_.window(block, [&](int64_t b) { return slots_.resident(b) && blocks_[b].slot >= 0; });
   if (blk.nbytes > 0) {
     if (blk.slot < 0) {
       const int s = slots_.claim(block, keep, /*required=*/true);
@@ -271,9 +270,9 @@ void Engine::plan_staging(int64_t block) {
     return;
   }
   // The staged blocks that will need an upload next, in the learned execution order.
-  const std::vector<int64_t> next = schedule_.upcoming(
-      block, static_cast<size_t>(staging_->buffers()),
-      [&](int64_t b) { return blocks_[b].staged && blocks_[b].state == Block::State::OnHost; });
+  const std::vector<int64_t> next = schedule_.upcoming(block, static_cast<size_t>(staging_->buffers()), [&](int64_t b) {
+    return blocks_[b].staged && blocks_[b].state == Block::State::OnHost;
+  });
   std::vector<Staging::Request> order;
   order.reserve(next.size());
   for (const int64_t b : next) {

@@ -52,7 +52,8 @@ class Engine final : private SlotPool::Owner {
   // `staging_threads`: host threads that stage pageable blocks (add_block(..., staged=true)), into
   // buffers from `pool` (shared with the other engines of a group; none: a pool of its own).
   // A `prefetch` deeper than the blocks that can be in flight is cut to that.
-  Engine(c10::Device device, int64_t prefetch, int64_t staging_threads = 1, std::shared_ptr<StagingPool> pool = nullptr);
+  Engine(c10::Device device, int64_t prefetch, int64_t staging_threads = 1,
+         std::shared_ptr<StagingPool> pool = nullptr);
   Engine(const Engine&) = delete;
   Engine& operator=(const Engine&) = delete;
 

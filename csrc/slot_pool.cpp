@@ -91,8 +91,9 @@ bool SlotPool::allocate(int index, bool required) {
   TORCH_CHECK_WITH(OutOfMemoryError, fits_budget(index), "fastvideo_offload: no device memory for one block (",
                    slots_[index].bytes, " bytes): the slot budget is ", budget_, " bytes");
   if (!try_allocate(index, &failure)) {
-    TORCH_CHECK_WITH(OutOfMemoryError, false, "fastvideo_offload: no device memory for one block (", slots_[index].bytes,
-                     " bytes on ", device_, ") even after freeing every prefetched block: ", failure);
+    TORCH_CHECK_WITH(OutOfMemoryError, false, "fastvideo_offload: no device memory for one block (",
+                     slots_[index].bytes, " bytes on ", device_,
+                     ") even after freeing every prefetched block: ", failure);
   }
   return true;
 }

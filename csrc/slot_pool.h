@@ -90,7 +90,7 @@ class SlotPool {
     at::Tensor buffer;   // undefined until first needed, and after it is freed
     int64_t block = -1;  // block whose bytes it holds
     uint64_t last_use = 0;
-    int64_t bytes = 0;  // its size: the largest streamed block, or its resident block's size
+    int64_t bytes = 0;                           // its size: the largest streamed block, or its resident block's size
     std::vector<std::vector<at::Tensor>> views;  // per block, into `buffer`
   };
 
