@@ -12,7 +12,7 @@ PIP := $(PY) -m pip
 SOURCES := $(shell find csrc fastvideo_offload -name '*.cpp' -o -name '*.cu' -o -name '*.h') setup.py pyproject.toml
 BENCH_ARGS ?=
 
-.PHONY: bench test lint sanitize tsan wheel gpu-check-dry gpu-wheels clean
+.PHONY: bench test lint format sanitize tsan wheel gpu-check-dry gpu-wheels clean
 
 $(VENV)/.torch:
 	$(PYTHON) -m venv $(VENV)
@@ -49,15 +49,27 @@ test: $(VENV)/.built
 	FASTVIDEO_OFFLOAD_REQUIRE_INTEGRATIONS=1 $(PY) -m pytest tests -q
 	FASTVIDEO_OFFLOAD_REQUIRE_INTEGRATIONS=1 FASTVIDEO_OFFLOAD_CPU_TRANSFER=async $(PY) -m pytest tests -q -m "not sync_pass_only"
 
-# ruff, pinned, with the rules in pyproject.toml (CI runs it first).
+# ruff, pinned, with the rules in pyproject.toml, and clang-format, pinned, with the style in
+# .clang-format (CI runs both first).
 RUFF_SPEC := ruff==0.17.6
+CLANG_FORMAT_SPEC := clang-format==20.1.8
+CXX_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu')
 
 $(VENV)/.ruff: $(VENV)/.torch
 	$(PIP) install -q "$(RUFF_SPEC)"
 	touch $@
 
-lint: $(VENV)/.ruff
+$(VENV)/.clang-format: $(VENV)/.torch
+	$(PIP) install -q "$(CLANG_FORMAT_SPEC)"
+	touch $@
+
+lint: $(VENV)/.ruff $(VENV)/.clang-format
 	$(PY) -m ruff check .
+	$(VENV)/bin/clang-format --dry-run --Werror $(CXX_SOURCES)
+
+# Rewrites the C++ in place as lint wants it.
+format: $(VENV)/.clang-format
+	$(VENV)/bin/clang-format -i $(CXX_SOURCES)
 
 # The C++ under AddressSanitizer and UndefinedBehaviorSanitizer, and under ThreadSanitizer on the
 # asynchronous CPU device (CI runs both after `make test`).

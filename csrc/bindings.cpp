@@ -32,8 +32,10 @@ TORCH_LIBRARY(fastvideo_offload, m) {
         &engine_add_block);
   // A staged block whose bytes lie in several host tensors (sources[i]: parameter i's, such as
   // pages mapped from a checkpoint), gathered into the staging buffer at `offsets`.
-  m.def("engine_add_gathered_block(int engine, Tensor[] sources, int nbytes, Tensor(a!)[] params, int[] offsets) "
-        "-> int", &engine_add_gathered_block);
+  m.def(
+      "engine_add_gathered_block(int engine, Tensor[] sources, int nbytes, Tensor(a!)[] params, int[] offsets) "
+      "-> int",
+      &engine_add_gathered_block);
   m.def("engine_enter(int engine, int block) -> ()", &engine_enter);
   m.def("engine_exit(int engine, int block) -> ()", &engine_exit);
   m.def("engine_park(int engine, int block) -> ()", &engine_park);

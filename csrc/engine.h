@@ -1,5 +1,6 @@
-// One offloaded model: its blocks' host buffers, a small ring of device slots, and the
-// schedule that decides which block is copied into which slot, and when.
+// One offloaded model: its blocks' host buffers and parameters, each block's state, and the
+// enter / exit that swap a block's parameters onto the device around its forward. The slots are
+// SlotPool's (slot_pool.h), the learned order Schedule's (schedule.h).
 #pragma once
 
 #include <ATen/core/Dict.h>
@@ -12,6 +13,8 @@
 #include <vector>
 
 #include "faults.h"
+#include "schedule.h"
+#include "slot_pool.h"
 #include "staging.h"
 #include "staging_pool.h"
 #include "swap.h"
@@ -19,12 +22,38 @@
 
 namespace fastvideo_offload {
 
-class Engine {
+// [Note: block life cycle]
+// After PyTorch FSDP2's TrainingState and ShardedState (torch/distributed/fsdp/_fully_shard/
+// _fsdp_common.py, _fsdp_param.py): a block is in one explicit Block::State, and each place that
+// moves it cites this note.
+//
+//   OnHost    its bytes are only in the host store; its parameters hold placeholders.
+//   OnDevice  its bytes are in a device slot, or on their way there (the slot's Transfer orders
+//             the copy before any use); its parameters hold placeholders.
+//   Running   between enter and exit: its parameters are views into its slot (a block without
+//             bytes has no slot, and views of nothing on the device).
+//
+//   OnHost   -> OnDevice  upload: a prefetch by the enter of a block before it, or its own enter.
+//   OnHost   -> Running   enter, uploading it first (a block without bytes: no upload).
+//   OnDevice -> Running   enter.
+//   Running  -> OnDevice  exit; reset, or enter of the same block again, release a block an
+//                         interrupted forward left running (a block without bytes: -> OnHost).
+//   OnDevice -> OnHost    SlotPool evicts it: its slot is given to another block's upload, freed
+//                         (a required allocation out of memory, trim, set_resident), or forgotten
+//                         (invalidate).
+//   park keeps the state (never Running) and gives the parameters their placeholders again.
+//
+// Residency is not a state but a setting (SlotPool::resident): set_resident, while nothing runs,
+// gives each resident block a home slot that only its bytes fill; the others take turns in the
+// ring of streaming slots. A slot has no memory until first claimed, then holds no block's bytes
+// or one block's; its memory is freed (and its block evicted) only while that block is not Running.
+class Engine final : private SlotPool::Owner {
  public:
   // `staging_threads`: host threads that stage pageable blocks (add_block(..., staged=true)), into
   // buffers from `pool` (shared with the other engines of a group; none: a pool of its own).
   // A `prefetch` deeper than the blocks that can be in flight is cut to that.
-  Engine(c10::Device device, int64_t prefetch, int64_t staging_threads = 1, std::shared_ptr<StagingPool> pool = nullptr);
+  Engine(c10::Device device, int64_t prefetch, int64_t staging_threads = 1,
+         std::shared_ptr<StagingPool> pool = nullptr);
   Engine(const Engine&) = delete;
   Engine& operator=(const Engine&) = delete;
 
@@ -76,45 +105,31 @@ class Engine {
 
  private:
   struct Block {
-    at::Tensor host;                        // exact-size host buffer, read by every upload (gathered: empty)
-    std::vector<at::Tensor> sources;        // a gathered block's tensors, kept alive for its segments
+    // See [Note: block life cycle].
+    enum class State { OnHost, OnDevice, Running };
+    at::Tensor host;                         // exact-size host buffer, read by every upload (gathered: empty)
+    std::vector<at::Tensor> sources;         // a gathered block's tensors, kept alive for its segments
     std::vector<Staging::Segment> segments;  // where a staged block's bytes are
-    std::vector<at::Tensor> params;         // the Parameter objects themselves
-    std::vector<TensorLayout> layouts;      // where each one sits in the buffer
-    std::vector<at::Tensor> placeholders;   // what each one holds outside its forward
-    std::vector<std::vector<at::Tensor>> views;  // per slot, built on first use
+    std::vector<at::Tensor> params;          // the Parameter objects themselves
+    std::vector<TensorLayout> layouts;       // where each one sits in the buffer
+    std::vector<at::Tensor> placeholders;    // what each one holds outside its forward
+    std::vector<at::Tensor> empty_views;     // a block without bytes: what each one holds in its forward
     int64_t nbytes = 0;
-    int slot = -1;       // slot holding (or receiving) this block's bytes
-    bool held = false;   // between enter and exit
-    int64_t next = -1;   // block seen to run after this one; starts as registration order
-    int home = -1;       // a resident block's own slot is slots_[ring_ + home]; -1 when it streams
+    State state = State::OnHost;
+    int slot = -1;        // the slot holding (or receiving) its bytes: OnDevice, and Running with bytes
     bool staged = false;  // pageable: its bytes come through staging_
   };
-  struct Slot {
-    at::Tensor buffer;   // undefined until first needed, and after trim
-    int64_t block = -1;  // block whose bytes it holds
-    uint64_t last_use = 0;
-    int64_t bytes = 0;   // its size: the largest streamed block, or its resident block's size
-  };
 
+  // SlotPool::Owner
+  bool running(int64_t block) const override { return blocks_[block].state == Block::State::Running; }
+  void evicted(int64_t block) override;
+
+  std::unique_ptr<Transfer> checked_transfer() const;
   Block& block_at(int64_t block, const char* op);
   int64_t add(Block blk, at::TensorList params, at::IntArrayRef offsets);
   Staging::Request staging_request(int64_t block) const;
   // Counted by every staging ring so far, the freed ones included.
   Staging::Counts staging_counts() const;
-  std::vector<int64_t> window(int64_t block) const;
-  int claim_slot(const std::vector<int64_t>& keep, bool required);
-  bool allocate(int index, bool required);
-  bool fits_budget(int index) const;
-  int64_t allocated_bytes() const;
-  void make_slots();
-  void free_all_slots();
-  int home_slot(const Block& blk) const { return ring_ + blk.home; }
-  int claim_home(const Block& blk, bool required);
-  void allocate_slot(int index);
-  // Gives the memory of these slots back (after waiting for the copies and compute using them).
-  void free_slots(const std::vector<int>& doomed);
-  void free_slots_except(int keep);
   void upload(int64_t block, int slot);
   bool bytes_ready(const Block& blk, int64_t block);
   void plan_staging(int64_t block);
@@ -127,22 +142,11 @@ class Engine {
   const int64_t prefetch_;
   const int64_t staging_threads_;
   const Faults faults_;
+  std::shared_ptr<StagingPool> pool_;
   std::mutex mutex_;
   std::vector<Block> blocks_;
-  std::vector<Slot> slots_;
-  int64_t slot_bytes_ = 0;  // the largest streamed block
+  Schedule schedule_;
   int64_t staged_block_bytes_ = 0;  // the largest staged block: the size of a staging buffer
-  // slots_[0, ring_) stream blocks (1 + the prefetch depth, cut to the blocks there are); each one
-  // after is a resident block's home, or unused where a block stopped being resident.
-  int ring_ = 1;
-  int64_t slot_budget_ = -1;
-  int64_t last_entered_ = -1;
-  int64_t first_entered_ = -1;  // the first block entered since the last reset (a forward's first)
-  bool starting_ = true;         // no block entered since the last reset
-  // A prefetch slot could not be allocated: no more tries until the next forward or trim, so a
-  // full device does not send the allocator into its out-of-memory path for every block.
-  bool prefetch_alloc_blocked_ = false;
-  uint64_t tick_ = 0;
   // counters reported by stats()
   int64_t host_bytes_ = 0;
   int64_t enters_ = 0;
@@ -151,8 +155,6 @@ class Engine {
   int64_t sync_loads_ = 0;
   int64_t h2d_bytes_ = 0;
   int64_t h2d_at_forward_ = 0;  // h2d_bytes_ when the current (or last) forward started
-  int64_t prefetch_skipped_oom_ = 0;
-  int64_t slot_alloc_failures_ = 0;
   int64_t max_resident_ = 0;
   int64_t max_materialized_ = 0;
   bool watch_memory_ = false;
@@ -161,12 +163,12 @@ class Engine {
   Staging::Counts staged_before_{0, 0, 0};
   std::vector<Staging::Piece> trace_before_;
   bool trace_staging_ = false;  // as trace_staging() left it: a ring made later starts so
-  std::shared_ptr<StagingPool> pool_;
-  // Destroyed before the host buffers: it waits for in-flight copies before they go.
-  std::unique_ptr<Transfer> transfer_;
+  // Destroyed after staging_ and before the host buffers: its Transfer waits for in-flight copies
+  // before they and the slots' memory go.
+  SlotPool slots_;
   // Created by the first staged upload, and again by the first after a trim. Declared last, so
-  // destroyed first: it waits for the uploads reading its buffers, through fences of transfer_,
-  // which is still alive then.
+  // destroyed first: it waits for the uploads reading its buffers, through fences of the slots'
+  // Transfer, which is still alive then.
   std::unique_ptr<Staging> staging_;
 };
 

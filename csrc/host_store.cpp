@@ -24,9 +24,7 @@ constexpr int64_t kMaxAlignment = int64_t{1} << 30;
 // Pieces this large keep every thread busy without splitting small tensors.
 constexpr int64_t kCopyChunkBytes = int64_t{4} << 20;
 
-int64_t align_up(int64_t value, int64_t alignment) {
-  return (value + alignment - 1) / alignment * alignment;
-}
+int64_t align_up(int64_t value, int64_t alignment) { return (value + alignment - 1) / alignment * alignment; }
 
 }  // namespace
 
@@ -63,8 +61,8 @@ int64_t span_bytes(const at::Tensor& t) {
 
 at::Tensor alloc_host(int64_t nbytes, bool pinned, std::optional<c10::Device> device) {
   TORCH_CHECK_VALUE(nbytes >= 0, "host buffer size must be >= 0, got ", nbytes);
-  TORCH_CHECK_VALUE(!pinned || !device.has_value() || device->is_cuda(), "pinned host memory is for a CUDA device, got ",
-                    *device);
+  TORCH_CHECK_VALUE(!pinned || !device.has_value() || device->is_cuda(),
+                    "pinned host memory is for a CUDA device, got ", *device);
   const auto options = at::TensorOptions().dtype(at::kByte).device(at::kCPU);
   if (nbytes == 0) {
     return at::empty({0}, options);
@@ -76,8 +74,9 @@ at::Tensor alloc_host(int64_t nbytes, bool pinned, std::optional<c10::Device> de
     void* ptr = cuda::pinned_alloc(static_cast<size_t>(nbytes), index, &used);
     return at::from_blob(ptr, {nbytes}, [used](void* p) { cuda::pinned_free(p, used); }, options);
 #else
-    TORCH_CHECK(false, "pinned host memory needs the CUDA build of fastvideo_offload; this one was built "
-                       "without CUDA (reinstall with a CUDA build of torch and nvcc on PATH)");
+    TORCH_CHECK(false,
+                "pinned host memory needs the CUDA build of fastvideo_offload; this one was built "
+                "without CUDA (reinstall with a CUDA build of torch and nvcc on PATH)");
 #endif
   }
   void* ptr = nullptr;
@@ -92,8 +91,9 @@ void check_pinnable(const at::Tensor& memory, const char* op) {
   TORCH_CHECK_VALUE(memory.defined() && memory.device().is_cpu() && memory.is_contiguous(), op,
                     ": expected a contiguous CPU tensor");
 #ifndef FVO_WITH_CUDA
-  TORCH_CHECK(memory.nbytes() == 0, "pinned host memory needs the CUDA build of fastvideo_offload; this one was "
-                                    "built without CUDA");
+  TORCH_CHECK(memory.nbytes() == 0,
+              "pinned host memory needs the CUDA build of fastvideo_offload; this one was "
+              "built without CUDA");
 #endif
 }
 

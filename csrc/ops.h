@@ -25,7 +25,7 @@ at::Tensor pack_cuda(at::TensorList tensors, at::IntArrayRef offsets, int64_t nb
                      std::optional<c10::Device> device);
 #endif
 
-// engine.cpp
+// registry.cpp
 int64_t engine_create(c10::Device device, int64_t prefetch, int64_t staging_threads, int64_t share_staging_with);
 int64_t engine_add_block(int64_t engine, const at::Tensor& host, at::TensorList params, at::IntArrayRef offsets,
                          bool staged);

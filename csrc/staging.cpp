@@ -15,7 +15,6 @@
 #include <cstring>
 #include <utility>
 
-
 namespace fastvideo_offload {
 namespace {
 
@@ -47,8 +46,9 @@ int64_t now_ns() {
 Staging::Staging(int buffers, int threads, int64_t buffer_bytes, std::shared_ptr<StagingPool> pool,
                  const Faults& faults)
     : faults_(faults), buffer_bytes_(buffer_bytes), pool_(std::move(pool)) {
-  TORCH_CHECK_VALUE(buffers >= 1 && threads >= 1 && buffer_bytes > 0, "staging needs a buffer, a thread and bytes, got ",
-                    buffers, " buffer(s), ", threads, " thread(s), ", buffer_bytes, " bytes");
+  TORCH_CHECK_VALUE(buffers >= 1 && threads >= 1 && buffer_bytes > 0,
+                    "staging needs a buffer, a thread and bytes, got ", buffers, " buffer(s), ", threads,
+                    " thread(s), ", buffer_bytes, " bytes");
   buffers_.resize(static_cast<size_t>(buffers));
   try {
     for (Buffer& b : buffers_) {

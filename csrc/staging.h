@@ -73,9 +73,9 @@ class Staging {
   std::vector<Piece> take_trace();
 
   struct Counts {
-    int64_t waits;   // takes that found their block not yet staged
-    int64_t bytes;   // bytes uploaded from staging buffers
-    int64_t fills;   // blocks uploaded from staging buffers
+    int64_t waits;  // takes that found their block not yet staged
+    int64_t bytes;  // bytes uploaded from staging buffers
+    int64_t fills;  // blocks uploaded from staging buffers
   };
   Counts counts() const;
   int64_t buffer_bytes() const { return buffer_bytes_; }

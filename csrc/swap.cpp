@@ -35,8 +35,8 @@ at::Tensor placeholder(c10::ScalarType dtype, c10::Device device) {
 }
 
 bool holds(const at::Tensor& param, const at::Tensor& view) {
-  return param.is_alias_of(view) && param.storage_offset() == view.storage_offset() &&
-         param.sizes() == view.sizes() && param.strides() == view.strides();
+  return param.is_alias_of(view) && param.storage_offset() == view.storage_offset() && param.sizes() == view.sizes() &&
+         param.strides() == view.strides();
 }
 
 void set_all(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& data) {

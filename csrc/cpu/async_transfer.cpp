@@ -186,9 +186,9 @@ class AsyncCpuTransfer final : public Transfer {
     void* dst = nullptr;  // the last copy into the slot, which a cache hit repeats
     const void* src = nullptr;
     size_t nbytes = 0;
-    bool in_use = false;  // a block waited for it and has not released it
-    bool stale = false;   // released (poisoned) since its last copy
-    bool settled = true;  // the host has waited for every copy and release of it
+    bool in_use = false;                               // a block waited for it and has not released it
+    bool stale = false;                                // released (poisoned) since its last copy
+    bool settled = true;                               // the host has waited for every copy and release of it
     std::shared_ptr<std::vector<unsigned char>> kept;  // the bytes the last release poisoned
   };
   struct Copy {
@@ -262,8 +262,8 @@ class AsyncCpuTransfer final : public Transfer {
         changed_.wait(lock, [&] { return slots_[copy.slot].released.completed >= copy.after_release; });
       }
       if (slots_[copy.slot].released.completed < copy.after_release && violation_.empty()) {
-        violation_ = "a copy into slot " + std::to_string(copy.slot) +
-                     " started before the compute side had released the slot";
+        violation_ =
+            "a copy into slot " + std::to_string(copy.slot) + " started before the compute side had released the slot";
       }
       lock.unlock();
       if (copy.nbytes > 0) {

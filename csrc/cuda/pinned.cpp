@@ -15,8 +15,8 @@ namespace {
 // offloading to cuda:1 would create a context (hundreds of MiB) on cuda:0.
 void enter_device(c10::cuda::OptionalCUDAGuard& guard, c10::DeviceIndex device) {
   const c10::DeviceIndex count = c10::cuda::device_count();
-  TORCH_CHECK_VALUE(device >= -1 && device < count, "pinned host memory for CUDA device ", device,
-                    ": no such device (", count, " CUDA device(s) visible)");
+  TORCH_CHECK_VALUE(device >= -1 && device < count, "pinned host memory for CUDA device ", device, ": no such device (",
+                    count, " CUDA device(s) visible)");
   if (device >= 0) {
     guard.set_index(device);
   }
@@ -53,8 +53,7 @@ void pinned_free(void* ptr, c10::DeviceIndex device) noexcept {
 void host_register(void* ptr, size_t nbytes, c10::DeviceIndex device, bool read_only) {
   c10::cuda::OptionalCUDAGuard guard;
   enter_device(guard, device);
-  const cudaError_t err =
-      cudaHostRegister(ptr, nbytes, read_only ? cudaHostRegisterReadOnly : cudaHostRegisterDefault);
+  const cudaError_t err = cudaHostRegister(ptr, nbytes, read_only ? cudaHostRegisterReadOnly : cudaHostRegisterDefault);
   if (err != cudaSuccess) {
     // Not a sticky error, but left as the last error the next kernel launch check would report it.
     (void)cudaGetLastError();

@@ -196,8 +196,6 @@ class CudaTransfer final : public Transfer {
 
 }  // namespace
 
-std::unique_ptr<Transfer> make_cuda_transfer(c10::DeviceIndex device) {
-  return std::make_unique<CudaTransfer>(device);
-}
+std::unique_ptr<Transfer> make_cuda_transfer(c10::DeviceIndex device) { return std::make_unique<CudaTransfer>(device); }
 
 }  // namespace fastvideo_offload
