@@ -193,7 +193,7 @@ void Engine::upload(int64_t block, int slot) {
   blk.state = Block::State::OnDevice;
   ++uploads_;
   h2d_bytes_ += blk.nbytes;
-  max_resident_ = std::max(max_resident_, slots_.streamed_held());
+  max_filled_ring_slots_ = std::max(max_filled_ring_slots_, slots_.streamed_held());
 }
 
 void Engine::prefetch_after(const std::vector<int64_t>& keep) {
@@ -459,11 +459,11 @@ c10::Dict<std::string, int64_t> Engine::stats() {
   out.insert("uploads", uploads_);
   out.insert("prefetches", prefetches_);
   out.insert("sync_loads", sync_loads_);
-  out.insert("prefetch_skipped_oom", slots_.prefetch_skipped_oom());
+  out.insert("prefetches_skipped", slots_.prefetches_skipped());
   out.insert("slot_alloc_failures", slots_.alloc_failures());
   out.insert("h2d_bytes", h2d_bytes_);
   out.insert("forward_h2d_bytes", h2d_bytes_ - h2d_at_forward_);
-  out.insert("max_resident_blocks", max_resident_);
+  out.insert("max_filled_ring_slots", max_filled_ring_slots_);
   out.insert("max_materialized_blocks", max_materialized_);
   out.insert("running_blocks", std::count_if(blocks_.begin(), blocks_.end(),
                                              [](const Block& b) { return b.state == Block::State::Running; }));

@@ -155,7 +155,7 @@ class Engine final : private SlotPool::Owner {
   int64_t sync_loads_ = 0;
   int64_t h2d_bytes_ = 0;
   int64_t h2d_at_forward_ = 0;  // h2d_bytes_ when the current (or last) forward started
-  int64_t max_resident_ = 0;
+  int64_t max_filled_ring_slots_ = 0;
   int64_t max_materialized_ = 0;
   bool watch_memory_ = false;
   int64_t forward_peak_ = 0;  // device bytes allocated outside the slots, the most seen this forward

@@ -77,7 +77,7 @@ bool SlotPool::allocate(int index, bool required) {
     };
     if (prefetch_blocked_ || !fits_budget(index) || no_room() || !try_allocate(index, nullptr)) {
       prefetch_blocked_ = true;
-      ++prefetch_skipped_oom_;
+      ++prefetches_skipped_;
       return false;
     }
     return true;

@@ -82,7 +82,7 @@ class SlotPool {
   // Ring slots holding a block's bytes, and slots whose block is running.
   int64_t streamed_held() const;
   int64_t running_held() const;
-  int64_t prefetch_skipped_oom() const { return prefetch_skipped_oom_; }
+  int64_t prefetches_skipped() const { return prefetches_skipped_; }
   int64_t alloc_failures() const { return alloc_failures_; }
 
  private:
@@ -121,7 +121,7 @@ class SlotPool {
   // a full device does not send the allocator into its out-of-memory path for every block.
   bool prefetch_blocked_ = false;
   uint64_t tick_ = 0;
-  int64_t prefetch_skipped_oom_ = 0;
+  int64_t prefetches_skipped_ = 0;
   int64_t alloc_failures_ = 0;
   // Declared after slots_, so destroyed before their memory: it waits for in-flight copies.
   std::unique_ptr<Transfer> transfer_;

@@ -335,7 +335,7 @@ class OffloadHandle:
 
     def stats(self) -> dict[str, int]:
         """Counters of the engine: blocks, host_bytes, h2d_bytes, uploads, prefetches,
-        sync_loads, max_resident_blocks, device_bytes and more; `outside_resident_bytes`: the weights
+        sync_loads, max_filled_ring_slots, device_bytes and more; `outside_resident_bytes`: the weights
         of block submodules kept on the device because they also run outside their block;
         `retained_bytes`: block memory that offloading could not free (see retained.py);
         `mapped_bytes`: staged blocks' bytes left in a checkpoint's mapped pages (checkpoint.py)."""

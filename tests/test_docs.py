@@ -69,3 +69,21 @@ def test_links_between_readme_and_docs_resolve():
             elif anchor and resolved.endswith(".md") and anchor not in _anchors(resolved):
                 broken.append(f"{where}: no such heading")
     assert not broken, "broken links:\n" + "\n".join(broken)
+
+
+def test_every_stat_is_defined_once_in_the_reference():
+    """The stats table of docs/reference.md names exactly the keys `handle.stats()` returns."""
+    import fastvideo_offload as fo
+    from models import TinyDiT
+
+    with open(os.path.join(ROOT, "docs", "reference.md")) as f:
+        text = f.read()
+    table = text.split("### stats", 1)[1].split("\n\n**", 1)[0]
+    documented = re.findall(r"^\| `(\w+)` \|", table, flags=re.M)
+    handle = fo.enable(TinyDiT(), device="cpu")
+    try:
+        keys = handle.stats()
+    finally:
+        handle.disable()
+    assert len(documented) == len(set(documented)), "a stat is defined twice"
+    assert sorted(documented) == sorted(keys)

@@ -56,7 +56,7 @@ def test_outputs_bit_identical(dtype, prefetch):
     stats = handle.stats()
     assert stats["blocks"] == 4
     assert stats["enters"] == 16
-    assert stats["max_resident_blocks"] <= 1 + prefetch
+    assert stats["max_filled_ring_slots"] <= 1 + prefetch
     assert stats["max_materialized_blocks"] == 1
 
 
@@ -196,7 +196,7 @@ def test_residency_from_inside_forward():
     def probe(block):
         materialized = [b for b in model.blocks if not is_placeholder(b.qkv.weight)]
         assert materialized == [block]
-        seen.append(fo.handle_of(model).stats()["max_resident_blocks"])
+        seen.append(fo.handle_of(model).stats()["max_filled_ring_slots"])
 
     for b in model.blocks:
         b.probe = probe
@@ -462,7 +462,7 @@ def test_a_prefetch_deeper_than_the_blocks_is_cut_to_them(prefetch):
             assert torch.equal(model(x), reference(x))
     stats = handle.stats()
     assert handle.prefetch == stats["prefetch"] == 3
-    assert stats["device_slots"] == 4 and stats["max_resident_blocks"] == 4
+    assert stats["device_slots"] == 4 and stats["max_filled_ring_slots"] == 4
 
 
 def test_explicit_block_paths():
