@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastvideo_offload as fo
 from fastvideo_offload.store import BlockStore
-from models import (
+from support.models import (
     CallsInside,
     Interleaved,
     ListOf,
