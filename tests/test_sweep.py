@@ -1,5 +1,5 @@
 """The compatibility sweep over every transformer class of the installed diffusers: each one with a tiny
-configuration (tests/support/sweep_configs.py), built with random weights, runs bit-identically offloaded
+configuration (tests/support/sweep_diffusers.py), built with random weights, runs bit-identically offloaded
 (prefetch 0, 1, 2) as resident, with state_dict and disable exact; every one's share of parameter bytes
 offloaded at full size is pinned."""
 

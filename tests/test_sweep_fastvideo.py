@@ -1,6 +1,6 @@
 """The compatibility sweep over every DiT of the installed FastVideo: each one's share of parameter bytes
 offloaded at full size (its config's defaults, built on the meta device) is pinned, and each one with a
-tiny configuration (tests/support/sweep_configs.py) runs bit-identically offloaded (prefetch 0, 1, 2) as
+tiny configuration (tests/support/sweep_fastvideo.py) runs bit-identically offloaded (prefetch 0, 1, 2) as
 resident, with state_dict and disable exact."""
 
 from __future__ import annotations
