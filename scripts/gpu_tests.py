@@ -19,7 +19,7 @@ error, hang and crash with its first line. Exit status 1 if any test did not pas
 none ran at all (a selection that matches nothing is a mistake).
 
 `--marker NAME`: run the tests marked NAME (`-m NAME`) in the test files that use the marker
-(`pytest.mark.NAME`, or the `requires_NAME` decorator of tests/conftest.py), so that only those
+(`pytest.mark.NAME`, or the `requires_NAME` decorator of tests/support/needs.py), so that only those
 files are collected.
 """
 

@@ -11,7 +11,10 @@ cd "$(dirname "$0")/.."
 py=${1:-.venv/bin/python}
 kind=${2:-address}
 out=build/sanitize-$kind
-tests=(tests/test_ops.py tests/test_properties.py tests/test_enable.py tests/test_reliability.py tests/test_staging.py)
+# The ops, random calls to them, the engine under enable feature by feature, faults and long runs, staging.
+tests=(tests/test_ops.py tests/test_properties.py tests/test_enable.py tests/test_tied_weights.py
+       tests/test_block_inside_another.py tests/test_state_dict.py tests/test_refusals.py tests/test_mutate.py
+       tests/test_autocast.py tests/test_groups.py tests/test_compile.py tests/test_reliability.py tests/test_staging.py)
 # The soak test and the mapped-checkpoint test measure RSS, which a sanitizer's shadow memory and
 # quarantine make meaningless. Tests marked injected_race plant an ordering fault (a copy that skips
 # its release wait, a block that runs before its copy, a staging buffer refilled under an upload):

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import fastvideo_offload as fo
-from models import ListOf, TinyDiT, tiny_input
+from support.models import ListOf, TinyDiT, tiny_input
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VIOLATION = "async CPU device: ordering violation"

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import fastvideo_offload as fo
-from conftest import integration
+from support.needs import integration
 from fastvideo_offload.bench import modes, overlap, report, run
 from fastvideo_offload.bench.model import CPU_SMALL, build, weight_bytes
 from fastvideo_offload.planner import plan, spread

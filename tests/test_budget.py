@@ -11,8 +11,8 @@ import torch
 import fastvideo_offload as fo
 from fastvideo_offload.planner import plan, spread
 from fastvideo_offload import _ops
-from models import TinyDiT, TwoListDiT, tiny_input
-from snapshot import assert_unchanged, snapshot
+from support.models import TinyDiT, TwoListDiT, tiny_input
+from support.snapshot import assert_unchanged, snapshot
 
 
 def test_everything_resident_when_it_fits():

@@ -18,9 +18,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file, save_model
 
 import fastvideo_offload as fo
-from conftest import integration
+from support.needs import integration
 from fastvideo_offload import checkpoint as ckpt
-from models import TiedBlocks, TinyDiT, tiny_input
+from support.models import TiedBlocks, TinyDiT, tiny_input
 
 diffusers = integration("diffusers")
 accelerate = integration("accelerate")

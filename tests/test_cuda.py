@@ -14,8 +14,8 @@ from torch import nn
 
 import fastvideo_offload as fo
 from fastvideo_offload import _ops
-from models import TinyDiT, tiny_input
-from snapshot import assert_unchanged, snapshot
+from support.models import TinyDiT, tiny_input
+from support.snapshot import assert_unchanged, snapshot
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -416,7 +416,7 @@ def test_offloading_to_the_second_gpu_creates_no_context_on_the_first():
     would create a context (hundreds of MiB) on cuda:0. A fresh process, so no test before it made one."""
     code = (
         "import torch, fastvideo_offload as fo\n"
-        "from models import TinyDiT\n"
+        "from support.models import TinyDiT\n"
         "import gc\n"
         "model, staged = TinyDiT().eval(), TinyDiT().eval()\n"
         "handle = fo.enable(model, device='cuda:1')\n"

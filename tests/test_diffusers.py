@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import fastvideo_offload as fo
-from conftest import integration
-from offloaded import enable_and_check
+from support.needs import integration
+from support.offloaded import enable_and_check
 
 diffusers = integration("diffusers")
 

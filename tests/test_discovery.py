@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import fastvideo_offload as fo
-from models import Block, ListOf, OtherBlock, PairList, SequentialStack, TinyDiT, TwoListDiT, tiny_input
-from offloaded import enable_and_check
+from support.models import Block, ListOf, OtherBlock, PairList, SequentialStack, TinyDiT, TwoListDiT, tiny_input
+from support.offloaded import enable_and_check
 
 
 def run(model):

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import fastvideo_offload as fo
-from conftest import integration
+from support.needs import integration
 from fastvideo_offload.integrations import fastvideo as integ
-from fastvideo_cpu import _init, cpu_is_the_local_device, dit_lora_pipeline, on_cpu, run, tiny_wan
+from support.fastvideo_cpu import _init, cpu_is_the_local_device, dit_lora_pipeline, on_cpu, run, tiny_wan
 
 if torch.cuda.is_available():
     # FastVideo picks its platform through NVML (CUDA_VISIBLE_DEVICES does not hide a GPU from

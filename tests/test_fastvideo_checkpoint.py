@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import save_file
 
 import fastvideo_offload as fo
-from conftest import integration
-from fastvideo_cpu import load, on_cpu, run, save_wan
+from support.needs import integration
+from support.fastvideo_cpu import load, on_cpu, run, save_wan
 from fastvideo_offload.checkpoint import CheckpointWeights
 
 if torch.cuda.is_available():
@@ -24,8 +24,10 @@ if torch.cuda.is_available():
 
 integration("fastvideo")
 integration("diffusers")
-#: The subprocess imports the package this test imports (a worktree's, not an installed one).
+#: The subprocess imports the package this test imports (a worktree's, not an installed one), and
+#: the tests' support package.
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(fo.__file__))
+TESTS = os.path.dirname(os.path.abspath(__file__))
 FALLBACK = "FastVideo loads the DiT into host memory first"
 
 
@@ -91,10 +93,9 @@ def test_a_checkpoint_the_path_cannot_follow_falls_back_and_says_why(saved, tmp_
 
 RSS_SCRIPT = textwrap.dedent("""
     import json, sys, time
-    sys.path.insert(0, sys.argv[3])
     import torch
     import fastvideo_offload as fo
-    from fastvideo_cpu import load, on_cpu
+    from support.fastvideo_cpu import load, on_cpu
 
     def kib(field):
         for line in open("/proc/self/status"):
@@ -105,7 +106,7 @@ RSS_SCRIPT = textwrap.dedent("""
     patched = sys.argv[2] == "patched"
     if patched:
         fo.patch_fastvideo()
-    for path in sys.argv[4], sys.argv[1]:  # the first, tiny, load imports what loading imports
+    for path in sys.argv[3], sys.argv[1]:  # the first, tiny, load imports what loading imports
         before = kib("VmRSS:")
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM to the current RSS
@@ -132,11 +133,10 @@ def test_peak_host_memory_while_loading_is_below_the_unpatched_loaders(tmp_path)
     # A port of its own: this process's FastVideo holds the one in the environment. Freed scratch goes
     # back to the OS at once, so the peak shows what is live.
     env = {k: v for k, v in os.environ.items() if k != "MASTER_PORT"}
-    env |= {"PYTHONPATH": PACKAGE_ROOT, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    env |= {"PYTHONPATH": os.pathsep.join([PACKAGE_ROOT, TESTS]), "MALLOC_MMAP_THRESHOLD_": "131072"}
     measured = {}
     for way in ("patched", "unpatched"):
-        out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(tmp_path / "wan"), way, os.path.dirname(__file__),
-                              str(tmp_path / "tiny")],
+        out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(tmp_path / "wan"), way, str(tmp_path / "tiny")],
                              env=env, capture_output=True, text=True,
                              timeout=300)
         assert out.returncode == 0, out.stderr[-3000:]

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import save_file
 
 import fastvideo_offload as fo
-from conftest import integration
-from fastvideo_cpu import cpu_is_the_local_device, load, ltx2_pipeline, on_cpu, run_ltx2, save_ltx2
+from support.needs import integration
+from support.fastvideo_cpu import cpu_is_the_local_device, load, ltx2_pipeline, on_cpu, run_ltx2, save_ltx2
 from fastvideo_offload.checkpoint import CheckpointWeights
 from fastvideo_offload.integrations import fastvideo as integ
 

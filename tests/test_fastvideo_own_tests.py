@@ -1,6 +1,6 @@
 """FastVideo's own tests of what `patch_fastvideo()` replaces, run from the installed package (not
 copied here) in a pytest of their own with the patch applied before they are imported
-(tests/fastvideo_patched.py): its layerwise offload tests, on a machine without CUDA with the CPU
+(tests/support/fastvideo_patched.py): its layerwise offload tests, on a machine without CUDA with the CPU
 as their device; its hook API and activation trace, which share the offloaded blocks' hook
 managers; its loader's state-dict load, which the patch wraps; and its whole-parameter LoRA patch,
 which makes the patched loader load into host memory first."""
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import fastvideo_offload as fo
-from conftest import integration
+from support.needs import integration
 
 fastvideo = integration("fastvideo")
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -41,7 +41,7 @@ def run_fastvideos_tests(tmp_path) -> dict[tuple[str, str], tuple[str, str]]:
     env = {k: v for k, v in os.environ.items() if k != "MASTER_PORT"}
     env |= {"PYTHONPATH": os.pathsep.join([PACKAGE_ROOT, TESTS]), "PYTHONDONTWRITEBYTECODE": "1"}
     out = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "fastvideo_patched",
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "support.fastvideo_patched",
          f"--junitxml={report}", *(os.path.join(root, t) for t in FASTVIDEO_TESTS)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )

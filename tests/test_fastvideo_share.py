@@ -6,8 +6,8 @@ node's leader alone; ranks holding other weights keep their own."""
 import pytest
 import torch
 
-from conftest import integration
-from fastvideo_cpu import save_wan
+from support.needs import integration
+from support.fastvideo_cpu import save_wan
 from test_share import Ranks, no_leftovers  # noqa: F401 (a fixture)
 
 if torch.cuda.is_available():
@@ -15,7 +15,7 @@ if torch.cuda.is_available():
 
 integration("fastvideo")
 integration("diffusers")
-WORKER = __file__.replace("test_fastvideo_share.py", "fastvideo_sp_worker.py")
+WORKER = "support.fastvideo_sp_worker"
 
 # FastVideo's ranks on the patch; the shared store's paths run on both devices in test_share.py.
 pytestmark = pytest.mark.sync_pass_only

@@ -9,9 +9,9 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import integration
-from models import TinyDiT
-from offloaded import packed_bytes
+from support.needs import integration
+from support.models import TinyDiT
+from support.offloaded import packed_bytes
 from torch import nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 

@@ -6,8 +6,8 @@ import torch
 from safetensors.torch import save_file
 
 import fastvideo_offload as fo
-from conftest import integration
-from models import TinyDiT, tiny_input
+from support.needs import integration
+from support.models import TinyDiT, tiny_input
 
 diffusers = integration("diffusers")
 integration("accelerate")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fastvideo_offload  # noqa: F401  (registers the ops)
-from conftest import requires_cuda
+from support.needs import requires_cuda
 from fastvideo_offload import _ops
 
 ops = torch.ops.fastvideo_offload

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 import fastvideo_offload as fo
-from conftest import integration
-from models import Block
+from support.needs import integration
+from support.models import Block
 
 
 class HeadReachesIn(nn.Module):

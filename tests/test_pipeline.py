@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import fastvideo_offload as fo
-from conftest import integration
+from support.needs import integration
 from fastvideo_offload.planner import plan
-from offloaded import packed_bytes
-from snapshot import assert_unchanged, hook_count, snapshot
+from support.offloaded import packed_bytes
+from support.snapshot import assert_unchanged, hook_count, snapshot
 
 diffusers = integration("diffusers")
 accelerate = integration("accelerate")  # the diffusers example builds its transformers on meta with it

@@ -13,11 +13,13 @@ import pytest
 import torch
 
 import fastvideo_offload as fo
-from models import TinyDiT, tiny_input
-from snapshot import assert_unchanged, snapshot
+from support.models import TinyDiT, tiny_input
+from support.snapshot import assert_unchanged, snapshot
 
-#: The subprocess imports the package this test imports (a worktree's, not an installed one).
+#: The subprocess imports the package this test imports (a worktree's, not an installed one), and
+#: the tests' support package.
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(fo.__file__))
+TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
 def run(model, x):
@@ -104,10 +106,8 @@ def test_an_interrupted_forward_leaves_nothing_at_exit():
     """A model dropped (or the interpreter leaving) with an interrupted block: the engine goes
     without an error printed at exit."""
     code = textwrap.dedent("""
-        import sys
-        sys.path.insert(0, sys.argv[1])
         import torch, fastvideo_offload as fo
-        from models import TinyDiT, tiny_input
+        from support.models import TinyDiT, tiny_input
         model = TinyDiT()
         fo.enable(model, device="cpu")
         def interrupt(block):
@@ -119,8 +119,8 @@ def test_an_interrupted_forward_leaves_nothing_at_exit():
         except KeyboardInterrupt:
             print("interrupted")
     """)
-    proc = subprocess.run([sys.executable, "-c", code, os.path.dirname(__file__)], capture_output=True, text=True,
-                          timeout=120, env=dict(os.environ, PYTHONPATH=PACKAGE_ROOT))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=os.pathsep.join([PACKAGE_ROOT, TESTS])))
     assert proc.returncode == 0 and proc.stdout.strip() == "interrupted", proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr[-3000:]
 

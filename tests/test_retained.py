@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import fastvideo_offload as fo
-from models import Block, TinyDiT
+from support.models import Block, TinyDiT
 
 
 class FusedQKV(nn.Module):

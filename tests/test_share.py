@@ -1,5 +1,5 @@
 """enable(..., share="node"): ranks of a gloo group on one node map one host store. Each rank is a
-real process (tests/share_worker.py); every launch is bounded in time and kills what it started."""
+real process (tests/support/share_worker.py); every launch is bounded in time and kills what it started."""
 
 import glob
 import json
@@ -13,16 +13,18 @@ import time
 import pytest
 import torch
 from safetensors.torch import save_file
-from conftest import requires_cuda
-from models import TinyDiT
+from support.needs import requires_cuda
+from support.models import TinyDiT
 
 import fastvideo_offload as fo
 from fastvideo_offload import share
 
-WORKER = os.path.join(os.path.dirname(__file__), "share_worker.py")
+#: Each rank runs this module from tests/, where `support` is found as it is here.
+WORKER = "support.share_worker"
+TESTS = os.path.dirname(os.path.abspath(__file__))
 #: The ranks import the package this test imports (a worktree's, not an installed one).
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(fo.__file__))
-from share_worker import LAYERS, PINNED, dim_of  # noqa: E402
+from support.share_worker import LAYERS, PINNED, dim_of  # noqa: E402
 
 
 #: Four ranks prove the share's steps beyond a pair; the asynchronous pass runs the pair.
@@ -48,8 +50,8 @@ class Ranks:
                        # Freed tensors go back to the OS at once, so PSS shows what is live.
                        MALLOC_MMAP_THRESHOLD_="131072")
             log = open(f"{self.out}/log{rank}.txt", "w")
-            self.procs.append(subprocess.Popen([sys.executable, worker, self.out, mode], env=env, stdout=log,
-                                               stderr=subprocess.STDOUT))
+            self.procs.append(subprocess.Popen([sys.executable, "-m", worker, self.out, mode], cwd=TESTS, env=env,
+                                               stdout=log, stderr=subprocess.STDOUT))
 
     def __enter__(self):
         return self

@@ -15,7 +15,7 @@ from fastvideo_offload import _ops, pinning
 from fastvideo_offload import checkpoint as ckpt
 from fastvideo_offload.bench import measure
 from fastvideo_offload.store import BlockStore
-from models import Interleaved, TinyDiT, tiny_input
+from support.models import Interleaved, TinyDiT, tiny_input
 
 LAYERS = 6
 GiB = 1 << 30

@@ -1,5 +1,5 @@
 """The compatibility sweep over every transformer class of the installed diffusers: each one with a tiny
-configuration (tests/sweep_configs.py), built with random weights, runs bit-identically offloaded
+configuration (tests/support/sweep_diffusers.py), built with random weights, runs bit-identically offloaded
 (prefetch 0, 1, 2) as resident, with state_dict and disable exact; every one's share of parameter bytes
 offloaded at full size is pinned."""
 
@@ -11,9 +11,9 @@ import inspect
 import pytest
 import torch
 
-from conftest import integration
-from sweep_check import check_offload, offloaded_share, one_thread, outputs, randomize  # noqa: F401 (one_thread: a fixture)
-from sweep_configs import DIFFUSERS, FULL_SIZE_SHARE
+from support.needs import integration
+from support.sweep_check import check_offload, offloaded_share, one_thread, outputs, randomize  # noqa: F401 (one_thread: a fixture)
+from support.sweep_configs import DIFFUSERS, FULL_SIZE_SHARE
 
 diffusers = integration("diffusers")
 transformers = integration("diffusers.models.transformers")

@@ -1,7 +1,7 @@
 """The compatibility sweep over every DiT of the installed FastVideo: each one's share of parameter bytes
 offloaded at full size (its config's defaults, built on the meta device) is pinned, and each one with a
-tiny configuration (tests/sweep_configs.py) runs bit-identically offloaded (prefetch 0, 1, 2) as resident,
-with state_dict and disable exact."""
+tiny configuration (tests/support/sweep_fastvideo.py) runs bit-identically offloaded (prefetch 0, 1, 2) as
+resident, with state_dict and disable exact."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pkgutil
 import pytest
 import torch
 
-from sweep_check import check_offload, offloaded_share, one_thread, outputs  # noqa: F401 (one_thread: a fixture)
-from sweep_configs import FASTVIDEO, FASTVIDEO_FULL_SIZE_SHARE, FASTVIDEO_TINY
+from support.sweep_check import check_offload, offloaded_share, one_thread, outputs  # noqa: F401 (one_thread: a fixture)
+from support.sweep_configs import FASTVIDEO, FASTVIDEO_FULL_SIZE_SHARE, FASTVIDEO_TINY
 from test_fastvideo import _init, fastvideo_cpu  # noqa: F401 (fastvideo_cpu: a fixture)
 
 

@@ -1,4 +1,5 @@
-"""Enabling offload and checking exactly what it took: shared by the discovery tests."""
+"""Enabling offload and checking exactly what it took and that the outputs do not change: shared by
+the tests of enable."""
 
 from __future__ import annotations
 
@@ -34,3 +35,26 @@ def enable_and_check(model, offloaded: list[str], run, **enable_kwargs):
         for _ in range(2):
             assert torch.equal(run(model), expected)
     return handle
+
+
+def is_placeholder(p: torch.Tensor) -> bool:
+    """An offloaded block's parameter outside its block's forward: an empty 1-d tensor."""
+    return p.numel() == 0 and p.dim() == 1
+
+
+def run_passes(model, inputs):
+    with torch.no_grad():
+        return [model(x) for x in inputs]
+
+
+def assert_same_outputs(make_model, inputs, **enable_kwargs):
+    """Offloads a copy of `make_model()`, checks that its outputs on `inputs` are the model's bit for bit,
+    and returns it with its handle."""
+    reference = make_model()
+    offloaded = copy.deepcopy(reference)
+    expected = run_passes(reference, inputs)
+    handle = fo.enable(offloaded, device="cpu", **enable_kwargs)
+    got = run_passes(offloaded, inputs)
+    for e, g in zip(expected, got):
+        assert torch.equal(e, g)
+    return offloaded, handle

@@ -13,7 +13,7 @@ import torch
 
 import fastvideo_offload as fo
 from fastvideo_offload.blocks import find_block_lists
-from offloaded import packed_bytes
+from .offloaded import packed_bytes
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -2,7 +2,8 @@
 parallelism 2 on gloo, FastVideo's Wan DiT offloaded under `patch_fastvideo()`; writes what it
 saw to OUT/rank<R>.json.
 
-    python tests/fastvideo_sp_worker.py OUT MODE   (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT from the env)
+    cd tests && python -m support.fastvideo_sp_worker OUT MODE
+    (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT from the env)
 
 MODE: load (FastVideo's TransformerLoader on the checkpoint in OUT/wan) | differ (rank 1 holds
 other weights, offloaded the way the loader offloads) | lora (FastVideo's LoRA pipeline merges,
@@ -18,13 +19,12 @@ from types import SimpleNamespace
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from fastvideo_cpu import load, on_cpu, run, tiny_wan  # noqa: E402
-from share_worker import _write, holds_memfd, read_bytes  # noqa: E402
+import fastvideo_offload as fo
+from fastvideo_offload.checkpoint import CheckpointWeights
+from fastvideo_offload.share import NodeShare
 
-import fastvideo_offload as fo  # noqa: E402
-from fastvideo_offload.checkpoint import CheckpointWeights  # noqa: E402
-from fastvideo_offload.share import NodeShare  # noqa: E402
+from .fastvideo_cpu import load, on_cpu, run, tiny_wan
+from .share_worker import _write, holds_memfd, read_bytes
 
 
 class Messages(logging.Handler):

@@ -1,7 +1,8 @@
 """One rank of tests/test_share.py: a real process in a gloo group that offloads TinyDiT with
 share="node" and writes what it saw to OUT/rank<R>.json (and its output to OUT/out<R>.pt).
 
-    python tests/share_worker.py OUT MODE   (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT from the env)
+    cd tests && python -m support.share_worker OUT MODE
+    (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT from the env)
 
 MODE: run | plain (no share) | differ (rank 1 holds other weights) | stall-fill | stall-open
 (that step waits for SIGKILL) | forever (forwards until OUT/stop exists) | already (rank 1's model
@@ -28,13 +29,13 @@ import time
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(__file__))
-from models import TinyDiT  # noqa: E402
+from accelerate import init_empty_weights
 
-import fastvideo_offload as fo  # noqa: E402
-from accelerate import init_empty_weights  # noqa: E402
-from fastvideo_offload import share  # noqa: E402
-from fastvideo_offload.store import BlockStore  # noqa: E402
+import fastvideo_offload as fo
+from fastvideo_offload import share
+from fastvideo_offload.store import BlockStore
+
+from .models import TinyDiT
 
 DIM, LAYERS = 1024, 8  # 8 blocks of 50 MB: the interpreters' noise (a few MB each) stays well under 10%
 SMALL = 64  # the width where only behaviour is checked, not memory

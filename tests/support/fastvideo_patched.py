@@ -1,4 +1,4 @@
-"""A pytest plugin (`-p fastvideo_patched`) under which FastVideo's own installed tests run with
+"""A pytest plugin (`-p support.fastvideo_patched`) under which FastVideo's own installed tests run with
 `patch_fastvideo()` applied before any of them is imported (tests/test_fastvideo_own_tests.py).
 
 On a machine without CUDA, FastVideo's tests that skip there ("CUDA not available": its layerwise
