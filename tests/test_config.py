@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fastvideo_offload as fo
-from models import TinyDiT
+from support.models import TinyDiT
 
 
 def test_the_handle_keeps_the_checked_configuration_with_prefetch_as_cut():

@@ -508,7 +508,7 @@ def test_autocast_keeps_no_copy_of_the_blocks_on_the_gpu():
 
 class _SideStreamBlock(nn.Module):
     """Reads its weight on a side stream, late, and joins the calling stream back to that
-    stream before returning: the rule the post-hook relies on (README, "Side streams")."""
+    stream before returning: the rule the post-hook relies on (docs/reference.md, "Side streams")."""
 
     def __init__(self, dim):
         super().__init__()

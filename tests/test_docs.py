@@ -74,7 +74,7 @@ def test_links_between_readme_and_docs_resolve():
 def test_every_stat_is_defined_once_in_the_reference():
     """The stats table of docs/reference.md names exactly the keys `handle.stats()` returns."""
     import fastvideo_offload as fo
-    from models import TinyDiT
+    from support.models import TinyDiT
 
     with open(os.path.join(ROOT, "docs", "reference.md")) as f:
         text = f.read()

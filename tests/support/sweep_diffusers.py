@@ -489,7 +489,7 @@ DIFFUSERS: dict[str, Case] = {
         full=dict(in_channels=16 * 88)),  # its defaults, channels = heads x dim
 }
 
-#: The share of parameter bytes offloaded at full size (tests/test_sweep.py checks it, README lists it).
+#: The share of parameter bytes offloaded at full size (tests/test_sweep.py checks it, docs/compatibility.md lists it).
 FULL_SIZE_SHARE: dict[str, float] = {
     "AceStepTransformer1DModel": 0.959,
     "AllegroTransformer3DModel": 0.981,
