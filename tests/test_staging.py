@@ -111,7 +111,10 @@ def test_the_staging_trace_records_every_fill(cpu_device, threads):
     # once per step, or once more.
     assert stagings <= len(trace) <= stagings + prefetch + 2
     assert set(Counter(block.tolist()).values()) <= {steps, steps + 1}
-    assert len(handle.staging_trace()) == 0  # read and cleared
+    # Read and cleared: a second read has only fills that ended after the first (one the ring was
+    # making ahead when the forward returned may end between the two reads).
+    again = handle.staging_trace()
+    assert len(again) <= prefetch + 2 and not {tuple(r) for r in trace.tolist()} & {tuple(r) for r in again.tolist()}
     handle.trace_staging(False)
     run(model, [tiny_input()])  # takes the fills that were in progress, traced, when it was switched off
     handle.staging_trace()
