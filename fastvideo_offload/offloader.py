@@ -87,8 +87,6 @@ class OffloadHandle:
         # a cycle, and `del model` would free neither slots nor host memory until a GC pass.
         self._model_ref = weakref.ref(model)
         device = config.device
-        self.device = device
-        self.group = config.group
         self.block_paths = [path for path, _ in lists]
 
         # Everything is checked before anything changes: a refused model is left as it was.
@@ -98,12 +96,12 @@ class OffloadHandle:
         self._budget: DeviceBudget | None = None
         blocks = [named for _, named_blocks in lists for named in named_blocks]
         # What can be in flight is bounded by the blocks: a deeper prefetch would only reserve more.
-        self.prefetch = ring_slots(config.prefetch, len(blocks)) - 1
-        if config.prefetch > max(self.prefetch, 1):
+        prefetch = ring_slots(config.prefetch, len(blocks)) - 1
+        if config.prefetch > max(prefetch, 1):
             logger.info("prefetch %d is cut to %d: no more blocks than that can be ahead of the running one",
-                        config.prefetch, self.prefetch)
+                        config.prefetch, prefetch)
         #: The checked arguments this model was enabled with (prefetch as cut).
-        self.config = config.replace(prefetch=self.prefetch)
+        self.config = config.replace(prefetch=prefetch)
         self._block_index = {id(block): index for index, (_, block) in enumerate(blocks)}
         names = _param_names(model)
         block_params = _block_params(blocks, names)
@@ -174,6 +172,19 @@ class OffloadHandle:
         if self._budget is not None:
             self._budget.attach(model, self._engine, hooks)
         hooks.add(model.register_forward_pre_hook(eager(self._before_forward)))
+
+    @property
+    def device(self) -> torch.device:
+        return self.config.device
+
+    @property
+    def prefetch(self) -> int:
+        """The prefetch depth in use (after the cut)."""
+        return self.config.prefetch
+
+    @property
+    def group(self) -> str | None:
+        return self.config.group
 
     @property
     def _model(self) -> nn.Module | None:
