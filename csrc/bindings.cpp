@@ -38,6 +38,15 @@ TORCH_LIBRARY(fastvideo_offload, m) {
       &engine_add_gathered_block);
   m.def("engine_enter(int engine, int block) -> ()", &engine_enter);
   m.def("engine_exit(int engine, int block) -> ()", &engine_exit);
+  // Training (grad mode): each block runs from a fixed slot; exit_grad's token names that slot's
+  // memory, and hold (backward needs the block) fills it again, until as many unholds.
+  // enter_grad's in_backward: a checkpoint's recompute; it returns whether the block was held already.
+  m.def("engine_enter_grad(int engine, int block, bool in_backward) -> bool", &engine_enter_grad);
+  m.def("engine_exit_grad(int engine, int block) -> int", &engine_exit_grad);
+  m.def("engine_hold(int engine, int block, int token) -> ()", &engine_hold);
+  m.def("engine_unhold(int engine, int block) -> ()", &engine_unhold);
+  // Releases every hold (after a backward that raised); returns how many blocks were held.
+  m.def("engine_drop_holds(int engine) -> int", &engine_drop_holds);
   m.def("engine_park(int engine, int block) -> ()", &engine_park);
   m.def("engine_reset(int engine) -> ()", &engine_reset);
   m.def("engine_set_slot_budget(int engine, int nbytes) -> ()", &engine_set_slot_budget);

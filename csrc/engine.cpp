@@ -71,12 +71,14 @@ Engine::Block& Engine::block_at(int64_t block, const char* op) {
 void Engine::check_idle(const char* op) const {
   for (const Block& blk : blocks_) {
     TORCH_CHECK(blk.state != Block::State::Running, op, ": a block is running; call it between forward passes");
+    TORCH_CHECK(blk.holds == 0, op, ": a backward holds a block; call it between training steps");
   }
 }
 
 bool Engine::busy() {
   std::lock_guard<std::mutex> lock(mutex_);
-  return std::any_of(blocks_.begin(), blocks_.end(), [](const Block& b) { return b.state == Block::State::Running; });
+  return std::any_of(blocks_.begin(), blocks_.end(),
+                     [](const Block& b) { return b.state == Block::State::Running || b.holds > 0; });
 }
 
 void Engine::evicted(int64_t block) {
@@ -225,54 +227,137 @@ void Engine::enter(int64_t block) {
   ++enters_;
   const std::vector<int64_t> keep =
       schedule_.window(block, [&](int64_t b) { return slots_.resident(b) && blocks_[b].slot >= 0; });
+  if (blk.nbytes > 0 && blk.slot < 0) {
+    const int s = slots_.claim(block, keep, /*required=*/true);
+    TORCH_CHECK(s >= 0, "enter: all ", slots_.ring(),
+                " streaming device slots (prefetch + 1) hold running blocks; block ", block,
+                " cannot run inside another offloaded block: raise prefetch");
+    upload(block, s);
+    ++sync_loads_;
+  }
+  start_running(block, keep, /*fixed=*/false, Schedule::Direction::Forward);
+}
+
+bool Engine::enter_grad(int64_t block, bool in_backward) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  Block& blk = block_at(block, "enter");
+  if (blk.state == Block::State::Running) {
+    release(blk);
+  }
+  ++enters_;
+  if (in_backward && blk.holds > 0) {
+    // A non-reentrant checkpoint's recompute inside the block's own backward: the hold keeps its
+    // bytes in its slot, and the blocks before it are being fetched already.
+    start_running(block, {block}, /*fixed=*/true, Schedule::Direction::Backward);
+    return true;
+  }
+  const auto direction = in_backward ? Schedule::Direction::Backward : Schedule::Direction::Forward;
+  if (!in_backward) {
+    schedule_.entered(block);
+  }
+  const std::vector<int64_t> keep = schedule_.window(
+      block, [&](int64_t b) { return slots_.resident(b) && blocks_[b].slot >= 0; }, direction);
+  const int64_t uploads = uploads_;
   if (blk.nbytes > 0) {
-    if (blk.slot < 0) {
-      const int s = slots_.claim(block, keep, /*required=*/true);
-      TORCH_CHECK(s >= 0, "enter: all ", slots_.ring(),
-                  " streaming device slots (prefetch + 1) hold running blocks; block ", block,
-                  " cannot run inside another offloaded block: raise prefetch");
-      upload(block, s);
-      ++sync_loads_;
+    fill_fixed(block, "enter");
+  }
+  sync_loads_ += uploads_ - uploads;
+  start_running(block, keep, /*fixed=*/true, direction);
+  if (in_backward) {
+    backward_uploads_ += uploads_ - uploads;
+  }
+  return false;
+}
+
+void Engine::fill_fixed(int64_t block, const char* op) {
+  Block& blk = blocks_[block];
+  const int fixed = slots_.fixed_slot(block);
+  if (blk.slot == fixed) {
+    return;
+  }
+  const int s = slots_.claim_fixed(block, /*required=*/true);
+  TORCH_CHECK(s >= 0, op, ": block ", block, " runs in grad mode from device slot ", fixed, ", which block ",
+              slots_.holder(fixed),
+              " still needs (running, or held for its backward): in training, blocks that run inside another, "
+              "or backwards that overlap, need more streaming slots: raise prefetch");
+  if (blk.slot >= 0) {
+    slots_.vacate(blk.slot);  // cached in another ring slot by a forward without grad
+  }
+  upload(block, s);
+}
+
+void Engine::start_running(int64_t block, const std::vector<int64_t>& keep, bool fixed,
+                           Schedule::Direction direction) {
+  Block& blk = blocks_[block];
+  if (blk.nbytes > 0 && !faults_.skip_ready_wait) {
+    slots_.transfer().wait_ready(blk.slot);
+  }
+  set_all(blk.params, views_of(blk, block));
+  // See [Note: block life cycle]: OnHost or OnDevice -> Running.
+  blk.state = Block::State::Running;
+  // A block with bytes that is running sits in a slot: counting slots keeps this O(slots), not O(blocks).
+  max_materialized_ = std::max(max_materialized_, slots_.in_use_held());
+  if (fixed) {
+    prefetch_fixed(keep);
+  } else {
+    prefetch_after(keep);
+  }
+  plan_staging(block, direction);
+}
+
+void Engine::prefetch_fixed(const std::vector<int64_t>& keep) {
+  for (size_t k = 1; k < keep.size(); ++k) {
+    const int64_t b = keep[k];
+    Block& blk = blocks_[b];
+    if (blk.nbytes == 0 || blk.slot == slots_.fixed_slot(b) || in_use(b)) {
+      continue;
     }
-    if (!faults_.skip_ready_wait) {
-      slots_.transfer().wait_ready(blk.slot);
+    if (!bytes_ready(blk, b)) {
+      return;
     }
+    const int s = slots_.claim_fixed(b, /*required=*/false);
+    if (s < 0) {
+      return;
+    }
+    if (blk.slot >= 0) {
+      slots_.vacate(blk.slot);
+    }
+    upload(b, s);
+    ++prefetches_;
+  }
+}
+
+const std::vector<at::Tensor>& Engine::views_of(Block& blk, int64_t block) {
+  if (blk.nbytes > 0) {
     auto& views = slots_.views(blk.slot, block);
     if (views.empty()) {
       for (const TensorLayout& layout : blk.layouts) {
         views.push_back(view_into(slots_.buffer(blk.slot), layout));
       }
     }
-    set_all(blk.params, views);
-  } else if (!blk.params.empty()) {
-    // Only empty tensors: their views need no bytes, only the device to live on.
-    if (blk.empty_views.empty()) {
-      for (const TensorLayout& layout : blk.layouts) {
-        blk.empty_views.push_back(view_into(placeholder(at::kByte, device_), layout));
-      }
-    }
-    set_all(blk.params, blk.empty_views);
+    return views;
   }
-  // See [Note: block life cycle]: OnHost or OnDevice -> Running.
-  blk.state = Block::State::Running;
-  // A block with bytes that is running sits in a slot: counting slots keeps this O(slots), not O(blocks).
-  max_materialized_ = std::max(max_materialized_, slots_.running_held());
-  prefetch_after(keep);
-  plan_staging(block);
+  // Only empty tensors: their views need no bytes, only the device to live on.
+  if (blk.empty_views.empty()) {
+    for (const TensorLayout& layout : blk.layouts) {
+      blk.empty_views.push_back(view_into(placeholder(at::kByte, device_), layout));
+    }
+  }
+  return blk.empty_views;
 }
 
 bool Engine::bytes_ready(const Block& blk, int64_t block) {
   return !blk.staged || (staging_ && staging_->ready(block));
 }
 
-void Engine::plan_staging(int64_t block) {
+void Engine::plan_staging(int64_t block, Schedule::Direction direction) {
   if (!staging_) {
     return;
   }
-  // The staged blocks that will need an upload next, in the learned execution order.
-  const std::vector<int64_t> next = schedule_.upcoming(block, static_cast<size_t>(staging_->buffers()), [&](int64_t b) {
-    return blocks_[b].staged && blocks_[b].state == Block::State::OnHost;
-  });
+  // The staged blocks that will need an upload next, in the learned execution order (backwards in a backward).
+  const std::vector<int64_t> next = schedule_.upcoming(
+      block, static_cast<size_t>(staging_->buffers()),
+      [&](int64_t b) { return blocks_[b].staged && blocks_[b].state == Block::State::OnHost; }, direction);
   std::vector<Staging::Request> order;
   order.reserve(next.size());
   for (const int64_t b : next) {
@@ -300,6 +385,12 @@ Staging::Request Engine::staging_request(int64_t block) const {
 }
 
 void Engine::release(Block& blk) {
+  if (blk.holds > 0) {
+    // Its backward reads the parameters themselves too (layer norm saves its weight, not a view):
+    // they stay views into the slot until the last unhold. See [Note: block life cycle].
+    blk.state = Block::State::OnDevice;
+    return;
+  }
   set_all(blk.params, blk.placeholders);
   // See [Note: block life cycle]: Running -> OnDevice (OnHost without bytes).
   blk.state = blk.slot >= 0 ? Block::State::OnDevice : Block::State::OnHost;
@@ -311,9 +402,116 @@ void Engine::release(Block& blk) {
 void Engine::exit(int64_t block) {
   std::lock_guard<std::mutex> lock(mutex_);
   Block& blk = block_at(block, "exit");
-  if (blk.state != Block::State::Running) {
-    return;
+  if (blk.state == Block::State::Running) {
+    finish(blk, block);
   }
+}
+
+int64_t Engine::exit_grad(int64_t block) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  Block& blk = block_at(block, "exit");
+  if (blk.holds > 0) {
+    // Under non-reentrant checkpointing the post-hook also runs when the recompute stops early:
+    // the backward still needs the block.
+    if (blk.state == Block::State::Running) {
+      release(blk);
+    }
+    return kHeld;
+  }
+  if (blk.state != Block::State::Running) {
+    return kNoSlot;
+  }
+  finish(blk, block);
+  return blk.slot >= 0 ? token(blk.slot) : kNoSlot;
+}
+
+namespace {
+// A token: the slot (16 bits), its generation (24) and the weights' epoch (23), each as far as its bits go.
+constexpr int kSlotBits = 16;
+constexpr int kGenerationBits = 24;
+constexpr int64_t kGenerationMask = (int64_t{1} << kGenerationBits) - 1;
+constexpr int64_t kEpochMask = (int64_t{1} << 23) - 1;
+}  // namespace
+
+int64_t Engine::token(int slot) const {
+  return static_cast<int64_t>(slot) | ((static_cast<int64_t>(slots_.generation(slot)) & kGenerationMask) << kSlotBits) |
+         ((weights_epoch_ & kEpochMask) << (kSlotBits + kGenerationBits));
+}
+
+void Engine::hold(int64_t block, int64_t token) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  Block& blk = block_at(block, "hold");
+  TORCH_CHECK_VALUE(token >= 0, "hold: block ", block, ": ", token, " is not a token of exit_grad");
+  const int slot = static_cast<int>(token & ((1 << kSlotBits) - 1));
+  const int64_t generation = (token >> kSlotBits) & kGenerationMask;
+  const int64_t epoch = token >> (kSlotBits + kGenerationBits);
+  TORCH_CHECK(epoch == (weights_epoch_ & kEpochMask), "backward: the weights of block ", block,
+              " changed between its forward and its backward (mutate, load_state_dict): the backward would not "
+              "match the forward; change offloaded weights between training steps");
+  TORCH_CHECK(slots_.made() && slot == slots_.fixed_slot(block) &&
+                  generation == (static_cast<int64_t>(slots_.generation(slot)) & kGenerationMask),
+              "backward: the device memory block ", block,
+              "'s forward ran in was freed or given another use before its backward (trim, disable, a device "
+              "budget that re-planned residency, limit_device_memory, or device memory that ran out during the "
+              "forward); change these between training steps, and give the device room for the whole ring of "
+              "prefetch + 1 slots");
+  const int64_t uploads = uploads_;
+  if (blk.slot != slot) {
+    const int64_t occupant = slots_.holder(slot);
+    TORCH_CHECK(occupant < 0 || !in_use(occupant), "backward: block ", block, " needs device slot ", slot,
+                ", which block ", occupant,
+                " still holds for its own backward: their backwards overlap by more than the ring's prefetch + 1 "
+                "slots; raise prefetch");
+    if (blk.slot >= 0) {
+      slots_.vacate(blk.slot);
+    }
+    upload(block, slot);
+  }
+  if (!faults_.skip_ready_wait) {
+    slots_.transfer().wait_ready(slot);
+  }
+  if (blk.holds++ == 0 && blk.state != Block::State::Running) {
+    set_all(blk.params, views_of(blk, block));
+  }
+  const std::vector<int64_t> keep = schedule_.window(
+      block, [&](int64_t b) { return slots_.resident(b) && blocks_[b].slot >= 0; }, Schedule::Direction::Backward);
+  prefetch_fixed(keep);
+  plan_staging(block, Schedule::Direction::Backward);
+  backward_uploads_ += uploads_ - uploads;
+  max_materialized_ = std::max(max_materialized_, slots_.in_use_held());
+  if (watch_memory_) {
+    const int64_t allocated = slots_.transfer().allocated_bytes();
+    if (allocated >= 0) {
+      forward_peak_ = std::max(forward_peak_, allocated - slots_.allocated_bytes());
+    }
+  }
+}
+
+void Engine::unhold(int64_t block) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  Block& blk = block_at(block, "unhold");
+  if (blk.holds > 0 && --blk.holds == 0 && blk.state != Block::State::Running) {
+    release(blk);  // on the stream the backward ran on
+  }
+}
+
+int64_t Engine::drop_holds() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  int64_t dropped = 0;
+  for (Block& blk : blocks_) {
+    if (blk.holds == 0) {
+      continue;
+    }
+    ++dropped;
+    blk.holds = 0;
+    if (blk.state != Block::State::Running) {
+      release(blk);
+    }
+  }
+  return dropped;
+}
+
+void Engine::finish(Block& blk, int64_t block) {
   // A forward that assigned new data to a parameter (a repack, as bitsandbytes' nf4 does) would
   // have it dropped here, and every later forward would read the old bytes: refuse loudly. The
   // block is released first, so the engine stays consistent and the model can still be disabled.
@@ -370,6 +568,7 @@ void Engine::set_slot_budget(int64_t nbytes) {
 void Engine::invalidate() {
   std::lock_guard<std::mutex> lock(mutex_);
   check_idle("invalidate");
+  ++weights_epoch_;
   slots_.forget();
   if (staging_) {
     staging_->forget();
@@ -467,6 +666,9 @@ c10::Dict<std::string, int64_t> Engine::stats() {
   out.insert("max_materialized_blocks", max_materialized_);
   out.insert("running_blocks", std::count_if(blocks_.begin(), blocks_.end(),
                                              [](const Block& b) { return b.state == Block::State::Running; }));
+  out.insert("held_blocks",
+             std::count_if(blocks_.begin(), blocks_.end(), [](const Block& b) { return b.holds > 0; }));
+  out.insert("backward_uploads", backward_uploads_);
   int64_t staged = 0;
   int64_t staged_host = 0;
   for (const Block& blk : blocks_) {

@@ -43,6 +43,16 @@ namespace fastvideo_offload {
 //                         (invalidate).
 //   park keeps the state (never Running) and gives the parameters their placeholders again.
 //
+// Training (training.py) adds a hold, not a state: from the moment its backward needs a block
+// (hold) until its backward is done (the last unhold), an OnDevice block's slot is neither taken
+// nor freed, as a Running block's is, and its parameters are views into it, as a Running block's
+// are (a backward reads the weights autograd saved: views made in the forward, and parameters
+// themselves). In grad mode a block always runs from one slot (SlotPool::claim_fixed): exit_grad
+// returns a token naming that slot's memory, and hold fills that same slot again.
+//   OnHost   -> OnDevice  hold, when its slot was given to another block since its forward.
+//   Running  -> OnDevice  exit (or reset) of a held block (a checkpoint's recompute): it keeps its views.
+//   the last unhold, or drop_holds: the parameters get their placeholders again.
+//
 // Residency is not a state but a setting (SlotPool::resident): set_resident, while nothing runs,
 // gives each resident block a home slot that only its bytes fill; the others take turns in the
 // ring of streaming slots. A slot has no memory until first claimed, then holds no block's bytes
@@ -70,6 +80,25 @@ class Engine final : private SlotPool::Owner {
   // Post-hook: the parameters become placeholders and the slot is released on the compute
   // stream. A block that is not entered is left alone (the pre-hook may have failed).
   void exit(int64_t block);
+
+  // Training: the grad-mode forms of enter and exit, and the holds of a backward (training.py).
+  // Tokens are >= 0; exit_grad returns kNoSlot for a block without bytes (or not entered) and
+  // kHeld for a held block's recompute.
+  static constexpr int64_t kNoSlot = -1;
+  static constexpr int64_t kHeld = -2;
+  // enter in grad mode: the block runs from its fixed slot, and so do the blocks prefetched for it.
+  // `in_backward`: a checkpoint's recompute, which learns no order and prefetches backwards; a
+  // block held already only gets its views (returns true).
+  bool enter_grad(int64_t block, bool in_backward);
+  // exit, and the token of the slot memory the forward ran in, for its backward's hold.
+  int64_t exit_grad(int64_t block);
+  // Backward needs the block: its bytes are in the slot `token` names again (copied now when
+  // another block took it), the compute stream waits for them, and the blocks before it in
+  // execution order start copying. Counted: a block is held until as many unholds.
+  void hold(int64_t block, int64_t token);
+  void unhold(int64_t block);
+  // Every hold released (a backward that raised cannot release its own); returns how many were held.
+  int64_t drop_holds();
   // Gives a block that is not running its placeholders back (after its weights were changed).
   void park(int64_t block);
   // A forward of the whole model starts: a block still entered was left by an interrupted
@@ -117,11 +146,14 @@ class Engine final : private SlotPool::Owner {
     int64_t nbytes = 0;
     State state = State::OnHost;
     int slot = -1;        // the slot holding (or receiving) its bytes: OnDevice, and Running with bytes
+    int holds = 0;        // backwards that need its bytes in its slot (training)
     bool staged = false;  // pageable: its bytes come through staging_
   };
 
   // SlotPool::Owner
-  bool running(int64_t block) const override { return blocks_[block].state == Block::State::Running; }
+  bool in_use(int64_t block) const override {
+    return blocks_[block].state == Block::State::Running || blocks_[block].holds > 0;
+  }
   void evicted(int64_t block) override;
 
   std::unique_ptr<Transfer> checked_transfer() const;
@@ -132,8 +164,19 @@ class Engine final : private SlotPool::Owner {
   Staging::Counts staging_counts() const;
   void upload(int64_t block, int slot);
   bool bytes_ready(const Block& blk, int64_t block);
-  void plan_staging(int64_t block);
+  void plan_staging(int64_t block, Schedule::Direction direction);
   void prefetch_after(const std::vector<int64_t>& keep);
+  // Grad mode: the blocks of `keep` after the first, each into its fixed slot.
+  void prefetch_fixed(const std::vector<int64_t>& keep);
+  // Grad mode: `block`'s bytes in its fixed slot (moved there when they are in another).
+  void fill_fixed(int64_t block, const char* op);
+  // The views, the state, and the prefetch and staging that every enter ends with.
+  // Its parameters' views into its slot (into nothing, without bytes), made on first use.
+  const std::vector<at::Tensor>& views_of(Block& blk, int64_t block);
+  void start_running(int64_t block, const std::vector<int64_t>& keep, bool fixed, Schedule::Direction direction);
+  // exit's work, shared with exit_grad.
+  void finish(Block& blk, int64_t block);
+  int64_t token(int slot) const;
   void release(Block& blk);
   void check_idle(const char* op) const;
   void free_staging();
@@ -157,6 +200,9 @@ class Engine final : private SlotPool::Owner {
   int64_t h2d_at_forward_ = 0;  // h2d_bytes_ when the current (or last) forward started
   int64_t max_filled_ring_slots_ = 0;
   int64_t max_materialized_ = 0;
+  int64_t backward_uploads_ = 0;
+  // Bumped by invalidate: a token from before a weight change names other weights.
+  int64_t weights_epoch_ = 0;
   bool watch_memory_ = false;
   int64_t forward_peak_ = 0;  // device bytes allocated outside the slots, the most seen this forward
   // What the staging rings freed by trim counted and traced: stats and the trace go on across trims.

@@ -33,6 +33,11 @@ int64_t engine_add_gathered_block(int64_t engine, at::TensorList sources, int64_
                                   at::IntArrayRef offsets);
 void engine_enter(int64_t engine, int64_t block);
 void engine_exit(int64_t engine, int64_t block);
+bool engine_enter_grad(int64_t engine, int64_t block, bool in_backward);
+int64_t engine_exit_grad(int64_t engine, int64_t block);
+void engine_hold(int64_t engine, int64_t block, int64_t token);
+void engine_unhold(int64_t engine, int64_t block);
+int64_t engine_drop_holds(int64_t engine);
 void engine_park(int64_t engine, int64_t block);
 void engine_reset(int64_t engine);
 void engine_set_slot_budget(int64_t engine, int64_t nbytes);

@@ -61,6 +61,13 @@ int64_t engine_add_gathered_block(int64_t engine, at::TensorList sources, int64_
 
 void engine_enter(int64_t engine, int64_t block) { lookup(engine)->enter(block); }
 void engine_exit(int64_t engine, int64_t block) { lookup(engine)->exit(block); }
+bool engine_enter_grad(int64_t engine, int64_t block, bool in_backward) {
+  return lookup(engine)->enter_grad(block, in_backward);
+}
+int64_t engine_exit_grad(int64_t engine, int64_t block) { return lookup(engine)->exit_grad(block); }
+void engine_hold(int64_t engine, int64_t block, int64_t token) { lookup(engine)->hold(block, token); }
+void engine_unhold(int64_t engine, int64_t block) { lookup(engine)->unhold(block); }
+int64_t engine_drop_holds(int64_t engine) { return lookup(engine)->drop_holds(); }
 void engine_park(int64_t engine, int64_t block) { lookup(engine)->park(block); }
 void engine_reset(int64_t engine) { lookup(engine)->reset(); }
 void engine_set_slot_budget(int64_t engine, int64_t nbytes) { lookup(engine)->set_slot_budget(nbytes); }
@@ -74,7 +81,7 @@ at::Tensor engine_staging_trace(int64_t engine) { return lookup(engine)->staging
 
 void engine_destroy(int64_t engine) {
   std::shared_ptr<Engine> doomed = lookup(engine);
-  TORCH_CHECK(!doomed->busy(), "destroy: a block of engine ", engine, " is running");
+  TORCH_CHECK(!doomed->busy(), "destroy: a block of engine ", engine, " is running or held for a backward");
   std::lock_guard<std::mutex> lock(registry_mutex);
   registry().erase(engine);
 }

@@ -10,11 +10,14 @@ void Schedule::add_block() {
     next_.back() = index;
   }
   next_.push_back(0);
+  prev_.push_back(index > 0 ? index - 1 : 0);
+  prev_[0] = index;
 }
 
 void Schedule::entered(int64_t block) {
   if (last_entered_ >= 0 && last_entered_ != block) {
     next_[last_entered_] = block;
+    prev_[block] = last_entered_;
   }
   last_entered_ = block;
   if (starting_) {
@@ -39,11 +42,20 @@ std::vector<int64_t> Schedule::order() const {
   return out;
 }
 
-std::vector<int64_t> Schedule::window(int64_t block, c10::function_ref<bool(int64_t)> skip) const {
+int64_t Schedule::step(int64_t block, Direction direction) const {
+  if (direction == Direction::Forward) {
+    return next_[block];
+  }
+  const int64_t first = first_entered_ >= 0 ? first_entered_ : 0;
+  return block == first ? -1 : prev_[block];
+}
+
+std::vector<int64_t> Schedule::window(int64_t block, c10::function_ref<bool(int64_t)> skip,
+                                      Direction direction) const {
   std::vector<int64_t> keep{block};
   int64_t b = block;
   for (size_t k = 0, steps = 0; k < static_cast<size_t>(prefetch_) && steps < next_.size(); ++steps) {
-    b = next_[b];
+    b = step(b, direction);
     if (b < 0 || std::find(keep.begin(), keep.end(), b) != keep.end()) {
       break;
     }
@@ -56,11 +68,12 @@ std::vector<int64_t> Schedule::window(int64_t block, c10::function_ref<bool(int6
   return keep;
 }
 
-std::vector<int64_t> Schedule::upcoming(int64_t block, size_t most, c10::function_ref<bool(int64_t)> wanted) const {
+std::vector<int64_t> Schedule::upcoming(int64_t block, size_t most, c10::function_ref<bool(int64_t)> wanted,
+                                        Direction direction) const {
   std::vector<int64_t> out;
   int64_t b = block;
   for (size_t steps = 0; steps < next_.size() && out.size() < most; ++steps) {
-    b = next_[b];
+    b = step(b, direction);
     if (b < 0 || b == block) {
       break;
     }

@@ -20,6 +20,15 @@ void SlotPool::add_block(int64_t nbytes) {
   slot_bytes_ = std::max(slot_bytes_, nbytes);
   nbytes_.push_back(nbytes);
   home_.push_back(-1);
+  fixed_.push_back(0);
+  assign_fixed();
+}
+
+void SlotPool::assign_fixed() {
+  int rank = 0;
+  for (size_t b = 0; b < home_.size(); ++b) {
+    fixed_[b] = home_[b] >= 0 ? -1 : rank++ % ring_;
+  }
 }
 
 bool SlotPool::any_resident() const {
@@ -50,6 +59,7 @@ bool SlotPool::fits_budget(int index) const {
 bool SlotPool::try_allocate(int index, std::string* failure) {
   try {
     slots_[index].buffer = at::empty({slots_[index].bytes}, at::TensorOptions().dtype(at::kByte).device(device_));
+    ++slots_[index].generation;
     // The allocator may hand back memory that kernels queued on the compute stream still use:
     // the first copy into it waits until the compute stream has passed this point.
     transfer_->release(index);
@@ -120,7 +130,7 @@ int SlotPool::claim(int64_t block, const std::vector<int64_t>& keep, bool requir
   };
   for (int s = 0; s < ring_; ++s) {
     const Slot& slot = slots_[s];
-    if ((slot.block >= 0 && owner_.running(slot.block)) || (!required && rank(s) == 3)) {
+    if ((slot.block >= 0 && owner_.in_use(slot.block)) || (!required && rank(s) == 3)) {
       continue;
     }
     if (best < 0 || rank(s) < rank(best) || (rank(s) == rank(best) && slot.last_use < slots_[best].last_use)) {
@@ -131,6 +141,16 @@ int SlotPool::claim(int64_t block, const std::vector<int64_t>& keep, bool requir
     return -1;
   }
   return best;
+}
+
+int SlotPool::claim_fixed(int64_t block, bool required) {
+  make();
+  const int s = fixed_slot(block);
+  const int64_t occupant = slots_[s].block;
+  if (occupant >= 0 && occupant != block && owner_.in_use(occupant)) {
+    return -1;
+  }
+  return allocate(s, required) ? s : -1;
 }
 
 void SlotPool::vacate(int slot) {
@@ -179,6 +199,7 @@ void SlotPool::free(const std::vector<int>& doomed) {
     transfer_->retire(s);
     vacate(s);
     slot.buffer = at::Tensor();
+    ++slot.generation;
     slot.last_use = 0;
     slot.views.clear();
   }
@@ -188,7 +209,7 @@ void SlotPool::free_except(int keep) {
   std::vector<int> doomed;
   for (size_t s = 0; s < slots_.size(); ++s) {
     const Slot& slot = slots_[s];
-    if (static_cast<int>(s) != keep && slot.buffer.defined() && (slot.block < 0 || !owner_.running(slot.block))) {
+    if (static_cast<int>(s) != keep && slot.buffer.defined() && (slot.block < 0 || !owner_.in_use(slot.block))) {
       doomed.push_back(static_cast<int>(s));
     }
   }
@@ -251,6 +272,7 @@ void SlotPool::set_resident(const std::vector<bool>& chosen) {
       *free_home = true;
     }
   }
+  assign_fixed();
   if (slots_.empty()) {
     return;  // make() sizes them at the first claim
   }
@@ -297,9 +319,9 @@ int64_t SlotPool::streamed_held() const {
   return std::count_if(slots_.begin(), slots_.begin() + ring_, [](const Slot& s) { return s.block >= 0; });
 }
 
-int64_t SlotPool::running_held() const {
+int64_t SlotPool::in_use_held() const {
   return std::count_if(slots_.begin(), slots_.end(),
-                       [&](const Slot& s) { return s.block >= 0 && owner_.running(s.block); });
+                       [&](const Slot& s) { return s.block >= 0 && owner_.in_use(s.block); });
 }
 
 }  // namespace fastvideo_offload

@@ -21,8 +21,8 @@ class SlotPool {
   // What the pool needs of the blocks its slots hold (the engine).
   class Owner {
    public:
-    // Between enter and exit: its slot is neither taken nor freed.
-    virtual bool running(int64_t block) const = 0;
+    // Running (between enter and exit), or held for its backward: its slot is neither taken nor freed.
+    virtual bool in_use(int64_t block) const = 0;
     // Its bytes left their slot (given to another block, freed, or forgotten).
     virtual void evicted(int64_t block) = 0;
 
@@ -55,6 +55,17 @@ class SlotPool {
   // no running block holds and, unless `required`, none of `keep` (the blocks about to run) holds.
   // -1 when there is none, or (not `required`) no memory for it.
   int claim(int64_t block, const std::vector<int64_t>& keep, bool required);
+  // Training: the one slot `block` runs from in grad mode, so that its backward finds its bytes at
+  // the addresses its forward saved: its home when resident, else ring slot (its rank among the
+  // streamed blocks) mod ring. With memory for it, unless no block in use holds it (-1), or (not
+  // `required`) it has no memory and none can be had without freeing another slot (-1).
+  int claim_fixed(int64_t block, bool required);
+  int fixed_slot(int64_t block) const { return resident(block) ? home_slot(block) : fixed_[block]; }
+  // The block whose bytes the slot holds (-1: none).
+  int64_t holder(int slot) const { return slots_[slot].block; }
+  // Bumped each time the slot's memory is allocated or freed: a backward whose forward ran in an
+  // older generation of its slot finds other memory there.
+  uint32_t generation(int slot) const { return slots_.empty() ? 0 : slots_[slot].generation; }
   int ring() const { return ring_; }
 
   // The block whose bytes the slot holds is evicted: the slot is about to be filled.
@@ -79,9 +90,9 @@ class SlotPool {
   int64_t allocated_bytes() const;
   int64_t resident_blocks() const;
   int64_t resident_bytes() const;
-  // Ring slots holding a block's bytes, and slots whose block is running.
+  // Ring slots holding a block's bytes, and slots whose block is in use.
   int64_t streamed_held() const;
-  int64_t running_held() const;
+  int64_t in_use_held() const;
   int64_t prefetches_skipped() const { return prefetches_skipped_; }
   int64_t alloc_failures() const { return alloc_failures_; }
 
@@ -90,12 +101,15 @@ class SlotPool {
     at::Tensor buffer;   // undefined until first needed, and after it is freed
     int64_t block = -1;  // block whose bytes it holds
     uint64_t last_use = 0;
+    uint32_t generation = 0;
     int64_t bytes = 0;                           // its size: the largest streamed block, or its resident block's size
     std::vector<std::vector<at::Tensor>> views;  // per block, into `buffer`
   };
 
   int home_slot(int64_t block) const { return ring_ + home_[block]; }
   void make();
+  // Each streamed block's fixed ring slot (claim_fixed), for the blocks resident now.
+  void assign_fixed();
   bool fits_budget(int index) const;
   // Whether the slot has memory now: the out-of-memory policy, all of it.
   bool allocate(int index, bool required);
@@ -111,6 +125,7 @@ class SlotPool {
   Owner& owner_;
   std::vector<int64_t> nbytes_;  // per block
   std::vector<int> home_;        // per block: a resident block's slot is slots_[ring_ + home]; -1 when it streams
+  std::vector<int> fixed_;       // per block: the ring slot it runs from in grad mode while it streams
   // slots_[0, ring_) stream blocks; each one after is a resident block's home, or unused where a
   // block stopped being resident.
   std::vector<Slot> slots_;

@@ -90,6 +90,14 @@ def engine_add_gathered_block(
 engine_enter = _ops.engine_enter.default
 engine_exit = _ops.engine_exit.default
 engine_reset = _ops.engine_reset.default
+# Training (training.py): grad-mode enter and exit, and a backward's holds on its blocks.
+engine_enter_grad = _ops.engine_enter_grad.default
+engine_exit_grad = _ops.engine_exit_grad.default
+engine_hold = _ops.engine_hold.default
+engine_unhold = _ops.engine_unhold.default
+engine_drop_holds = _ops.engine_drop_holds.default
+#: engine_exit_grad: the block has no bytes (or was not entered), or was held already (a recompute).
+NO_SLOT, HELD = -1, -2
 
 
 def engine_set_slot_budget(engine: int, nbytes: int) -> None:

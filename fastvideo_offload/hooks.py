@@ -1,5 +1,6 @@
 """The hooks of an offloaded model: the set that holds them all, removed together, and the forward
-pre-hook and post-hook of a block (one C++ call each, and two checks)."""
+pre-hook and post-hook of a block (one C++ call each in inference; in a forward that can have a
+backward, training.py's)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from . import _ops
+from .training import BlockTraining
 
 
 class Hooks:
@@ -49,18 +51,28 @@ def eager(hook: Callable) -> Callable:
 
 
 def attach_block_hooks(
-    block: nn.Module, path: str, engine: int, index: int, device_type: str
+    block: nn.Module, path: str, engine: int, index: int, device_type: str, training: BlockTraining
 ) -> list[RemovableHandle]:
     enter, exit_ = _ops.engine_enter, _ops.engine_exit
     autocast_on, drop_casts = torch.is_autocast_enabled, torch.clear_autocast_cache
     grad_on = torch.is_grad_enabled
 
     @eager
-    def pre_forward(module, args):
+    def pre_forward(module, args, kwargs):
+        # A forward that can have a backward runs the training way (training.py); under no_grad or
+        # inference_mode this check is all it costs.
+        if grad_on():
+            training.active = training.needs_backward(args, kwargs)
+            if training.active:
+                return training.enter(args, kwargs)
         enter(engine, index)
+        return None
 
     @eager
     def post_forward(module, args, output):
+        if grad_on() and training.active:
+            training.exit(output)
+            return
         try:
             exit_(engine, index)
         except RuntimeError as exc:  # the engine names blocks by index; users know them by path
@@ -71,29 +83,9 @@ def attach_block_hooks(
         # a block's copies live no longer than its slot, and the next forward casts afresh.
         if autocast_on(device_type):
             drop_casts()
-        # Backward would read weights that are gone by then (placeholders, or a slot holding another
-        # block): it fails with a shape error that names nothing, or reads the wrong bytes. A hook on
-        # the output refuses first, where the gradient reaches the block. Under no_grad or
-        # inference_mode this check is all it costs.
-        if grad_on():
-            _refuse_backward(output)
 
     return [
-        block.register_forward_pre_hook(pre_forward),
+        block.register_forward_pre_hook(pre_forward, with_kwargs=True),
         # always_call: the block is released also when its forward raised.
         block.register_forward_hook(post_forward, always_call=True),
     ]
-
-
-def _refuse_backward(output) -> None:
-    for t in output if isinstance(output, (tuple, list)) else (output,):
-        if isinstance(t, torch.Tensor) and t.requires_grad:
-            t.register_hook(_backward_unsupported)
-
-
-def _backward_unsupported(grad: torch.Tensor) -> None:
-    raise RuntimeError(
-        "fastvideo_offload: backward through offloaded blocks is not supported (inference only): their weights "
-        "live in host memory and are on the device only while each block's forward runs. Run the model under "
-        "torch.no_grad() or torch.inference_mode(), or call disable() before training."
-    )

@@ -27,6 +27,7 @@ from .retained import RetainedCheck
 from .sources import LiveWeights, assign
 from .state_dict import attach_state_dict_hooks
 from .store import BlockStore, span, span_elements
+from .training import BlockTraining, Training
 
 logger = logging.getLogger("fastvideo_offload")
 
@@ -49,12 +50,16 @@ def _check_blocks_registered_once(model: nn.Module, lists: list[BlockList]) -> N
             )
 
 
-def _block_params(blocks: list[tuple[str, nn.Module]], names: dict[int, list[str]]) -> list[list[nn.Parameter]]:
+def _block_params(model: nn.Module, blocks: list[tuple[str, nn.Module]],
+                  names: dict[int, list[str]]) -> list[list[nn.Parameter]]:
     """Each block's offloaded parameters. A parameter is offloaded with its block only if every name
     it has lies inside that block; one shared with another block or with the rest of the model stays
-    resident."""
+    resident. In a model being fine-tuned (some parameters frozen), a block's trainable parameters
+    (LoRA's) stay resident too: gradients and optimizers find them on the device (training.py)."""
+    fine_tuned = any(not p.requires_grad for p in model.parameters())
     return [
-        [p for p in block.parameters() if all(n.startswith(path + ".") for n in names[id(p)])]
+        [p for p in block.parameters()
+         if all(n.startswith(path + ".") for n in names[id(p)]) and not (fine_tuned and p.requires_grad)]
         for path, block in blocks
     ]
 
@@ -63,7 +68,7 @@ def footprint(model: nn.Module) -> tuple[int, list[int]]:
     """What `enable(model)` would keep on the device for good (non-block weights and buffers) and
     each block's bytes, found without changing anything."""
     blocks = [named for _, named_blocks in find_block_lists(model) for named in named_blocks]
-    block_params = _block_params(blocks, _param_names(model))
+    block_params = _block_params(model, blocks, _param_names(model))
     offloaded = {id(p) for params in block_params for p in params}
     return _staying_bytes(model, offloaded), [BlockStore.nbytes(params) for params in block_params]
 
@@ -104,15 +109,20 @@ class OffloadHandle:
         self.config = config.replace(prefetch=prefetch)
         self._block_index = {id(block): index for index, (_, block) in enumerate(blocks)}
         names = _param_names(model)
-        block_params = _block_params(blocks, names)
+        block_params = _block_params(model, blocks, names)
         for (path, _), params in zip(blocks, block_params):
             devices = {p.device for p in params}
             if len(devices) > 1:
                 raise ValueError(f"block {path} has parameters on several devices ({sorted(map(str, devices))})")
         offloaded = {id(p) for params in block_params for p in params}
-        shared = {id(p) for _, block in blocks for p in block.parameters()} - offloaded
-        if shared:
-            logger.info("%d parameter(s) shared outside a single block stay resident on %s", len(shared), device)
+        kept = {id(p): p for _, block in blocks for p in block.parameters() if id(p) not in offloaded}
+        fine_tuned = any(not p.requires_grad for p in model.parameters())
+        trainable = sum(p.requires_grad for p in kept.values()) if fine_tuned else 0
+        if trainable:
+            logger.info("%d trainable block parameter(s) (LoRA's) stay resident on %s", trainable, device)
+        if len(kept) > trainable:
+            logger.info("%d parameter(s) shared outside a single block stay resident on %s", len(kept) - trainable,
+                        device)
         formats.check(((names[id(p)][0], p) for params in block_params for p in params), device)
         report = OffloadReport.measure(model, lists, offloaded)
         if config.device_budget is not None:
@@ -127,6 +137,8 @@ class OffloadHandle:
         peer = next((h._engine for h in peers if h.device == device), 0)
         self._engine = _ops.engine_create(device, self.prefetch, config.staging_threads, peer)
         self._finalizer = weakref.finalize(self, _finalize_engine, self._engine)
+        self._training = Training(self._engine, device)
+        self._offloaded_params = [p for params in block_params for p in params]
         self._stores: list[BlockStore] = []
         self._hooks = Hooks()
         self._outside: OutsideCalls | None = None
@@ -135,7 +147,7 @@ class OffloadHandle:
             pin = PinPlan(resolve_pin_budget(config.host_pin_budget), device.type == "cuda")
             self._pack_blocks(blocks, block_params, names, source, pin)
             self._move_resident(offloaded, source)
-            self._attach_hooks(model, blocks, names, source)
+            self._attach_hooks(model, blocks, block_params, names, source)
         except BaseException:
             self._destroy_engine()
             self._hooks.remove()
@@ -155,13 +167,15 @@ class OffloadHandle:
         )
         report.log(type(model).__name__, device)
 
-    def _attach_hooks(self, model: nn.Module, blocks, names, source) -> None:
+    def _attach_hooks(self, model: nn.Module, blocks, block_params, names, source) -> None:
         """Every hook this model gets, into the one set that `disable` (or a failed enable) removes."""
         # OutsideCalls belongs to the handle: its copy function holding the handle would be a cycle,
         # and `del model` would wait for a GC pass to free the engine.
         hooks, device = self._hooks, self.device
-        for index, (path, block) in enumerate(blocks):
-            hooks.add(*attach_block_hooks(block, path, self._engine, index, device.type))
+        for index, ((path, block), params) in enumerate(zip(blocks, block_params)):
+            offloaded = [(names[id(p)][0], p) for p in params]
+            block_training = BlockTraining(self._training, self._engine, index, path, block, offloaded, device.type)
+            hooks.add(*attach_block_hooks(block, path, self._engine, index, device.type, block_training))
         host_views = {n: host for store in self._stores for p, host in store.host_weights() for n in names[id(p)]}
         hooks.add(*attach_state_dict_hooks(model, host_views, self._weights_changed,
                                            source if isinstance(source, node_share.NodeShare) else None))
@@ -232,9 +246,13 @@ class OffloadHandle:
         # No block can be running when the whole model starts: one still entered was left by an
         # interrupted forward (KeyboardInterrupt skips torch's always-called post-hooks).
         _ops.engine_reset(self._engine)
-        if torch.is_autocast_enabled(self.device.type):
+        self._training.release_all()
+        if torch.is_autocast_enabled(self.device.type) and any(p.requires_grad for p in self._offloaded_params):
             # Low-precision copies cast outside a block (inside `mutate`, or by a block whose
-            # post-hook a KeyboardInterrupt skipped) must not stand in for the weights now.
+            # post-hook a KeyboardInterrupt skipped) must not stand in for the weights now. Autocast
+            # caches only the casts of leaves that require grad: with frozen offloaded weights (LoRA
+            # training) the cache holds LoRA's casts, which two forwards in one region share as
+            # they do without offload.
             torch.clear_autocast_cache()
         if self.group is not None:
             # The other models of the group give their device slots back (Wan2.2's idle expert).
@@ -360,6 +378,7 @@ class OffloadHandle:
         """Frees this model's device slots and pinned staging buffers until its next forward (an
         idle Wan2.2 expert)."""
         self._release_interrupted()
+        self._training.release_all()
         _ops.engine_trim(self._engine)
 
     def _release_interrupted(self) -> None:
