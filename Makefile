@@ -29,9 +29,12 @@ FASTVIDEO_DEPS := numpy==2.4.6 cloudpickle==3.1.3 imageio==2.38.1 torchvision==0
 # read by diffusers, and bitsandbytes, which enable refuses.
 FORMAT_DEPS := torchao==0.18.0 gguf==0.19.0 bitsandbytes==0.50.2
 
+# LoRA through offloaded blocks (tests/test_training.py): peft, as users add adapters.
+TRAINING_DEPS := peft==0.21.2
+
 $(VENV)/.deps: $(VENV)/.torch
 	$(PIP) install -q "$(TORCH_SPEC)" setuptools ninja pytest hypothesis tqdm matplotlib accelerate $(FASTVIDEO_DEPS) \
-		$(FORMAT_DEPS)
+		$(FORMAT_DEPS) $(TRAINING_DEPS)
 	$(PIP) install -q --no-deps fastvideo==0.2.1
 	touch $@
 

@@ -251,12 +251,12 @@ bool Engine::enter_grad(int64_t block, bool in_backward) {
     start_running(block, {block}, /*fixed=*/true, Schedule::Direction::Backward);
     return true;
   }
-  const auto direction = in_backward ? Schedule::Direction::Backward : Schedule::Direction::Forward;
+  const auto direction = in_backward ? Schedule::Direction::Backward : Schedule::Direction::ForwardToEnd;
   if (!in_backward) {
     schedule_.entered(block);
   }
-  const std::vector<int64_t> keep = schedule_.window(
-      block, [&](int64_t b) { return slots_.resident(b) && blocks_[b].slot >= 0; }, direction);
+  const std::vector<int64_t> keep =
+      schedule_.window(block, [&](int64_t b) { return slots_.resident(b) && blocks_[b].slot >= 0; }, direction);
   const int64_t uploads = uploads_;
   if (blk.nbytes > 0) {
     fill_fixed(block, "enter");
@@ -286,8 +286,7 @@ void Engine::fill_fixed(int64_t block, const char* op) {
   upload(block, s);
 }
 
-void Engine::start_running(int64_t block, const std::vector<int64_t>& keep, bool fixed,
-                           Schedule::Direction direction) {
+void Engine::start_running(int64_t block, const std::vector<int64_t>& keep, bool fixed, Schedule::Direction direction) {
   Block& blk = blocks_[block];
   if (blk.nbytes > 0 && !faults_.skip_ready_wait) {
     slots_.transfer().wait_ready(blk.slot);
@@ -666,8 +665,7 @@ c10::Dict<std::string, int64_t> Engine::stats() {
   out.insert("max_materialized_blocks", max_materialized_);
   out.insert("running_blocks", std::count_if(blocks_.begin(), blocks_.end(),
                                              [](const Block& b) { return b.state == Block::State::Running; }));
-  out.insert("held_blocks",
-             std::count_if(blocks_.begin(), blocks_.end(), [](const Block& b) { return b.holds > 0; }));
+  out.insert("held_blocks", std::count_if(blocks_.begin(), blocks_.end(), [](const Block& b) { return b.holds > 0; }));
   out.insert("backward_uploads", backward_uploads_);
   int64_t staged = 0;
   int64_t staged_host = 0;

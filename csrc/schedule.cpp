@@ -43,15 +43,19 @@ std::vector<int64_t> Schedule::order() const {
 }
 
 int64_t Schedule::step(int64_t block, Direction direction) const {
-  if (direction == Direction::Forward) {
-    return next_[block];
-  }
   const int64_t first = first_entered_ >= 0 ? first_entered_ : 0;
-  return block == first ? -1 : prev_[block];
+  switch (direction) {
+    case Direction::Forward:
+      return next_[block];
+    case Direction::ForwardToEnd:
+      return next_[block] == first ? -1 : next_[block];
+    case Direction::Backward:
+      return block == first ? -1 : prev_[block];
+  }
+  return -1;
 }
 
-std::vector<int64_t> Schedule::window(int64_t block, c10::function_ref<bool(int64_t)> skip,
-                                      Direction direction) const {
+std::vector<int64_t> Schedule::window(int64_t block, c10::function_ref<bool(int64_t)> skip, Direction direction) const {
   std::vector<int64_t> keep{block};
   int64_t b = block;
   for (size_t k = 0, steps = 0; k < static_cast<size_t>(prefetch_) && steps < next_.size(); ++steps) {

@@ -13,9 +13,10 @@ namespace fastvideo_offload {
 
 class Schedule {
  public:
-  // Forward: the order blocks run in; Backward: the reverse, from the last block back to the first
-  // block of a forward (a backward ends there: what runs next is the next forward).
-  enum class Direction { Forward, Backward };
+  // Forward: the order blocks run in, the last block followed by the next forward's first;
+  // ForwardToEnd: the same up to the last block (in training, a backward runs next); Backward: the
+  // reverse, from the last block back to the forward's first (what runs next is the next forward).
+  enum class Direction { Forward, ForwardToEnd, Backward };
 
   // `prefetch`: how many blocks after the running one a window holds.
   explicit Schedule(int64_t prefetch) : prefetch_(prefetch) {}
