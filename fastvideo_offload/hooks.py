@@ -62,9 +62,9 @@ def attach_block_hooks(
         # A forward that can have a backward runs the training way (training.py); under no_grad or
         # inference_mode this check is all it costs.
         if grad_on():
-            training.active = training.needs_backward(args, kwargs)
+            training.active = training.needs_backward(module, args, kwargs)
             if training.active:
-                return training.enter(args, kwargs)
+                return training.enter(module, args, kwargs)
         enter(engine, index)
         return None
 

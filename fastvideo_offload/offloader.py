@@ -39,6 +39,13 @@ def _param_names(model: nn.Module) -> dict[int, list[str]]:
     return names
 
 
+def _fine_tuned(model: nn.Module) -> bool:
+    """In training mode with some parameters frozen (LoRA on a frozen base). Inference models can
+    have frozen parameters too (FastVideo creates its linear weights frozen, its norms not), but
+    loaders hand them over in eval mode, and training loops call train()."""
+    return model.training and any(not p.requires_grad for p in model.parameters())
+
+
 def _check_blocks_registered_once(model: nn.Module, lists: list[BlockList]) -> None:
     home = {id(block): name for _, blocks in lists for name, block in blocks}
     for name, module in model.named_modules(remove_duplicate=False):
@@ -54,9 +61,9 @@ def _block_params(model: nn.Module, blocks: list[tuple[str, nn.Module]],
                   names: dict[int, list[str]]) -> list[list[nn.Parameter]]:
     """Each block's offloaded parameters. A parameter is offloaded with its block only if every name
     it has lies inside that block; one shared with another block or with the rest of the model stays
-    resident. In a model being fine-tuned (some parameters frozen), a block's trainable parameters
-    (LoRA's) stay resident too: gradients and optimizers find them on the device (training.py)."""
-    fine_tuned = any(not p.requires_grad for p in model.parameters())
+    resident. In a model being fine-tuned, a block's trainable parameters (LoRA's) stay resident too:
+    gradients and optimizers find them on the device (training.py)."""
+    fine_tuned = _fine_tuned(model)
     return [
         [p for p in block.parameters()
          if all(n.startswith(path + ".") for n in names[id(p)]) and not (fine_tuned and p.requires_grad)]
@@ -116,8 +123,7 @@ class OffloadHandle:
                 raise ValueError(f"block {path} has parameters on several devices ({sorted(map(str, devices))})")
         offloaded = {id(p) for params in block_params for p in params}
         kept = {id(p): p for _, block in blocks for p in block.parameters() if id(p) not in offloaded}
-        fine_tuned = any(not p.requires_grad for p in model.parameters())
-        trainable = sum(p.requires_grad for p in kept.values()) if fine_tuned else 0
+        trainable = sum(p.requires_grad for p in kept.values()) if _fine_tuned(model) else 0
         if trainable:
             logger.info("%d trainable block parameter(s) (LoRA's) stay resident on %s", trainable, device)
         if len(kept) > trainable:
@@ -174,7 +180,7 @@ class OffloadHandle:
         hooks, device = self._hooks, self.device
         for index, ((path, block), params) in enumerate(zip(blocks, block_params)):
             offloaded = [(names[id(p)][0], p) for p in params]
-            block_training = BlockTraining(self._training, self._engine, index, path, block, offloaded, device.type)
+            block_training = BlockTraining(self._training, self._engine, index, path, offloaded, device.type)
             hooks.add(*attach_block_hooks(block, path, self._engine, index, device.type, block_training))
         host_views = {n: host for store in self._stores for p, host in store.host_weights() for n in names[id(p)]}
         hooks.add(*attach_state_dict_hooks(model, host_views, self._weights_changed,

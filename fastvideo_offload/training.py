@@ -108,23 +108,25 @@ class _Anchor(torch.autograd.Function):
 class BlockTraining:
     """A block's grad-mode pre-hook and post-hook work (hooks.attach_block_hooks calls them)."""
 
-    def __init__(self, training: Training, engine: int, index: int, path: str, block: nn.Module,
+    def __init__(self, training: Training, engine: int, index: int, path: str,
                  offloaded: list[tuple[str, nn.Parameter]], device_type: str):
+        # No reference to the block: its hooks hold this, and a cycle would keep a dropped model's
+        # engine alive until a gc pass. The hooks pass the block in.
         self._training, self._engine, self._index, self._path = training, engine, index, path
-        self._block = block
         self._offloaded = offloaded
         self._device_type = device_type
         self._aliases: list[torch.Tensor] = []
         #: Whether the block's current grad-mode forward runs the training way (set by its pre-hook).
         self.active = False
 
-    def needs_backward(self, args, kwargs) -> bool:
+    @staticmethod
+    def needs_backward(block: nn.Module, args, kwargs) -> bool:
         """Whether this grad-mode forward can have a backward through the block."""
         return any(isinstance(t, torch.Tensor) and t.requires_grad for t in (*args, *kwargs.values())) or any(
-            p.requires_grad for p in self._block.parameters()
+            p.requires_grad for p in block.parameters()
         )
 
-    def enter(self, args: tuple, kwargs: dict):
+    def enter(self, block: nn.Module, args: tuple, kwargs: dict):
         """Pre-hook in grad mode. The inputs that require grad are replaced by aliases of this
         forward's own: once their gradients are complete, so is this forward's backward."""
         # Inside a backward it is a checkpoint's recompute. It aliases as the forward did: a
@@ -143,7 +145,7 @@ class BlockTraining:
 
         new_args = tuple(alias(a) for a in args)
         new_kwargs = {k: alias(v) for k, v in kwargs.items()}
-        if not aliases and any(p.requires_grad for p in self._block.parameters()):
+        if not aliases and any(p.requires_grad for p in block.parameters()):
             new_args, new_kwargs = self._anchor_first(new_args, new_kwargs, aliases)
         self._aliases = aliases
         return (new_args, new_kwargs) if aliases else None
@@ -190,9 +192,9 @@ class BlockTraining:
             raise RuntimeError(
                 f"fastvideo_offload: block {self._path}: {len(trainable)} of its offloaded parameters require grad "
                 f"(for example {trainable[0]}); offloaded weights live in host memory, where no gradient can reach "
-                "them. Freeze the base weights (model.requires_grad_(False)) before adding LoRA and calling "
-                "enable(): trainable parameters inside blocks then stay on the device. For a full fine-tune, "
-                "call disable()."
+                "them. Freeze the base weights (model.requires_grad_(False)) before adding LoRA, and call "
+                "model.train() before enable(): a model in training mode keeps the trainable parameters inside "
+                "its blocks on the device. For a full fine-tune, call disable()."
             )
         try:
             _ops.engine_hold(self._engine, self._index, inst.token)

@@ -40,7 +40,9 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _tiny(seed: int) -> TinyDiT:
-    """A TinyDiT whose every weight is random (LayerNorm's start as ones and zeros)."""
+    """A TinyDiT whose every weight is random (LayerNorm's start as ones and zeros), in eval mode as
+    loaders hand a model over: quantized weights are frozen, and in training mode the trainable
+    biases and norms beside them would stay resident as LoRA's do."""
     torch.manual_seed(seed)
     model = TinyDiT(dim=32, layers=3)
     with torch.no_grad():
@@ -48,7 +50,7 @@ def _tiny(seed: int) -> TinyDiT:
             if isinstance(norm, nn.LayerNorm):
                 norm.weight.normal_(1, 0.1)
                 norm.bias.normal_(0, 0.1)
-    return model
+    return model.eval()
 
 
 def _roundtrip(make, prefetch: int = 1) -> None:
@@ -159,7 +161,7 @@ def test_torchao_submodule_called_outside_its_block():
     from test_outside import HeadReachesIn
 
     torch.manual_seed(0)
-    model = HeadReachesIn()
+    model = HeadReachesIn().eval()
     integration("torchao").quantization.quantize_(model, _torchao_config("int8"))
     reference = copy.deepcopy(model)
     x, t = torch.randn(2, 5, 8), torch.randn(2, 4)
@@ -306,7 +308,7 @@ class Fp8DiT(nn.Module):
 def test_fp8_with_scale():
     def make(seed):
         torch.manual_seed(seed)
-        return Fp8DiT()
+        return Fp8DiT().eval()
 
     _roundtrip(make)
 

@@ -357,3 +357,29 @@ def test_diffusers_wan_with_peft_lora_trains_bit_identically(checkpointing):
     for (name, a), b in zip(reference.named_parameters(), model.parameters()):
         assert torch.equal(a, b), name
 
+
+
+def test_peft_lora_injected_after_enable_trains_bit_identically():
+    """Adapters added to an offloaded model are made on the device beside the placeholders, never
+    enter the host store, and train as on the model without offload."""
+    diffusers, peft = integration("diffusers"), integration("peft")
+    config = peft.LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["to_q", "to_v"])
+    torch.manual_seed(0)
+    reference = diffusers.WanTransformer3DModel(**WAN)
+    model = copy.deepcopy(reference)
+    torch.manual_seed(1)
+    peft.inject_adapter_in_model(config, reference)
+    handle = fo.enable(model, device="cpu", prefetch=1)
+    host_bytes = handle.stats()["host_bytes"]
+    torch.manual_seed(1)
+    peft.inject_adapter_in_model(config, model)
+    assert handle.stats()["host_bytes"] == host_bytes
+    inputs = wan_batches()
+    expected_grads, expected_out = train_wan(reference, inputs)
+    grads, out = train_wan(model, inputs)
+    for want, got in zip(expected_grads, grads):
+        assert all(torch.equal(w, g) for w, g in zip(want, got))
+    assert torch.equal(expected_out, out)
+    handle.disable()
+    for (name, a), b in zip(reference.named_parameters(), model.parameters()):
+        assert torch.equal(a, b), name

@@ -88,6 +88,10 @@ def _ranks():
 
 
 def _offload(model: torch.nn.Module, checkpoint=None) -> None:
+    # FastVideo offloads only DiTs it loads for inference, which its loader puts in eval mode next;
+    # in eval mode enable() streams every block weight, the trainable-looking norms and biases of
+    # FastVideo's layers too (in training mode they would stay resident, as LoRA's do).
+    model.eval()
     try:
         handle = api.enable(model, device=_device(), group=GROUP, checkpoint=checkpoint, share=_ranks())
     except share.Refused as exc:
