@@ -79,7 +79,7 @@ def test_a_time_limit_skips_what_is_left_and_still_reports(tmp_path):
     assert results["wan22"] == {"failed": "not run: time limit"}
     assert "wan22: failed: not run: time limit" in proc.stdout
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    assert [t["met"] for t in results["targets"]] == [None] * (9 + 3 + len(modes.budget_modes(device)))
+    assert [t["met"] for t in results["targets"]] == [None] * (10 + 3 + len(modes.budget_modes(device)) + 1)
     assert results["load"] == results["node"] == {"failed": "not run: time limit"}
 
 
@@ -107,7 +107,7 @@ def test_a_run_cut_off_keeps_its_table_and_verdicts(tmp_path, monkeypatch):
     results = json.loads(out_json.read_text())
     assert results["complete"] is False
     assert "resident after ours" in results["short_clip"]["modes"] and "wan22" not in results
-    assert len(results["targets"]) == 9 + 3 + len(modes.budget_modes(torch.device("cpu")))
+    assert len(results["targets"]) == 10 + 3 + len(modes.budget_modes(torch.device("cpu"))) + 1
     text = out_table.read_text()
     assert "short clip" in text and "resident after ours" in text
     assert "targets (set for an H100" in text and "wan22: not run yet" in text
@@ -171,10 +171,26 @@ def test_budget_rows_copy_exactly_their_streamed_blocks(tmp_path, monkeypatch):
             kept.append(len(layout["resident"]))
         assert kept == [2, 4, 5]
     checks = [t for t in results["targets"] if t.get("check")]
-    assert [t["met"] for t in checks] == [True] * 3
+    assert [t["met"] for t in checks] == [True] * 3 + [None]  # the training section did not run
     assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = report.table(results)
     assert "device budget" in table and "checks (any machine)" in table
+
+
+def test_the_training_section_copies_each_streamed_block_both_ways_and_its_grads_are_exact(tmp_path):
+    bench_run = importlib.import_module("fastvideo_offload.bench.run")
+    results = bench_run.main([*TINY, "--layers", "4", "--device", "cpu", "--sections", "training",
+                              "--json", str(tmp_path / "b.json")])
+    row = results["training"]
+    streamed, ring = 4, 2  # prefetch 1
+    block = modes.block_sizes(build(replace(CPU_SMALL, layers=4), torch.float32))[0]
+    assert row["grads_exact"] is True and row["grads_max_abs_diff"] == 0.0
+    assert row["h2d_bytes_per_step"] == row["expected_h2d_bytes_per_step"] == 2 * (streamed - ring) * block
+    assert row["backward_uploads_per_step"] == streamed - ring
+    assert row["lora_params"] > 0 and row["offloaded_ms"] > 0 and row["resident_ms"] > 0
+    check = next(t for t in results["targets"] if t["name"].startswith("training: bytes copied"))
+    assert check["met"] is True
+    assert "training, LoRA steps" in report.table(results) and "bit-identical to resident" in report.table(results)
 
 
 def test_the_staged_row_has_a_staging_timeline(tmp_path, monkeypatch):

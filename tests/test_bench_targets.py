@@ -115,8 +115,29 @@ def test_a_cpu_run_judges_no_target_but_checks_its_budget_rows():
     judged = targets.judge(r)
     gpu, checks = judged[:8], [t for t in judged if t.get("check")]
     assert all(t["met"] is None and t["why"].startswith("not measured") and "CPU" in t["why"] for t in gpu)
-    assert [t["name"].split(":")[0] for t in checks] == ["ours budget 25%", "ours budget 50%", "ours budget 75%"]
-    assert [t["met"] for t in checks] == [None, True, None]
+    assert [t["name"].split(":")[0] for t in checks] == ["ours budget 25%", "ours budget 50%", "ours budget 75%",
+                                                         "training"]
+    assert [t["met"] for t in checks] == [None, True, None, None]
+
+
+@pytest.mark.parametrize("copied, exact, met", [(12, True, True), (18, True, False), (12, False, False)])
+def test_a_training_step_must_copy_its_streamed_blocks_both_ways_with_exact_gradients_on_a_cpu(copied, exact, met):
+    r = results(machine={"gpu": None})
+    r["training"] = {"h2d_bytes_per_step": copied, "expected_h2d_bytes_per_step": 12, "grads_exact": exact,
+                     "overhead_pct": 16.0}
+    judged = by_name(targets.judge(r))
+    check = judged["training: bytes copied per step vs streamed blocks both ways, gradients exact"]
+    assert check["met"] is met and check["value"] == copied and check["limit"] == 12
+    assert judged["training: LoRA step time vs resident"]["met"] is None  # a time target: GPU only
+
+
+def test_on_a_gpu_the_training_step_time_is_judged_and_its_gradients_are_not():
+    r = results()
+    r["training"] = {"h2d_bytes_per_step": 12, "expected_h2d_bytes_per_step": 12, "grads_exact": False,
+                     "overhead_pct": 4.0}
+    judged = by_name(targets.judge(r))
+    assert judged["training: LoRA step time vs resident"]["met"] is True
+    assert judged["training: bytes copied per step vs streamed blocks both ways"]["met"] is True
 
 
 def test_host_targets_are_judged_on_any_machine():

@@ -164,6 +164,8 @@ def table(results: dict) -> str:
         ("short_clip", "short clip, {frames} frames ({tokens} tokens):"),
         ("wan22", "Wan2.2 pair ({layers} blocks each, {tokens} tokens), expert switch after step {switch_step}:"),
         ("hooks", "hook overhead, host time per block per step ({layers} near-empty blocks):"),
+        ("training", "training, LoRA steps (forward + backward + AdamW, {tokens} tokens, prefetch {prefetch}, "
+                     "{lora_params} LoRA parameters):"),
         ("pack_GBps", "host packing:"),
         ("staging_GBps", "host staging (pageable blocks -> pinned ring -> slot, no compute, each byte copied twice):"),
         ("load", "load, checkpoint on disk -> ready to run ({files} safetensors shards, host store "
@@ -198,6 +200,8 @@ def table(results: dict) -> str:
                     out.append(f"  {mode:<24}skipped: {row['skipped']}")
                 elif "us_per_block" in row:
                     out.append(f"  {mode:<24}{row['us_per_block']:>8.1f} us")
+        elif name == "training":
+            out += _training_lines(section)
         elif name == "load":
             out += _load_table(section)
         elif name == "node":
@@ -222,6 +226,23 @@ def table(results: dict) -> str:
     if not complete:
         out += ["", "(run not finished: what is missing was not measured yet)"]
     return "\n".join(out)
+
+
+def _training_lines(section: dict) -> list[str]:
+    lines = [
+        f"  step {section['offloaded_ms']:.1f} ms offloaded, {section['resident_ms']:.1f} ms resident "
+        f"({section['overhead_pct']:+.1f}%)",
+        f"  copied per step {section['h2d_bytes_per_step'] / MB:.1f} MB (streamed blocks both ways, less the ring: "
+        f"{section['expected_h2d_bytes_per_step'] / MB:.1f} MB), {section['backward_uploads_per_step']:.1f} "
+        "backward uploads",
+        "  LoRA gradients " + ("bit-identical to resident" if section["grads_exact"]
+                               else f"differ from resident by at most {section['grads_max_abs_diff']:.3g}"),
+    ]
+    if section.get("offloaded_peak_device_bytes") is not None:
+        lines.append(f"  peak device memory {section['offloaded_peak_device_bytes'] / MB:.0f} MB offloaded, "
+                     f"{section['resident_peak_device_bytes'] / MB:.0f} MB resident (slots "
+                     f"{section['slot_bytes'] / MB:.0f} MB)")
+    return lines
 
 
 def _make_parent(path: str) -> str:

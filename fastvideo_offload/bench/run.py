@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from .. import api
 from ..config import resolve_device
-from . import load, measure, node, overlap, report, targets
+from . import load, measure, node, overlap, report, targets, training
 from .model import CPU_SMALL, WAN_14B, IdleBlocks, WanShape, build, inputs, weight_bytes
 from .modes import STAGED, STREAM_ALL, Mode, all_modes, view
 
@@ -26,7 +26,7 @@ RESIDENT = "resident"
 
 logger = logging.getLogger("fastvideo_offload.bench")
 
-SECTIONS = ("main", "short_clip", "wan22", "hooks", "pack_GBps", "staging_GBps", "load", "node")
+SECTIONS = ("main", "short_clip", "wan22", "hooks", "training", "pack_GBps", "staging_GBps", "load", "node")
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -166,6 +166,7 @@ def run(args: argparse.Namespace) -> dict:
             bench.section("main", lambda: scenario(bench, "main", shape, dtype, device, peers, tokens,
                                                    rerun=resident, after="peers"), by_mode=True)
         bench.section("hooks", lambda: hook_overhead(bench, device, dtype, modes))
+        bench.section("training", lambda: training.compare(shape, dtype, device, short_tokens, args.steps, args.warmup))
     params = [p.detach() for p in build(CPU_SMALL, torch.float32).blocks[0].parameters()]
     bench.section("pack_GBps", lambda: {
         "threads_1": measure.pack_throughput(params, 1),
