@@ -383,3 +383,38 @@ def test_peft_lora_injected_after_enable_trains_bit_identically():
     handle.disable()
     for (name, a), b in zip(reference.named_parameters(), model.parameters()):
         assert torch.equal(a, b), name
+
+
+def test_in_eval_mode_trainable_block_parameters_stream_and_the_backward_says_to_call_train():
+    """Inference models mix frozen and trainable parameters too (FastVideo's, torchao's), so only a
+    model in training mode keeps its trainable block parameters resident; one enabled in eval mode
+    streams them, and its first backward names the fix. Nothing is lost."""
+    model = lora_dit().eval()
+    reference = copy.deepcopy(model)
+    block_bytes = sum(p.nbytes for p in model.blocks.parameters())
+    handle = fo.enable(model, device="cpu")
+    assert handle.stats()["host_bytes"] >= block_bytes
+    with pytest.raises(RuntimeError, match=r"offloaded parameters require grad .*call model\.train\(\) before enable"):
+        model(tiny_input()).pow(2).mean().backward()
+    assert handle.stats()["held_blocks"] == 0
+    handle.disable()
+    for (name, a), b in zip(reference.named_parameters(), model.parameters()):
+        assert torch.equal(a, b) and a.requires_grad == b.requires_grad, name
+    assert fo.enable(model.train(), device="cpu").stats()["host_bytes"] < block_bytes
+
+
+def test_a_model_dropped_after_a_training_step_frees_its_engine_without_a_gc_pass():
+    import gc
+
+    model = lora_dit().train()
+    fo.enable(model, device="cpu", prefetch=1)
+    train(model, batches(), steps=1)
+    engine = fo.handle_of(model)._engine
+    gc.collect()
+    gc.disable()
+    try:
+        del model
+        with pytest.raises(ValueError, match="no offload engine"):
+            fo._ops.engine_stats(engine)
+    finally:
+        gc.enable()
