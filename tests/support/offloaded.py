@@ -4,7 +4,9 @@ the tests of enable."""
 from __future__ import annotations
 
 import copy
+import gc
 
+import pytest
 import torch
 
 import fastvideo_offload as fo
@@ -58,3 +60,17 @@ def assert_same_outputs(make_model, inputs, **enable_kwargs):
     for e, g in zip(expected, got):
         assert torch.equal(e, g)
     return offloaded, handle
+
+
+def assert_dropping_frees_the_engine(holder: list) -> None:
+    """`holder` has the only reference to an offloaded model: dropping it releases the engine at
+    once, without a gc pass (no reference cycle between the model and its handle)."""
+    engine = fo.handle_of(holder[0])._engine
+    gc.collect()
+    gc.disable()
+    try:
+        holder.clear()
+        with pytest.raises(ValueError, match="no offload engine"):
+            fo._ops.engine_stats(engine)
+    finally:
+        gc.enable()
