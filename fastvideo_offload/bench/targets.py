@@ -1,7 +1,8 @@
 """The benchmark's device targets (set for an H100 at Wan2.1-14B's block shape), judged from a
 run's results: what was reached, against what limit, and whether it was met; three host targets
-judged on any machine (loading from a checkpoint, one store per node); and a check that holds on
-any machine: each budget row copies per step exactly its streamed blocks' bytes.
+judged on any machine (loading from a checkpoint, one store per node); and checks that hold on
+any machine: each budget row copies per step exactly its streamed blocks' bytes, and a LoRA
+training step its streamed blocks both ways (with exact gradients on a CPU).
 
 A target whose inputs a run did not measure (no GPU, a mode skipped, a section not reached
 yet: the run judges after every mode) is reported with `met: None` and the reason, never as
